@@ -1,0 +1,229 @@
+# HAL backend for a real ESP32: the only firmware module that imports machine
+# and esp32. Same surface as hal_virtual.py.
+import gc
+import json
+import time
+
+import esp32
+import machine
+from micropython import const
+
+from edge_counter import EdgeCounter
+
+TICKS_PERIOD = const(1 << 30)
+_PCNT_FILTER_MAX_US = const(12)
+
+RESET_CAUSES = ("power_on", "hard_reset", "watchdog", "soft_reset", "brownout", "deepsleep")
+_CAUSE = {
+    machine.PWRON_RESET: "power_on",
+    machine.HARD_RESET: "hard_reset",
+    machine.WDT_RESET: "watchdog",
+    machine.SOFT_RESET: "soft_reset",
+    machine.DEEPSLEEP_RESET: "deepsleep",
+}
+
+
+class InputPin:
+    __slots__ = ("_pin",)
+    IRQ_FALLING = machine.Pin.IRQ_FALLING
+    IRQ_RISING = machine.Pin.IRQ_RISING
+
+    def __init__(self, gpio, pull_up):
+        self._pin = machine.Pin(gpio, machine.Pin.IN, machine.Pin.PULL_UP if pull_up else None)
+
+    def value(self):
+        return self._pin.value()
+
+    def irq(self, handler=None, trigger=3):
+        self._pin.irq(handler=(lambda _p: handler(self)) if handler else None, trigger=trigger)
+
+
+class OutputPin:
+    __slots__ = ("_pin",)
+
+    def __init__(self, gpio, value):
+        self._pin = machine.Pin(gpio, machine.Pin.OUT, value=value)
+
+    def value(self, level=None):
+        if level is None:
+            return self._pin.value()
+        self._pin.value(1 if level else 0)
+
+    def on(self):
+        self._pin.value(1)
+
+    def off(self):
+        self._pin.value(0)
+
+
+class PulseCounter:
+    """The PCNT unit when its glitch filter is enough; otherwise pin IRQs into
+    the shared software filter (a reed switch bounces for milliseconds)."""
+
+    _next_unit = 0
+
+    def __init__(self, hal, gpio, active_level, filter_us):
+        self.hal = hal
+        pin = machine.Pin(gpio, machine.Pin.IN, machine.Pin.PULL_UP)
+        if filter_us <= _PCNT_FILTER_MAX_US:
+            unit = PulseCounter._next_unit
+            PulseCounter._next_unit += 1
+            edge = machine.Counter.FALLING if active_level == 0 else machine.Counter.RISING
+            self._pcnt = machine.Counter(unit, pin, edge=edge, filter_ns=filter_us * 1000)
+            self._edges = None
+        else:
+            self._pcnt = None
+            self._edges = EdgeCounter(pin.value(), active_level, filter_us)
+            pin.irq(handler=self._irq, trigger=machine.Pin.IRQ_RISING | machine.Pin.IRQ_FALLING, hard=True)
+
+    def _irq(self, pin):
+        self._edges.edge(pin.value(), time.ticks_us())
+
+    def count(self):
+        if self._pcnt is not None:
+            return self._pcnt.value()
+        self._edges.settle(time.ticks_us())
+        return self._edges.count
+
+
+class Adc:
+    __slots__ = ("_adc",)
+
+    def __init__(self, gpio):
+        self._adc = machine.ADC(machine.Pin(gpio), atten=machine.ADC.ATTN_11DB)
+
+    def read_uv(self):
+        return self._adc.read_uv()
+
+
+class Uart:
+    """The data link UART; with an RS-485 transceiver the driver-enable pin is
+    raised only while transmitting (UART's rts pin in RS-485 half-duplex mode)."""
+
+    def __init__(self, link):
+        self._uart = machine.UART(link["uart_id"], baudrate=link["baudrate"], tx=link["uart_tx"],
+                                  rx=link["uart_rx"], rts=link["rs485_de"], timeout=0, txbuf=1024, rxbuf=1024)
+        self.dropped_tx = 0
+
+    def any(self):
+        return self._uart.any()
+
+    def readinto(self, buf):
+        return self._uart.readinto(buf) or 0
+
+    def write(self, buf):
+        return self._uart.write(buf) or 0
+
+
+class Watchdog:
+    __slots__ = ("_wdt",)
+
+    def __init__(self, timeout_ms):
+        self._wdt = machine.WDT(timeout=timeout_ms)
+
+    def feed(self):
+        self._wdt.feed()
+
+
+class Periodic:
+    """A hard timer; the callback runs in interrupt context and must not allocate."""
+
+    _next_id = 0
+
+    def __init__(self, hal, period_ms, callback):
+        self.late_max_us, self.runs = 0, 0
+        self._timer = machine.Timer(Periodic._next_id)
+        Periodic._next_id += 1
+        self._cb = callback
+        self._timer.init(period=period_ms, mode=machine.Timer.PERIODIC, callback=self._run, hard=True)
+
+    def _run(self, _t):
+        self.runs += 1
+        self._cb(self)
+
+    def stop(self):
+        self._timer.deinit()
+
+
+class Hal:
+    platform = "esp32"
+
+    def __init__(self):
+        with open("/board.json") as f:
+            self.board = json.load(f)
+        self._bdev = None
+
+    def ticks_us(self):
+        return time.ticks_us()
+
+    def ticks_ms(self):
+        return time.ticks_ms()
+
+    @staticmethod
+    def ticks_diff(a, b):
+        return time.ticks_diff(a, b)
+
+    @staticmethod
+    def ticks_add(t, delta):
+        return time.ticks_add(t, delta)
+
+    def virtual_us(self):
+        return time.ticks_us()
+
+    def sleep_ms(self, ms):
+        time.sleep_ms(ms)
+
+    def asleep_ms(self, ms):
+        import asyncio
+        return asyncio.sleep_ms(ms)
+
+    def pin_in(self, gpio, pull_up=True):
+        return InputPin(gpio, pull_up)
+
+    def pin_out(self, gpio, value=0):
+        return OutputPin(gpio, value)
+
+    def counter(self, gpio, active_level=0, filter_us=0):
+        return PulseCounter(self, gpio, active_level, filter_us)
+
+    def adc(self, gpio):
+        return Adc(gpio)
+
+    def uart(self):
+        return Uart(self.board["link"])
+
+    def flash_bdev(self):
+        if self._bdev is None:
+            self._bdev = esp32.Partition.find(esp32.Partition.TYPE_DATA, label="vfs")[0]
+        return self._bdev
+
+    def watchdog(self, timeout_ms):
+        return Watchdog(timeout_ms)
+
+    def periodic(self, period_ms, callback):
+        return Periodic(self, period_ms, callback)
+
+    def reset_cause(self):
+        return _CAUSE.get(machine.reset_cause(), "brownout")
+
+    def unique_id(self):
+        return machine.unique_id()
+
+    def reset(self):
+        machine.reset()
+
+    def soft_reset(self):
+        machine.soft_reset()
+
+    def heap_free_bytes(self):
+        return gc.mem_free()
+
+    def heap_budget_bytes(self):
+        return self.board["heap_budget_bytes"]
+
+    def pump(self):
+        pass
+
+    async def background(self):
+        # Timers and IRQs are hardware here; nothing to step.
+        return

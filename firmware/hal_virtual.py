@@ -1,0 +1,362 @@
+# HAL backend for the virtual board: the MicroPython unix port driven by the
+# world simulator (tools/vboard). Same surface as hal_esp32.py; roles never know
+# which one they hold.
+#
+# Why it looks like this:
+# - Board time is host CLOCK_MONOTONIC scaled by an integer speed factor and
+#   offset so tests can start just before the wrap; ticks wrap at 2**30 like
+#   an ESP32's, not at the unix port's 2**62.
+# - The world sends 16-byte records on a pipe: (kind, gpio, value, t_us) with
+#   t_us in board-relative virtual microseconds. Pin IRQs and counters see
+#   each edge at its own time, so a handler reading ticks_us() gets the edge's
+#   time, as an ISR on the board would.
+# - Reading records, updating pins and counters allocate nothing: the sampling
+#   path may call value() and count() under micropython.heap_lock().
+import sys
+import time
+from micropython import const
+
+from edge_counter import EdgeCounter
+
+TICKS_PERIOD = const(1 << 30)
+_TICKS_MASK = const((1 << 30) - 1)
+_TICKS_HALF = const(1 << 29)
+_REC = const(16)
+K_LEVEL = const(1)      # world -> board: digital input level
+K_ANALOG = const(2)     # world -> board: analog input, microvolts
+K_OUTPUT = const(3)     # board -> world: digital output level
+K_WDT = const(4)        # board -> bench: watchdog fed, value = timeout ms
+K_ADC_MAX = const(49)
+_HOST_WORD_BYTES = 8 if sys.maxsize > 0xFFFFFFFF else 4
+
+RESET_CAUSES = ("power_on", "hard_reset", "watchdog", "soft_reset", "brownout", "deepsleep")
+
+
+def _params():
+    # The ROM (tools/vboard/rom/vboot.py) leaves the bench's parameters here.
+    return sys.modules["_vboard"].PARAMS
+
+
+class _Listeners:
+    __slots__ = ("by_gpio",)
+
+    def __init__(self):
+        self.by_gpio = [None] * K_ADC_MAX
+
+    def add(self, gpio, obj):
+        if self.by_gpio[gpio] is None:
+            self.by_gpio[gpio] = []
+        self.by_gpio[gpio].append(obj)
+
+
+class InputPin:
+    __slots__ = ("hal", "gpio", "_handler", "_trigger")
+    IRQ_FALLING = const(1)
+    IRQ_RISING = const(2)
+
+    def __init__(self, hal, gpio):
+        self.hal, self.gpio, self._handler, self._trigger = hal, gpio, None, 0
+        hal._listeners.add(gpio, self)
+
+    def value(self):
+        self.hal.pump()
+        return self.hal._levels[self.gpio]
+
+    def irq(self, handler=None, trigger=3):
+        self._handler, self._trigger = handler, trigger
+
+    def _edge(self, level, t_us):
+        if self._handler is not None and self._trigger & (2 if level else 1):
+            self._handler(self)
+
+
+class OutputPin:
+    __slots__ = ("hal", "gpio", "_level")
+
+    def __init__(self, hal, gpio, value):
+        self.hal, self.gpio, self._level = hal, gpio, -1
+        self.value(value)
+
+    def value(self, level=None):
+        if level is None:
+            return self._level
+        level = 1 if level else 0
+        if level != self._level:
+            self._level = level
+            self.hal._send(K_OUTPUT, self.gpio, level)
+
+    def on(self):
+        self.value(1)
+
+    def off(self):
+        self.value(0)
+
+
+class PulseCounter:
+    """Edges to `active_level` that held for filter_us (0: every edge, as the PCNT)."""
+
+    __slots__ = ("hal", "gpio", "_edges")
+
+    def __init__(self, hal, gpio, active_level, filter_us):
+        self.hal, self.gpio = hal, gpio
+        self._edges = EdgeCounter(hal._levels[gpio], active_level, filter_us)
+        hal._listeners.add(gpio, self)
+
+    def _edge(self, level, t_us):
+        self._edges.edge(level, self.hal.ticks_us())
+
+    def count(self):
+        self.hal.pump()
+        self._edges.settle(self.hal.ticks_us())
+        return self._edges.count
+
+
+class Adc:
+    __slots__ = ("hal", "gpio")
+
+    def __init__(self, hal, gpio):
+        self.hal, self.gpio = hal, gpio
+
+    def read_uv(self):
+        self.hal.pump()
+        return self.hal._analog_uv[self.gpio]
+
+
+class Uart:
+    """The data link: the master side of the pty the gateway opens as a serial port.
+
+    Writes never block: with nobody on the line, bytes are lost as on a wire.
+    """
+
+    __slots__ = ("_io", "_poll", "dropped_tx")
+
+    def __init__(self, fd):
+        import select
+        self._io = open(fd, "r+b")
+        self._poll = select.poll()
+        self._poll.register(self._io, select.POLLIN)
+        self.dropped_tx = 0
+
+    def any(self):
+        for _obj, ev in self._poll.ipoll(0):
+            return 1 if ev & 1 else 0
+        return 0
+
+    def readinto(self, buf):
+        if not self.any():
+            return 0
+        try:
+            return self._io.readinto(buf) or 0
+        except OSError:
+            return 0
+
+    def write(self, buf):
+        try:
+            n = self._io.write(buf)
+        except OSError:
+            n = 0
+        if not n:
+            self.dropped_tx += len(buf)
+            return 0
+        return n
+
+
+class Watchdog:
+    __slots__ = ("hal", "timeout_ms")
+
+    def __init__(self, hal, timeout_ms):
+        self.hal, self.timeout_ms = hal, timeout_ms
+        self.feed()
+
+    def feed(self):
+        self.hal._send(K_WDT, 0, self.timeout_ms)
+
+
+class Periodic:
+    __slots__ = ("hal", "period_us", "callback", "next_us", "late_max_us", "runs")
+
+    def __init__(self, hal, period_ms, callback):
+        self.hal, self.period_us, self.callback = hal, period_ms * 1000, callback
+        self.next_us = hal.virtual_us() + self.period_us
+        self.late_max_us, self.runs = 0, 0
+
+    def stop(self):
+        if self in self.hal._timers:
+            self.hal._timers.remove(self)
+
+
+class Hal:
+    platform = "virtual"
+
+    def __init__(self):
+        import json
+        p = _params()
+        with open("/board.json") as f:
+            self.board = json.load(f)
+        self.speed = p["speed"]
+        self._epoch = p["epoch_us"]
+        self._start_ms = p["start_ticks_ms"]
+        self._override = -1
+        self._reset_cause = p["reset_cause"]
+        self._uid = bytes.fromhex(p["unique_id"])
+        self._levels = bytearray(b"\x01" * K_ADC_MAX)
+        self._analog_uv = [0] * K_ADC_MAX
+        self._listeners = _Listeners()
+        self._timers = []
+        self._rx = open(p["world_in_fd"], "rb")
+        self._tx = open(p["world_out_fd"], "wb")
+        self._rec = bytearray(_REC)
+        self._held = 0          # records read but not yet due
+        self._out = bytearray(_REC)
+        import select
+        self._poll = select.poll()
+        self._poll.register(self._rx, select.POLLIN)
+        self._uart = None
+        self._bdev = p["bdev"]
+
+    # -- clock ---------------------------------------------------------------
+    def virtual_us(self):
+        if self._override >= 0:
+            return self._override
+        return time.ticks_diff(time.ticks_us(), self._epoch) * self.speed
+
+    def ticks_us(self):
+        return (self._start_ms * 1000 + self.virtual_us()) & _TICKS_MASK
+
+    def ticks_ms(self):
+        return (self._start_ms + self.virtual_us() // 1000) & _TICKS_MASK
+
+    @staticmethod
+    def ticks_diff(a, b):
+        return ((a - b + _TICKS_HALF) & _TICKS_MASK) - _TICKS_HALF
+
+    @staticmethod
+    def ticks_add(t, delta):
+        return (t + delta) & _TICKS_MASK
+
+    def sleep_ms(self, ms):
+        time.sleep_ms(ms // self.speed)
+
+    def asleep_ms(self, ms):
+        import asyncio
+        return asyncio.sleep_ms(ms // self.speed)
+
+    # -- inputs and outputs --------------------------------------------------
+    def pin_in(self, gpio, pull_up=True):
+        return InputPin(self, gpio)
+
+    def pin_out(self, gpio, value=0):
+        return OutputPin(self, gpio, value)
+
+    def counter(self, gpio, active_level=0, filter_us=0):
+        return PulseCounter(self, gpio, active_level, filter_us)
+
+    def adc(self, gpio):
+        return Adc(self, gpio)
+
+    def uart(self):
+        if self._uart is None:
+            self._uart = Uart(_params()["uart_fd"])
+        return self._uart
+
+    def flash_bdev(self):
+        return self._bdev
+
+    def watchdog(self, timeout_ms):
+        return Watchdog(self, timeout_ms)
+
+    def periodic(self, period_ms, callback):
+        t = Periodic(self, period_ms, callback)
+        self._timers.append(t)
+        return t
+
+    # -- system --------------------------------------------------------------
+    def reset_cause(self):
+        return self._reset_cause
+
+    def unique_id(self):
+        return self._uid
+
+    def reset(self):
+        sys.modules["machine"].reset()
+
+    def soft_reset(self):
+        sys.modules["machine"].soft_reset()
+
+    def heap_free_bytes(self):
+        """Free heap in bytes as the ESP32 would count them (32-bit words)."""
+        import gc
+        return gc.mem_free() * 4 // _HOST_WORD_BYTES
+
+    def heap_budget_bytes(self):
+        return self.board["heap_budget_bytes"]
+
+    # -- the world link --------------------------------------------------------
+    def _send(self, kind, gpio, value):
+        b = self._out
+        b[0], b[1], b[2], b[3] = kind, gpio, 0, 0
+        v = value & 0xFFFFFFFF
+        b[4], b[5], b[6], b[7] = v & 255, (v >> 8) & 255, (v >> 16) & 255, v >> 24
+        t = self.virtual_us()
+        for i in range(8):
+            b[8 + i] = (t >> (8 * i)) & 255
+        self._tx.write(b)
+
+    def pump(self):
+        """Apply every world record that is due by now; never blocks, never allocates."""
+        now = self.virtual_us()
+        rec = self._rec
+        while True:
+            if self._held == 0:
+                n = 0
+                for _obj, ev in self._poll.ipoll(0):
+                    if ev & 1:
+                        n = self._rx.readinto(rec) or 0
+                if n < _REC:
+                    return
+                self._held = 1
+            t = 0
+            for i in range(8):
+                t |= rec[8 + i] << (8 * i)
+            if t > now:
+                return
+            self._held = 0
+            gpio = rec[1]
+            value = rec[4] | (rec[5] << 8) | (rec[6] << 16) | (rec[7] << 24)
+            if rec[0] == K_LEVEL:
+                self._apply_level(gpio, value, t)
+            elif rec[0] == K_ANALOG:
+                self._analog_uv[gpio] = value
+
+    def _apply_level(self, gpio, level, t_us):
+        if self._levels[gpio] == level:
+            return
+        self._levels[gpio] = level
+        listeners = self._listeners.by_gpio[gpio]
+        if listeners is None:
+            return
+        self._override = t_us
+        for obj in listeners:
+            obj._edge(level, t_us)
+        self._override = -1
+
+    async def background(self):
+        """Runs the virtual board's 'hardware': world records, pin IRQs and hard timers.
+
+        On the ESP32 hardware does this; here one task steps it every host
+        millisecond. A timer callback runs late when the VM is busy, and that
+        lateness (in board time) is kept as late_max_us, the jitter a test reads.
+        """
+        import asyncio
+        while True:
+            self.pump()
+            now = self.virtual_us()
+            for t in self._timers:
+                while now - t.next_us >= 0:
+                    late = now - t.next_us
+                    if late > t.late_max_us:
+                        t.late_max_us = late
+                    t.runs += 1
+                    t.callback(t)
+                    t.next_us += t.period_us
+            await asyncio.sleep_ms(1)

@@ -1,0 +1,147 @@
+"""prapa: one command for the waterworks edge stack.
+
+Exit codes (every subcommand): 0 ok, 1 failure, 2 usage or configuration error.
+"""
+
+import argparse
+import json
+import signal
+import sys
+
+from tools.errors import UsageError
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EPILOG = "exit codes: 0 ok, 1 failure, 2 usage or configuration error"
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("epilog", EPILOG)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
+def build_parser():
+    parser = _Parser(prog="prapa", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    board = sub.add_parser("board", help="virtual boards and board definitions",
+                           description="Virtual boards (the firmware on the real MicroPython VM) and board definitions.")
+    bsub = board.add_subparsers(dest="board_command", metavar="SUBCOMMAND", parser_class=_Parser)
+    bsub.required = True
+
+    run = bsub.add_parser("run", help="run a virtual board until stopped",
+                          description="Run the firmware on a virtual board: the MicroPython unix port with the "
+                          "board's heap budget, FILE as its flash (created with the app if missing), a UART pty "
+                          "for the gateway and a console pty for mpremote.\n\n"
+                          "Prints one JSON object per event on stdout; the first, board_ready, names the ptys. "
+                          "SIGUSR1 cuts the power and restores it; SIGTERM or Ctrl-C stops the board.")
+    run.add_argument("--board", required=True, help="board name from boards/ (see: prapa board list) or a .toml path")
+    run.add_argument("--role", required=True, help="meter, doser or drain (must fit the board)")
+    run.add_argument("--flash", required=True, metavar="FILE", help="flash image of the board's vfs partition")
+    run.add_argument("--install-app", action="store_true",
+                     help="copy the current firmware into an existing image (its data stays)")
+    run.add_argument("--speed", type=_positive_int, default=1, help="board time runs this many times faster (default 1)")
+    run.add_argument("--start-ticks-ms", type=int, default=0,
+                     help="board ticks_ms at power-on; 1073740824 starts 1 s before the 2**30 wrap")
+    run.add_argument("--world", action="append", default=[], metavar="MODEL.PARAM=VALUE",
+                     help="set a world-simulator parameter (see: prapa board world-params)")
+    run.add_argument("--seed", type=int, default=0, help="seed of the world's randomness (default 0)")
+    run.add_argument("--control", metavar="SOCKET", help="unix socket for the bench's JSON control commands")
+    run.add_argument("--unique-id", metavar="HEX", help="the board's 6-byte unique id (default: random)")
+    run.set_defaults(func=cmd_board_run)
+
+    lst = bsub.add_parser("list", help="list board definitions", description="List the board definitions in boards/.")
+    lst.add_argument("--json", action="store_true", help="one JSON object per board")
+    lst.set_defaults(func=cmd_board_list)
+
+    wp = bsub.add_parser("world-params", help="list the world simulator's parameters",
+                         description="List every world-simulator model and its parameters, defaults and units.")
+    wp.add_argument("--role", help="only the models wired to this role")
+    wp.set_defaults(func=cmd_world_params)
+
+    from tools import site
+    site.add_parser(sub)
+    return parser
+
+
+def cmd_board_list(args):
+    from tools import boards
+    for name in boards.available():
+        b = boards.load(name)
+        if args.json:
+            print(json.dumps({"name": b.name, "chip": b.chip, "heap_budget_bytes": b.heap_budget_bytes,
+                              "vfs_size_bytes": b.vfs_size_bytes, "roles": list(b.roles_fit)}))
+        else:
+            print(f"{b.name:24} {b.chip:8} heap {b.heap_budget_bytes // 1024} KiB  vfs {b.vfs_size_bytes // 1024} KiB"
+                  f"  roles {', '.join(b.roles_fit)}  ({b.description})")
+    return EXIT_OK
+
+
+def cmd_world_params(args):
+    from tools.vboard import world
+    models = world.models_for(args.role) if args.role else list(world.MODELS.values())
+    for m in models:
+        print(f"{m.NAME} (roles: {', '.join(m.ROLES)})")
+        for name, (default, unit, doc) in m.PARAMS.items():
+            print(f"  {m.NAME}.{name} = {default:g} {unit:8} {doc}")
+    return EXIT_OK
+
+
+def cmd_board_run(args):
+    from tools import boards
+    from tools.vboard import world
+    from tools.vboard.bench import Bench, prepare_flash
+
+    board = boards.load(args.board)
+    board.check_role(args.role)
+    overrides = world.parse_overrides(args.world)
+    if args.unique_id is not None:
+        try:
+            if len(bytes.fromhex(args.unique_id)) != 6:
+                raise ValueError
+        except ValueError:
+            raise UsageError("--unique-id", f"{args.unique_id!r} is not 6 bytes of hex", "give 12 hex digits") from None
+    created = prepare_flash(board, args.role, args.flash, args.install_app)
+    bench = Bench(board, args.role, args.flash, speed=args.speed, start_ticks_ms=args.start_ticks_ms,
+                  world_overrides=overrides, seed=args.seed, control_path=args.control, unique_id=args.unique_id)
+    if created:
+        bench.log("flash_created", flash=bench.flash_path, bytes=board.vfs_size_bytes)
+
+    def stop(_sig, _frame):
+        bench.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGUSR1, lambda _s, _f: bench.power_cut())
+    print(f"virtual board {board.name} ({args.role}): UART {bench.uart_path}, console {bench.console_path} "
+          f"(try: mpremote connect {bench.console_path} repl)", file=sys.stderr)
+    bench.run()
+    return EXIT_OK
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        print(f"prapa: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

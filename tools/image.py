@@ -1,0 +1,117 @@
+"""The vfs partition image: a littlefs2 filesystem of the board's partition size.
+
+The same image goes to a real board (esptool, at the vfs offset) and into a
+virtual board (a file the VM mounts at /). Building is deterministic: the same
+firmware, board and role give the same bytes.
+
+An image is written to a temporary file and renamed into place, so a failed
+or interrupted build never leaves a half-written image behind.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from littlefs import LittleFS
+
+from tools.errors import UsageError
+
+FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
+# Files at the top of the partition; everything else goes to /lib.
+TOP_LEVEL = ("boot.py", "main.py")
+# Per target, the HAL backends the image does NOT carry.
+EXCLUDE = {"virtual": {"hal_esp32.py"}, "esp32": {"hal_virtual.py"}}
+
+
+def firmware_files(target):
+    """(path on flash, source path) for every firmware module the target runs."""
+    out = []
+    for src in sorted(FIRMWARE_DIR.rglob("*.py")):
+        rel = src.relative_to(FIRMWARE_DIR).as_posix()
+        if src.name in EXCLUDE[target] or "__pycache__" in rel:
+            continue
+        out.append((rel if rel in TOP_LEVEL else f"lib/{rel}", src))
+    return out
+
+
+def _new_fs(board):
+    return LittleFS(block_size=board.block_size, block_count=board.vfs_block_count, mount=True)
+
+
+def build(board, role, target="virtual", config=None):
+    """Return the image bytes: the firmware, /board.json and /config.json."""
+    board.check_role(role)
+    fs = _new_fs(board)
+    files = firmware_files(target)
+    dirs = sorted({os.path.dirname(p) for p, _ in files if os.path.dirname(p)})
+    for d in dirs:
+        parts = d.split("/")
+        for i in range(1, len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if not _exists(fs, sub):
+                fs.mkdir(sub)
+    for flash_path, src in files:
+        with fs.open(flash_path, "wb") as f:
+            f.write(src.read_bytes())
+    with fs.open("board.json", "w") as f:
+        f.write(board.as_firmware_json(role))
+    with fs.open("config.json", "w") as f:
+        f.write(json.dumps(config or {"role": role}, sort_keys=True, separators=(",", ":")))
+    return bytes(fs.context.buffer)
+
+
+def install_app(board, role, path, target="virtual"):
+    """Replace the firmware and board files inside an existing image, keeping its
+    data (boot id, config, logs), as `mpremote cp` onto a running board would."""
+    fs = mount(board, path)
+    for flash_path, src in firmware_files(target):
+        d = os.path.dirname(flash_path)
+        if d and not _exists(fs, d):
+            fs.makedirs(d, exist_ok=True)
+        with fs.open(flash_path, "wb") as f:
+            f.write(src.read_bytes())
+    with fs.open("board.json", "w") as f:
+        f.write(board.as_firmware_json(role))
+    write_atomically(path, bytes(fs.context.buffer))
+
+
+def _exists(fs, path):
+    try:
+        fs.stat(path)
+        return True
+    except Exception:
+        return False
+
+
+def write_atomically(path, data):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def check_existing(board, path):
+    """Refuse an image that is not this board's vfs partition; return its size."""
+    size = Path(path).stat().st_size
+    if size != board.vfs_size_bytes:
+        raise UsageError(f"--flash {path}", f"image is {size} bytes but board {board.name} has a "
+                         f"{board.vfs_size_bytes}-byte vfs partition",
+                         "pass the image built for this board, or a new path to create one")
+    return size
+
+
+def mount(board, path):
+    """Open an image read-only from the host (tests and tools look inside boards)."""
+    fs = LittleFS(block_size=board.block_size, block_count=board.vfs_block_count, mount=False)
+    fs.context.buffer = bytearray(Path(path).read_bytes())
+    fs.mount()
+    return fs

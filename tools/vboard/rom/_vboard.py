@@ -1,0 +1,35 @@
+# The virtual board's ROM state, shared by vboot.py, machine.py and hal_virtual.py.
+# Runs inside MicroPython (the unix port).
+from micropython import const
+
+EXIT_HARD_RESET = const(90)
+EXIT_SOFT_RESET = const(91)
+
+PARAMS = {}
+
+
+class FileBlockDevice:
+    """The vfs partition as an image file, written through at once so that a
+    SIGKILL leaves the bytes a power cut would leave on the chip."""
+
+    def __init__(self, f, block_size, block_count):
+        self.f, self.block_size, self.block_count = f, block_size, block_count
+        self.writes = 0
+
+    def readblocks(self, block, buf, offset=0):
+        self.f.seek(block * self.block_size + offset)
+        self.f.readinto(buf)
+
+    def writeblocks(self, block, buf, offset=None):
+        self.f.seek(block * self.block_size + (offset or 0))
+        self.f.write(buf)
+        self.writes += 1
+
+    def ioctl(self, op, arg):
+        if op == 4:
+            return self.block_count
+        if op == 5:
+            return self.block_size
+        if op == 6:
+            return 0
+        return None
