@@ -203,8 +203,8 @@ class Hal:
         self._analog_uv = [0] * K_ADC_MAX
         self._listeners = _Listeners()
         self._timers = []
-        self._rx = open(p["world_in_fd"], "rb")
-        self._tx = open(p["world_out_fd"], "wb")
+        self._rx = p["world_in"]
+        self._tx = p["world_out"]
         self._rec = bytearray(_REC)
         self._held = 0          # records read but not yet due
         self._out = bytearray(_REC)

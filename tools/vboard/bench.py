@@ -42,7 +42,8 @@ ROM_DIR = Path(__file__).resolve().parent / "rom"
 EXIT_HARD_RESET = 90
 EXIT_SOFT_RESET = 91
 TICKS_PERIOD_MS = 1 << 30
-K_LEVEL, K_ANALOG, K_OUTPUT, K_WDT = 1, 2, 3, 4
+K_LEVEL, K_ANALOG, K_OUTPUT, K_WDT, K_BOOTED = 1, 2, 3, 4, 5
+CONSOLE_HOLD_MAX = 4096
 RECORD = struct.Struct("<BBHiQ")
 RAW_BANNER = b"raw REPL; CTRL-B to exit\r\n"
 FRIENDLY_BANNER = b'Type "help()" for more information.'
@@ -70,6 +71,9 @@ def _vm_child_setup(console_fd):
         os.setsid()
         import fcntl
         fcntl.ioctl(console_fd, termios.TIOCSCTTY, 0)
+        # Until MicroPython installs its own SIGINT handler (when it runs code),
+        # Ctrl-C must not kill the host process mid-start: a booting ESP32 ignores it.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     return setup
@@ -102,6 +106,8 @@ class Bench:
         self.uart_master, self.uart_slave = _raw_pty()
         self.console_master, self.console_slave = _raw_pty()
         self.vm = None
+        self.vm_booted = False
+        self.console_hold = b""
         self.vm_console = None      # our end of the VM's stdio pty
         self.vm_world_out = None    # we write world records here
         self.vm_world_in = None     # the VM writes outputs and watchdog feeds here
@@ -165,6 +171,8 @@ class Bench:
         self.sel.register(master, selectors.EVENT_READ, self._on_vm_console)
         self.sel.register(from_vm_r, selectors.EVENT_READ, self._on_vm_world)
         self.inject_raw_repl = not run_main
+        self.vm_booted = False
+        self.console_hold = b""
         self.tail = b""
         self.wdt_timeout_s = None
         self.pending = []
@@ -224,11 +232,19 @@ class Bench:
             data = os.read(self.console_master, 4096)
         except (BlockingIOError, OSError):
             return
-        if self.vm is not None and not self.inject_raw_repl:
-            try:
-                os.write(self.vm_console, data)
-            except (BlockingIOError, OSError):
-                pass
+        if self.vm is None or self.inject_raw_repl:
+            return
+        if not self.vm_booted:
+            # Held until MicroPython runs: a Ctrl-C now would kill its host process.
+            self.console_hold = (self.console_hold + data)[-CONSOLE_HOLD_MAX:]
+            return
+        self._to_vm_console(data)
+
+    def _to_vm_console(self, data):
+        try:
+            os.write(self.vm_console, data)
+        except (BlockingIOError, OSError):
+            pass
 
     def _on_vm_console(self):
         try:
@@ -269,7 +285,12 @@ class Bench:
             return
         for off in range(0, len(data) - RECORD.size + 1, RECORD.size):
             kind, gpio, _r, value, t_us = RECORD.unpack_from(data, off)
-            if kind == K_WDT:
+            if kind == K_BOOTED:
+                self.vm_booted = True
+                if self.console_hold:
+                    self._to_vm_console(self.console_hold)
+                    self.console_hold = b""
+            elif kind == K_WDT:
                 self.wdt_timeout_s = max(value / 1000 / self.speed, WATCHDOG_MIN_HOST_S)
                 self.wdt_fed = time.monotonic()
             elif kind == K_OUTPUT:

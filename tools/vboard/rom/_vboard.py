@@ -4,6 +4,7 @@ from micropython import const
 
 EXIT_HARD_RESET = const(90)
 EXIT_SOFT_RESET = const(91)
+K_BOOTED = const(5)      # ROM -> bench: the VM is running code
 
 PARAMS = {}
 

@@ -16,6 +16,10 @@ def _rom_boot():
 
     p = json.loads(os.getenv("PRAPA_VBOARD"))
     _vboard.PARAMS = p
+    p["world_in"] = open(p["world_in_fd"], "rb")
+    p["world_out"] = open(p["world_out_fd"], "wb")
+    # Tell the bench the VM runs code now: console input (Ctrl-C) may flow.
+    p["world_out"].write(bytes((_vboard.K_BOOTED,)) + bytes(15))
     f = open(p["flash_path"], "r+b")
     bdev = _vboard.FileBlockDevice(f, p["block_size"], p["block_count"])
     p["bdev"] = bdev

@@ -1,0 +1,97 @@
+"""The HIL plugin: --target picks where boards come from; tests never know.
+
+  --target unix     virtual boards (`prapa board run`), the default
+  --target serial   a real board: --port CONSOLE [--uart-port LINK]
+  --target qemu     Espressif's QEMU (skips when it is not installed)
+
+Fixtures: `board` (one board, fresh flash on the unix target), `board_factory`
+(boards with wishes: speed, clock start, world parameters), `console` (a
+pytest-embedded Dut on the board's REPL), `link` (pyserial on the data UART),
+`broker` (a real Mosquitto on loopback).
+"""
+
+import importlib
+
+import pytest
+import serial
+
+TARGETS = ("unix", "serial", "qemu")
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("prapa-hil", "prapa hardware-in-the-loop")
+    group.addoption("--target", choices=TARGETS, default="unix", help="where boards come from (default unix)")
+    group.addoption("--port", help="console port of a real board (serial target), e.g. /dev/ttyUSB0")
+    group.addoption("--uart-port", help="data-link port of a real board (serial target), e.g. /dev/ttyUSB1")
+    group.addoption("--board", default="esp32-devkitc", help="board definition (default esp32-devkitc)")
+    group.addoption("--role", default="meter", help="role the board runs (default meter)")
+    group.addoption("--qemu-firmware", help="MicroPython merged firmware image for the qemu target")
+
+
+def pytest_configure(config):
+    if config.getoption("--target") == "serial" and not config.getoption("--port"):
+        raise pytest.UsageError("--target serial needs --port CONSOLE (and --uart-port LINK for link tests)")
+
+
+@pytest.fixture(scope="session")
+def hil_options(request):
+    return request.config.option
+
+
+@pytest.fixture
+def board_factory(hil_options, tmp_path):
+    module = importlib.import_module(f"hil_tests.targets.{hil_options.target}")
+    opened = []
+
+    def make(**wishes):
+        handle = module.open_board(hil_options, tmp_path / f"board{len(opened)}", hil_options.board,
+                                   hil_options.role, **wishes)
+        opened.append(handle)
+        return handle
+
+    for i in range(4):
+        (tmp_path / f"board{i}").mkdir()
+    yield make
+    for handle in reversed(opened):
+        handle.close()
+
+
+@pytest.fixture
+def board(board_factory):
+    return board_factory()
+
+
+@pytest.fixture
+def console(board, tmp_path):
+    """Opens the board's console as a pytest-embedded Dut: `with console() as dut:`."""
+    from hil_tests.dut import serial_dut
+    return lambda: serial_dut(board.console_port, str(tmp_path))
+
+
+@pytest.fixture
+def link(board):
+    if not board.uart_port:
+        pytest.skip("no data-link port for this board: pass --uart-port")
+    port = serial.Serial(board.uart_port, 115200, timeout=0.2)
+    yield port
+    port.close()
+
+
+@pytest.fixture
+def needs_world(board):
+    if not board.has_world:
+        pytest.skip(f"needs the world simulator; target {board.target} has none")
+
+
+@pytest.fixture
+def needs_power_switch(board):
+    if not board.has_power_switch:
+        pytest.skip(f"needs a power switch; target {board.target} has none")
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    from hil_tests.broker import Broker
+    b = Broker(tmp_path_factory.mktemp("mosquitto"))
+    yield b
+    b.stop()

@@ -1,0 +1,1 @@
+"""One module per HIL target; each gives `open_board(options, **wishes) -> BoardHandle`."""

@@ -1,0 +1,89 @@
+"""The board as a technician meets it: it boots, talks on its link, takes
+mpremote on its console, keeps its flash through resets and power cuts."""
+
+import re
+import time
+
+BANNER = re.compile(rb"prapa (\S+) board=(\S+) role=(\S+) boot=(\d+) reset=(\S+) heap_free=(\d+) heap_budget=(\d+)")
+
+
+def read_until(port, needle, timeout=5.0):
+    buf, end = b"", time.monotonic() + timeout
+    while time.monotonic() < end and needle not in buf:
+        buf += port.read(256)
+    assert needle in buf, f"{needle!r} not seen on the link within {timeout} s; got {buf[-300:]!r}"
+    return buf
+
+
+def test_board_boots_into_the_app_and_prints_its_banner(board, console):
+    with console() as dut:
+        dut.write(b"\r\x03\x03")                      # stop the app: the REPL answers
+        dut.expect_exact(b">>> ", timeout=5)
+        dut.write(b"import machine; machine.reset()\r")
+        m = dut.expect(BANNER, timeout=15)
+    assert m.group(2).decode() == board.board.name
+    assert m.group(3).decode() == board.role
+    assert m.group(5) == b"hard_reset"
+    free, budget = int(m.group(6)), int(m.group(7))
+    assert budget == board.board.heap_budget_bytes
+    assert 0 < free < budget
+
+
+def test_link_answers_ping_and_sends_a_beacon_each_board_second(board, link):
+    link.reset_input_buffer()
+    buf = read_until(link, b"prapa-bringup", timeout=5)
+    link.write(b"ping\n")
+    read_until(link, b"pong boot=", timeout=5)
+    seqs = [int(s) for s in re.findall(rb"seq=(\d+)", buf + read_until(link, b"seq=", timeout=3))]
+    assert seqs, "no beacon sequence numbers"
+
+
+def test_mpremote_exec_cp_and_soft_reset_work_on_the_console(board, tmp_path):
+    out = board.exec("import os; print(sorted(os.listdir('/')))")
+    assert "'main.py'" in out and "'board.json'" in out and "'lib'" in out
+    src = tmp_path / "note.txt"
+    src.write_text("installed at the bench\n")
+    r = board.mpremote("cp", str(src), ":note.txt", "+", "soft-reset", "+", "exec", "print(open('note.txt').read())")
+    assert r.returncode == 0, r.stderr
+    assert "installed at the bench" in r.stdout
+
+
+def test_hard_reset_runs_main_again_and_boot_id_advances(board):
+    first = int(board.exec("print(open('boot_id').read())"))
+    board.hard_reset()
+    time.sleep(1.0)
+    assert int(board.exec("print(open('boot_id').read())")) == first + 1
+
+
+def test_flash_survives_a_power_cut(board, needs_power_switch):
+    board.exec("f = open('kept.txt', 'w'); f.write('water'); f.close()")
+    before = int(board.exec("print(open('boot_id').read())"))
+    board.power_cut()
+    time.sleep(1.0)
+    out = board.exec("print(open('kept.txt').read(), open('boot_id').read())")
+    kept, boot = out.split()
+    assert kept == "water"
+    assert int(boot) == before + 1
+
+
+def test_watchdog_resets_firmware_that_stops_feeding_it(board, console):
+    with console() as dut:
+        dut.write(b"\r\x03\x03")
+        dut.expect_exact(b">>> ", timeout=5)
+        dut.write(b"from hal import open_hal; w = open_hal().watchdog(1000)\r")
+        dut.write(b"while True: pass\r\r")
+        m = dut.expect(BANNER, timeout=20)
+    assert m.group(5) == b"watchdog"
+
+
+def test_debounced_pulse_count_is_exact_through_contact_bounce(board, link, needs_world):
+    board.set_world("flow_meter", "forced_lpm", 120.0)       # 2 pulses per second, bouncing up to 5 ms
+    time.sleep(4.0)
+    board.set_world("flow_meter", "forced_lpm", 0.0)
+    time.sleep(1.5)
+    truth = board.status()["world"]["flow_meter"]["pulses"]
+    link.reset_input_buffer()
+    line = read_until(link, b"\n", timeout=3) + read_until(link, b"\n", timeout=3)
+    counted = [int(c) for c in re.findall(rb"pulse_in=(\d+)", line)]
+    assert truth >= 6
+    assert counted and counted[-1] == truth
