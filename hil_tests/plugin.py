@@ -91,7 +91,7 @@ def needs_power_switch(board):
 
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory):
-    from hil_tests.broker import Broker
+    from tools.broker import Broker
     b = Broker(tmp_path_factory.mktemp("mosquitto"))
     yield b
     b.stop()

@@ -9,6 +9,7 @@ A model is a class in this package with:
   (t_us, gpio, kind, value) with kind LEVEL (0/1) or ANALOG (microvolts);
 - `levels()`: the current level of every input it drives (sent at power-on);
 - `on_output(t_us, gpio, level)`: what the board drives (pumps, relays);
+- `rebase()`: called before a parameter changes mid-run;
 - `truth()`: what really happened (litres, pulses), for tests to judge by.
 
 World time runs from the bench's start and keeps running while the board is
@@ -80,6 +81,7 @@ class World:
     def set_param(self, model, param, value):
         for m in self.models:
             if m.NAME == model and param in m.PARAMS:
+                m.rebase()
                 m.params[param] = float(value)
                 return True
         return False

@@ -38,6 +38,9 @@ class FlowMeter:
         self.rng = rng
         self.t_us = 0
         self.litres = 0.0
+        self.seg_t_us = 0              # start of the current constant-flow segment
+        self.seg_litres = 0.0          # volume at that start: crossings are computed from it,
+                                       # so events do not depend on how the bench slices time
         self.level = 1                 # pulled up: contact open
         self.pulses = 0                # true closures, the count a perfect counter gets
         self.next_litres = params["litres_per_pulse"]
@@ -97,14 +100,14 @@ class FlowMeter:
             change = self._next_flow_change()
             cross = math.inf
             if flow > 0:
-                cross = self.t_us + max(1, math.ceil((self.next_litres - self.litres) / flow * _US))
+                cross = self.seg_t_us + max(1, math.ceil((self.next_litres - self.seg_litres) / flow * _US))
+                cross = max(cross, self.t_us)
             step_to = min(cross, change, until_us)
-            self.litres += flow * (step_to - self.t_us) / _US
             self.t_us = step_to
+            self.litres = self.seg_litres + flow * (step_to - self.seg_t_us) / _US
             if step_to == cross:
                 self.litres = self.next_litres
-                closing = self.level == 1
-                if closing:
+                if self.level == 1:
                     self.pulses += 1
                     self._transition(self.t_us, 0, out)
                     self.next_litres += p["litres_per_pulse"] * p["closed_fraction"]
@@ -112,9 +115,13 @@ class FlowMeter:
                     self._transition(self.t_us, 1, out)
                     self.next_litres += p["litres_per_pulse"] * (1 - p["closed_fraction"])
             elif step_to == change:
+                self.seg_t_us, self.seg_litres = self.t_us, self.litres
                 self._flow_change(self.t_us)
             if step_to >= until_us:
                 return out
+
+    def rebase(self):
+        self.seg_t_us, self.seg_litres = self.t_us, self.litres
 
     def levels(self):
         return {self.gpio: self.level}

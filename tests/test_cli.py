@@ -1,0 +1,79 @@
+"""The prapa CLI: --help everywhere, exit codes, bad input leaves nothing behind."""
+
+import subprocess
+import sys
+
+import pytest
+
+from tools import boards, image
+
+
+def prapa(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args", [[], ["board"], ["board", "run"], ["board", "list"], ["board", "world-params"],
+                                  ["site"]])
+def test_every_command_has_help_with_exit_codes(args):
+    r = prapa(*args, "--help")
+    assert r.returncode == 0
+    assert "exit codes: 0 ok, 1 failure, 2 usage" in r.stdout
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--board", "esp32-nope", "--role", "meter"], "--board"),
+    (["--board", "esp32-devkitc", "--role", "pump"], "--role"),
+    (["--board", "esp32-devkitc", "--role", "meter", "--world", "flow_meter.nope=1"], "--world"),
+    (["--board", "esp32-devkitc", "--role", "meter", "--world", "flow_meter.draw_lpm=fast"], "--world"),
+    (["--board", "esp32-devkitc", "--role", "meter", "--unique-id", "xyz"], "--unique-id"),
+])
+def test_bad_board_run_arguments_exit_2_naming_the_field_and_create_nothing(tmp_path, args, field):
+    flash = tmp_path / "flash.img"
+    r = prapa("board", "run", *args, "--flash", str(flash))
+    assert r.returncode == 2
+    assert field in r.stderr and r.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_flash_image_of_the_wrong_size_is_refused_untouched(tmp_path):
+    flash = tmp_path / "flash.img"
+    flash.write_bytes(b"\xff" * 4096)
+    r = prapa("board", "run", "--board", "esp32-devkitc", "--role", "meter", "--flash", str(flash))
+    assert r.returncode == 2
+    assert "2097152-byte vfs partition" in r.stderr
+    assert flash.read_bytes() == b"\xff" * 4096
+
+
+def test_argparse_usage_errors_exit_2():
+    assert prapa("board", "run", "--speed", "0", "--board", "x", "--role", "y", "--flash", "z").returncode == 2
+    assert prapa("nonsense").returncode == 2
+
+
+def test_board_list_and_world_params_print_what_exists():
+    out = prapa("board", "list").stdout
+    for name in boards.available():
+        assert name in out
+    params = prapa("board", "world-params").stdout
+    assert "flow_meter.litres_per_pulse" in params and "flow_meter.bounce_max_us" in params
+
+
+def test_image_build_is_deterministic_and_holds_the_app():
+    b = boards.load("esp32-devkitc")
+    one, two = image.build(b, "meter"), image.build(b, "meter")
+    assert one == two and len(one) == b.vfs_size_bytes
+    esp = image.build(b, "meter", target="esp32")
+    assert esp != one
+
+
+def test_install_app_keeps_board_data(tmp_path):
+    b = boards.load("esp32-devkitc")
+    path = tmp_path / "flash.img"
+    image.write_atomically(path, image.build(b, "meter"))
+    fs = image.mount(b, path)
+    with fs.open("boot_id", "w") as f:
+        f.write("41")
+    image.write_atomically(path, bytes(fs.context.buffer))
+    image.install_app(b, "meter", path)
+    fs = image.mount(b, path)
+    assert fs.open("boot_id").read() == "41"
+    assert "hal_virtual.py" in fs.listdir("lib")
