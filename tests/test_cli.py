@@ -1,5 +1,6 @@
 """The prapa CLI: --help everywhere, exit codes, bad input leaves nothing behind."""
 
+import json
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ def prapa(*args, timeout=60):
 
 
 @pytest.mark.parametrize("args", [[], ["board"], ["board", "run"], ["board", "list"], ["board", "world-params"],
-                                  ["site"]])
+                                  ["site"], ["bench"], ["bench", "boot"]])
 def test_every_command_has_help_with_exit_codes(args):
     r = prapa(*args, "--help")
     assert r.returncode == 0
@@ -77,3 +78,12 @@ def test_install_app_keeps_board_data(tmp_path):
     fs = image.mount(b, path)
     assert fs.open("boot_id").read() == "41"
     assert "hal_virtual.py" in fs.listdir("lib")
+
+
+def test_bench_boot_prints_its_figures_as_json():
+    r = prapa("bench", "boot", "--boots", "2", "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    figures = json.loads(r.stdout)
+    assert figures["boots"] == 2
+    assert 0 < figures["heap_free_after_boot_share"] < 1
+    assert figures["boot_vs_bare_vm_ratio"] > 0

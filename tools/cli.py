@@ -71,8 +71,9 @@ def build_parser():
     wp.add_argument("--role", help="only the models wired to this role")
     wp.set_defaults(func=cmd_world_params)
 
-    from tools import site
+    from tools import bench, site
     site.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
