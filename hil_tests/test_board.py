@@ -87,3 +87,32 @@ def test_debounced_pulse_count_is_exact_through_contact_bounce(board, link, need
     counted = [int(c) for c in re.findall(rb"pulse_in=(\d+)", line)]
     assert truth >= 6
     assert counted and counted[-1] == truth
+
+
+def test_reading_inputs_allocates_nothing_under_heap_lock(board, needs_world):
+    """The sampling path reads pins and counters under micropython.heap_lock():
+    any allocation there raises MemoryError, as it would in a hard IRQ."""
+    board.set_world("flow_meter", "forced_lpm", 600.0)       # 10 pulses/s of bouncing edges to process
+    out = board.exec(
+        "import micropython, time\n"
+        "from hal import open_hal\n"
+        "h = open_hal()\n"
+        "pins = h.board['role_pins']\n"
+        "c = h.counter(pins['pulse_in'], active_level=0, filter_us=5500)\n"
+        "p = h.pin_in(pins['pulse_in'])\n"
+        "def sample(n):\n"
+        "    for _ in range(n):\n"
+        "        c.count(); p.value(); h.ticks_ms(); h.ticks_us()\n"
+        "sample(10)\n"
+        "time.sleep_ms(1000)\n"
+        "micropython.heap_lock()\n"
+        "try:\n"
+        "    sample(2000)\n"
+        "    r = 'NO_ALLOC'\n"
+        "except MemoryError:\n"
+        "    r = 'ALLOCATED'\n"
+        "micropython.heap_unlock()\n"
+        "print(r, c.count())\n", timeout=60)
+    verdict, count = out.split()
+    assert verdict == "NO_ALLOC"
+    assert int(count) > 0, "edges must have flowed while the heap was locked"
