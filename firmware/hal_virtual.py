@@ -26,7 +26,7 @@ K_LEVEL = const(1)      # world -> board: digital input level
 K_ANALOG = const(2)     # world -> board: analog input, microvolts
 K_OUTPUT = const(3)     # board -> world: digital output level
 K_WDT = const(4)        # board -> bench: watchdog fed, value = timeout ms
-K_ADC_MAX = const(49)
+_GPIO_COUNT = const(49)
 _HOST_WORD_BYTES = 8 if sys.maxsize > 0xFFFFFFFF else 4
 
 RESET_CAUSES = ("power_on", "hard_reset", "watchdog", "soft_reset", "brownout", "deepsleep")
@@ -41,7 +41,7 @@ class _Listeners:
     __slots__ = ("by_gpio",)
 
     def __init__(self):
-        self.by_gpio = [None] * K_ADC_MAX
+        self.by_gpio = [None] * _GPIO_COUNT
 
     def add(self, gpio, obj):
         if self.by_gpio[gpio] is None:
@@ -199,8 +199,8 @@ class Hal:
         self._override = -1
         self._reset_cause = p["reset_cause"]
         self._uid = bytes.fromhex(p["unique_id"])
-        self._levels = bytearray(b"\x01" * K_ADC_MAX)
-        self._analog_uv = [0] * K_ADC_MAX
+        self._levels = bytearray(b"\x01" * _GPIO_COUNT)
+        self._analog_uv = [0] * _GPIO_COUNT
         self._listeners = _Listeners()
         self._timers = []
         self._rx = p["world_in"]

@@ -43,17 +43,7 @@ def build(board, role, target="virtual", config=None):
     """Return the image bytes: the firmware, /board.json and /config.json."""
     board.check_role(role)
     fs = _new_fs(board)
-    files = firmware_files(target)
-    dirs = sorted({os.path.dirname(p) for p, _ in files if os.path.dirname(p)})
-    for d in dirs:
-        parts = d.split("/")
-        for i in range(1, len(parts) + 1):
-            sub = "/".join(parts[:i])
-            if not _exists(fs, sub):
-                fs.mkdir(sub)
-    for flash_path, src in files:
-        with fs.open(flash_path, "wb") as f:
-            f.write(src.read_bytes())
+    _write_firmware(fs, target)
     with fs.open("board.json", "w") as f:
         f.write(board.as_firmware_json(role))
     with fs.open("config.json", "w") as f:
@@ -65,23 +55,19 @@ def install_app(board, role, path, target="virtual"):
     """Replace the firmware and board files inside an existing image, keeping its
     data (boot id, config, logs), as `mpremote cp` onto a running board would."""
     fs = mount(board, path)
-    for flash_path, src in firmware_files(target):
-        d = os.path.dirname(flash_path)
-        if d and not _exists(fs, d):
-            fs.makedirs(d, exist_ok=True)
-        with fs.open(flash_path, "wb") as f:
-            f.write(src.read_bytes())
+    _write_firmware(fs, target)
     with fs.open("board.json", "w") as f:
         f.write(board.as_firmware_json(role))
     write_atomically(path, bytes(fs.context.buffer))
 
 
-def _exists(fs, path):
-    try:
-        fs.stat(path)
-        return True
-    except Exception:
-        return False
+def _write_firmware(fs, target):
+    for flash_path, src in firmware_files(target):
+        directory = os.path.dirname(flash_path)
+        if directory:
+            fs.makedirs(directory, exist_ok=True)
+        with fs.open(flash_path, "wb") as f:
+            f.write(src.read_bytes())
 
 
 def write_atomically(path, data):

@@ -135,7 +135,8 @@ def _report(boards, relays, received):
                      "pulses_counted": relay.last.get("pulse_in"), "pulses_true": truth.get("pulses")})
     totals = {"boards": len(rows), "readings_made": sum(r["readings_made"] for r in rows),
               "readings_at_broker": sum(r["readings_at_broker"] for r in rows)}
-    return {"site": SITE, "boards": rows, "totals": totals}
+    return {"site": SITE, "workdir": str(boards[0][1].flash_path).rsplit("/", 1)[0] if boards else None,
+            "boards": rows, "totals": totals}
 
 
 def _live_view(relays, received, elapsed):

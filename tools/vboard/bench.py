@@ -142,7 +142,6 @@ class Bench:
             self.board_epoch = time.monotonic_ns() // 1000
         self.resets[cause] += 1
         master, slave = pty.openpty()
-        attrs = termios.tcgetattr(slave)
         tty.setraw(slave)
         attrs = termios.tcgetattr(slave)
         attrs[3] |= termios.ISIG                    # 0x03 from the console -> SIGINT, as on a board

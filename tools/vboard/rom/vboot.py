@@ -18,8 +18,6 @@ def _rom_boot():
     _vboard.PARAMS = p
     p["world_in"] = open(p["world_in_fd"], "rb")
     p["world_out"] = open(p["world_out_fd"], "wb")
-    # Tell the bench the VM runs code now: console input (Ctrl-C) may flow.
-    p["world_out"].write(bytes((_vboard.K_BOOTED,)) + bytes(15))
     f = open(p["flash_path"], "r+b")
     bdev = _vboard.FileBlockDevice(f, p["block_size"], p["block_count"])
     p["bdev"] = bdev
@@ -35,6 +33,9 @@ def _rom_boot():
             b.write("# This file is executed on every boot (including wake-boot from deepsleep)\n")
     os.chdir("/")
     sys.path[:] = ["", ".frozen", "/lib"]   # as on an ESP32
+    # Flash is mounted: from here a Ctrl-C meets boot.py or main.py, as on a
+    # board. Tell the bench to let console input through.
+    p["world_out"].write(bytes((_vboard.K_BOOTED,)) + bytes(15))
     return p["run_main"]
 
 
