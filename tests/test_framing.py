@@ -45,8 +45,10 @@ def test_good_frames_after_garbage_noise_and_half_frames_all_arrive(good, garbag
         if rnd.random() < 0.3:                       # a frame hit by line noise
             hit = bytearray(w)
             i = rnd.randrange(len(hit) - 1)
-            hit[i] ^= 1 << rnd.randrange(8) or 1
-            stream += hit if hit[i] else hit[:i] + b"\x01" + hit[i + 1:]
+            hit[i] ^= 1 << rnd.randrange(8)
+            if hit[i] == 0:                          # a 0x00 would just split it: make it another byte
+                hit[i] = 0x02 if w[i] == 0x01 else 0x01
+            stream += hit
         stream += b"\x00" + w
     r, got = reader()
     for i in range(0, len(stream), 7):               # bytes arrive in dribs, as from a UART
