@@ -1,0 +1,142 @@
+# Message payloads: CBOR maps with small unsigned-int keys (see schema.cddl).
+#
+# Every reading has a stable identity (device, boot_id, seq) and its board
+# time; a readings batch carries seq_first and t0_s, and reading i is
+# (seq_first + i, t0_s + i * interval_s). Units and calibration travel once
+# per batch. Meter totals are an exact register plus per-interval deltas, so
+# the cumulative total survives any loss of a frame's neighbours.
+try:
+    from micropython import const
+except ImportError:
+    def const(x):
+        return x
+
+from protocol import cbor
+
+HELLO = const(1)
+READINGS = const(2)
+ALARM = const(3)
+HEALTH = const(4)
+ACK = const(5)
+TIME_SYNC = const(6)
+CONFIG_PUSH = const(7)
+COMMAND = const(8)
+COMMAND_RESULT = const(9)
+NAMES = {1: "hello", 2: "readings", 3: "alarm", 4: "health", 5: "ack", 6: "time_sync", 7: "config_push",
+         8: "command", 9: "command_result"}
+ROLE_METER, ROLE_DOSER, ROLE_DRAIN = 0, 1, 2
+ROLES = ("meter", "doser", "drain")
+RESET_CAUSES = ("power_on", "hard_reset", "watchdog", "soft_reset", "brownout", "deepsleep", "panic")
+
+
+class MessageError(ValueError):
+    pass
+
+
+def hello(boot_id, fw_version, board, role, config_hash, clock_synced, reset_cause):
+    return {0: boot_id, 1: fw_version, 2: board, 3: role, 4: bytes(config_hash), 5: 1 if clock_synced else 0,
+            6: reset_cause}
+
+
+def units(unit, scale=0, k_factor_milli=None):
+    """unit as text ("L", "mL", "mg/L", "mm"); value = raw * 10**scale; meters add their K-factor."""
+    u = {0: unit, 1: scale}
+    if k_factor_milli is not None:
+        u[2] = k_factor_milli
+    return u
+
+
+def readings(boot_id, seq_first, t0_s, interval_s, role, unit_map, rows, register=None, wall_t0=None):
+    m = {0: boot_id, 1: seq_first, 2: t0_s, 3: interval_s, 4: role, 5: unit_map, 6: rows}
+    if register is not None:
+        m[7] = register
+    if wall_t0 is not None:
+        m[8] = wall_t0
+    return m
+
+
+def alarm(boot_id, seq, t_s, code, active, detail=0):
+    return {0: boot_id, 1: seq, 2: t_s, 3: code, 4: bool(active), 5: detail}
+
+
+def health(boot_id, uptime_s, heap_free, heap_min, resets, reset_cause, tx, rx, rejected, log_fill_permille,
+           flash_writes):
+    return {0: boot_id, 1: uptime_s, 2: heap_free, 3: heap_min, 4: resets, 5: reset_cause,
+            6: {0: tx, 1: rx, 2: rejected}, 7: log_fill_permille, 8: flash_writes}
+
+
+def ack(boot_id, seq):
+    return {0: boot_id, 1: seq}
+
+
+def time_sync(wall_ms, board_t_s):
+    return {0: wall_ms, 1: board_t_s}
+
+
+def config_push(config_id, config):
+    return {0: config_id, 1: config}
+
+
+def command(command_id, name, args=None):
+    return {0: command_id, 1: name, 2: args or {}}
+
+
+def command_result(command_id, ok, detail=""):
+    return {0: command_id, 1: bool(ok), 2: detail}
+
+
+def encode_meter_readings_into(buf, off, boot_id, seq_first, t0_s, interval_s, k_factor_milli, register,
+                               deltas, n):
+    """The meter's hot path: the same bytes as encode(readings(...)) with no allocation.
+
+    Keys are written in order 0..7, which is the deterministic order.
+    """
+    put_head, put_int = cbor.put_head, cbor.put_int
+    off = put_head(buf, off, 5, 8)
+    off = put_head(buf, off, 0, 0)
+    off = put_int(buf, off, boot_id)
+    off = put_head(buf, off, 0, 1)
+    off = put_int(buf, off, seq_first)
+    off = put_head(buf, off, 0, 2)
+    off = put_int(buf, off, t0_s)
+    off = put_head(buf, off, 0, 3)
+    off = put_int(buf, off, interval_s)
+    off = put_head(buf, off, 0, 4)
+    off = put_int(buf, off, ROLE_METER)
+    off = put_head(buf, off, 0, 5)
+    off = put_head(buf, off, 5, 3)              # {0: "L", 1: 0, 2: k_factor_milli}
+    off = put_head(buf, off, 0, 0)
+    off = put_head(buf, off, 3, 1)
+    buf[off] = 0x4C                             # "L"
+    off += 1
+    off = put_head(buf, off, 0, 1)
+    off = put_int(buf, off, 0)
+    off = put_head(buf, off, 0, 2)
+    off = put_int(buf, off, k_factor_milli)
+    off = put_head(buf, off, 0, 6)
+    off = put_head(buf, off, 4, n)
+    for i in range(n):
+        off = put_int(buf, off, deltas[i])
+    off = put_head(buf, off, 0, 7)
+    return put_int(buf, off, register)
+
+
+_REQUIRED = {HELLO: (0, 1, 2, 3, 4, 5, 6), READINGS: (0, 1, 2, 3, 4, 5, 6), ALARM: (0, 1, 2, 3, 4),
+             HEALTH: (0, 1, 2, 3, 4, 5, 6, 7, 8), ACK: (0, 1), TIME_SYNC: (0, 1), CONFIG_PUSH: (0, 1),
+             COMMAND: (0, 1, 2), COMMAND_RESULT: (0, 1)}
+
+
+def decode(msg_type, payload):
+    """Decode and check a payload's shape; raise MessageError naming what is wrong."""
+    if msg_type not in _REQUIRED:
+        raise MessageError("unknown message type %d" % msg_type)
+    try:
+        m = cbor.decode(payload)
+    except cbor.CBORError as e:
+        raise MessageError("%s: %s" % (NAMES[msg_type], e))
+    if not isinstance(m, dict):
+        raise MessageError("%s: payload is not a map" % NAMES[msg_type])
+    for k in _REQUIRED[msg_type]:
+        if k not in m:
+            raise MessageError("%s: key %d missing" % (NAMES[msg_type], k))
+    return m
