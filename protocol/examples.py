@@ -21,3 +21,29 @@ EXAMPLES = [
     (M.COMMAND, M.command(11, "checkpoint", {})),
     (M.COMMAND_RESULT, M.command_result(11, True, "")),
 ]
+
+
+def sealed_examples():
+    """[(name, msg_type, payload bytes, secure frame bytes)] with counters 1, 2, ..."""
+    from protocol import cbor, secure
+    sealer = secure.Sealer(KEY, DEVICE_ID, secure.UPLINK, secure.MemoryCounters(1))
+    out = []
+    for msg_type, message in EXAMPLES:
+        payload = cbor.encode(message)
+        buf = bytearray(secure.OVERHEAD + len(payload))
+        n = sealer.seal_into(msg_type, payload, len(payload), buf)
+        out.append((M.NAMES[msg_type], msg_type, payload, bytes(buf[:n])))
+    return out
+
+
+def spec_blocks():
+    """The example blocks of SPEC.md, as markdown (python -m protocol.examples)."""
+    lines = []
+    for name, _t, payload, frame in sealed_examples():
+        lines += [f"Example `{name}` (payload, then the sealed frame):", "", "```hex", payload.hex(), "```",
+                  "", "```frame", frame.hex(), "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(spec_blocks())
