@@ -32,7 +32,7 @@ REASONS = ("short", "version", "direction", "unknown_device", "replay", "too_old
 
 class Reject(Exception):
     def __init__(self, reason):
-        Exception.__init__(self, reason)
+        super().__init__(reason)
         self.reason = reason
 
 

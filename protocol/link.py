@@ -1,0 +1,94 @@
+# The receiving end of a link: bytes in, verified messages out, never an
+# exception. Framing drops, security refusals and bad payloads are counted by
+# reason and the link goes on: the next good frame gets through.
+#
+# Used by the board (one peer: the gateway, downlink) and by the gateway (many
+# boards, uplink). Memory is bounded: one frame buffer, one opener per known
+# device (at most max_devices), counters.
+from protocol import framing, secure
+from protocol import messages as M
+
+REASONS = framing.Reader.REASONS + secure.REASONS + ("unknown_type", "bad_payload")
+
+
+class Receiver:
+    def __init__(self, direction, key_for, on_message, my_addr=framing.ADDR_GATEWAY, accept_any_addr=False,
+                 max_devices=64):
+        """key_for(device_id) -> 16-byte key or None; on_message(device_id, counter, msg_type, message)."""
+        self.direction = direction
+        self.key_for = key_for
+        self.on_message = on_message
+        self.max_devices = max_devices
+        self.openers = {}
+        self.counts = {r: 0 for r in REASONS}
+        self.accepted = 0
+        self._plain = bytearray(framing.MAX_FRAME)
+        self._reader = framing.Reader(self._on_frame, my_addr, accept_any_addr)
+
+    def feed(self, data, length=-1):
+        """Bytes from a UART or RS-485 line."""
+        self._reader.feed(data, length)
+        for r in framing.Reader.REASONS:
+            self.counts[r] = self._reader.dropped[r]
+
+    def datagram(self, frame):
+        """One secure frame from UDP or ESP-NOW."""
+        if len(frame) > framing.MAX_FRAME:
+            self.counts["too_long"] += 1
+            return
+        self._on_frame(0, frame, len(frame))
+
+    def _opener(self, device_id):
+        op = self.openers.get(device_id)
+        if op is None:
+            key = self.key_for(device_id)
+            if key is None or len(self.openers) >= self.max_devices:
+                return None
+            op = secure.Opener(key, device_id, self.direction)
+            self.openers[device_id] = op
+        return op
+
+    def _on_frame(self, _addr, buf, n):
+        try:
+            _v, _d, device_id, _c, _t = secure.parse_header(buf, n)
+        except secure.Reject as r:
+            self.counts[r.reason] += 1
+            return
+        op = self._opener(device_id)
+        if op is None:
+            self.counts["unknown_device"] += 1
+            return
+        try:
+            msg_type, counter, plen = op.open_into(buf, n, self._plain)
+        except secure.Reject as r:
+            self.counts[r.reason] += 1
+            return
+        if msg_type not in M.NAMES:
+            self.counts["unknown_type"] += 1
+            return
+        try:
+            message = M.decode(msg_type, bytes(self._plain[:plen]))
+        except M.MessageError:
+            self.counts["bad_payload"] += 1
+            return
+        self.accepted += 1
+        self.on_message(device_id, counter, msg_type, message)
+
+
+class Sender:
+    """Seals and frames messages for one (key, device, direction)."""
+
+    def __init__(self, key, device_id, direction, counters, addr=framing.ADDR_GATEWAY):
+        self.sealer = secure.Sealer(key, device_id, direction, counters)
+        self.addr = addr
+        self._frame = bytearray(framing.MAX_FRAME)
+        self.wire = bytearray(framing.MAX_WIRE)
+
+    def frame(self, msg_type, payload, plen):
+        """Seal payload[:plen]; return the secure frame's length (in self._frame)."""
+        return self.sealer.seal_into(msg_type, payload, plen, self._frame)
+
+    def wire_into(self, msg_type, payload, plen):
+        """Seal and COBS-frame payload[:plen] into self.wire; return the bytes to send."""
+        n = self.frame(msg_type, payload, plen)
+        return framing.encode_into(self.wire, self.addr, self._frame, n)
