@@ -14,7 +14,8 @@ def prapa(*args, timeout=60):
 
 
 @pytest.mark.parametrize("args", [[], ["board"], ["board", "run"], ["board", "list"], ["board", "world-params"],
-                                  ["site"], ["bench"], ["bench", "boot"]])
+                                  ["site"], ["bench"], ["bench", "boot"],
+                                  ["bench", "protocol"]])
 def test_every_command_has_help_with_exit_codes(args):
     r = prapa(*args, "--help")
     assert r.returncode == 0
@@ -87,3 +88,12 @@ def test_bench_boot_prints_its_figures_as_json():
     assert figures["boots"] == 2
     assert 0 < figures["heap_free_after_boot_share"] < 1
     assert figures["boot_vs_bare_vm_ratio"] > 0
+
+
+def test_bench_protocol_prints_figures_beside_their_baselines():
+    r = prapa("bench", "protocol", "--reports", "50", "--frames", "200", "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    f = json.loads(r.stdout)
+    assert f["secure_frame_bytes"] <= 250 and f["readings_per_frame"] >= 80
+    assert f["bytes_per_reading_all_in"] < f["senml_cbor_base_value_bytes_per_reading"]
+    assert f["gateway_frames_per_s"] > 0 and f["gateway_baseline_cbor2_aesccm_frames_per_s"] > 0

@@ -1,5 +1,7 @@
 """prapa bench: figures, printed as ratios to a baseline measured in the same run.
 
+  protocol  wire bytes per meter reading vs SenML-CBOR and JSON; board CPU
+            and heap per report (VM); gateway receive rate vs cbor2 + AESCCM.
   boot   power-on to the app's banner on a virtual board, against a bare start
          of the same MicroPython VM (same heap); heap free after boot as a
          share of the board's budget.
@@ -31,6 +33,8 @@ def add_parser(sub):
     boot.add_argument("--boots", type=int, default=20, help="boots to time (default 20)")
     boot.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     boot.set_defaults(func=bench_boot)
+    from tools import bench_protocol
+    bench_protocol.add_parser(bsub, type(p))
 
 
 def _bare_vm_ms(board, n):
