@@ -54,3 +54,11 @@ def test_clock_wraps_at_2_30_like_an_esp32(board_factory):
     assert wrapped == 0
     if board.target == "unix":
         assert a > b, "the virtual clock started 1 s before the wrap, so it must have wrapped"
+
+
+def test_protocol_runs_on_the_board_with_its_own_cryptolib(board):
+    """RFC 3610 packet vector #1 through the board's protocol/ccm.py and the VM's cryptolib."""
+    out = board.exec("from protocol.ccm import Ccm\n"
+                     "print(Ccm(bytes(range(0xC0, 0xD0))).seal(bytes.fromhex('00000003020100A0A1A2A3A4A5'), "
+                     "bytes(range(8)), bytes(range(8, 0x1F))).hex())\n")
+    assert out.strip() == "588c979a61c663d2f066d0c2c0f989806d5f6b61dac38417e8d12cfdf926e0"

@@ -13,11 +13,7 @@
 # length never allocates.
 import struct
 
-try:
-    from micropython import const
-except ImportError:   # CPython (the gateway)
-    def const(x):
-        return x
+from protocol._compat import const
 
 MAX_DEPTH = const(16)
 _U64 = (1 << 64) - 1

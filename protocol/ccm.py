@@ -12,11 +12,7 @@ try:
 except ImportError:   # CPython (gateway, tests)
     from protocol._cryptolib_cpython import aes
 
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
-        return x
+from protocol._compat import const
 
 _ECB = const(1)
 _CBC = const(2)

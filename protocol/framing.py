@@ -11,11 +11,7 @@
 # - A frame is at most MAX_FRAME bytes so the same frames fit ESP-NOW.
 # Nothing here allocates per byte or per frame: encode_into writes into the
 # caller's buffer and Reader decodes in place into its own.
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
-        return x
+from protocol._compat import const
 
 MAX_FRAME = const(250)
 ADDR_GATEWAY = const(0)

@@ -5,11 +5,7 @@
 # (seq_first + i, t0_s + i * interval_s). Units and calibration travel once
 # per batch. Meter totals are an exact register plus per-interval deltas, so
 # the cumulative total survives any loss of a frame's neighbours.
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
-        return x
+from protocol._compat import const
 
 from protocol import cbor
 

@@ -11,11 +11,7 @@
 # keeps a sliding window: it refuses a counter it has seen, one older than the
 # window and one that jumps absurdly far ahead; it moves the window only after
 # the tag is verified, and counts every refusal by reason.
-try:
-    from micropython import const
-except ImportError:
-    def const(x):
-        return x
+from protocol._compat import const
 
 from protocol.ccm import TAG_LEN, AuthError, Ccm
 

@@ -79,6 +79,7 @@ def test_install_app_keeps_board_data(tmp_path):
     fs = image.mount(b, path)
     assert fs.open("boot_id").read() == "41"
     assert "hal_virtual.py" in fs.listdir("lib")
+    assert "ccm.py" in fs.listdir("lib/protocol") and "_cryptolib_cpython.py" not in fs.listdir("lib/protocol")
 
 
 def test_bench_boot_prints_its_figures_as_json():

@@ -81,9 +81,14 @@ def bench_boot(args):
         "boot_vs_bare_vm_ratio": round(statistics.median(boots) / statistics.median(bare), 2),
         "heap_free_after_boot_share": round(statistics.median(shares), 3),
     }
-    if args.json:
+    print_figures(figures, args.json)
+    return 0
+
+
+def print_figures(figures, as_json):
+    if as_json:
         print(json.dumps(figures))
     else:
+        width = max(len(k) for k in figures) + 2
         for k, v in figures.items():
-            print(f"{k:30} {v}")
-    return 0
+            print(f"{k:{width}} {v}")

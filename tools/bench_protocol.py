@@ -170,9 +170,6 @@ def run(args):
         "gateway_baseline_cbor2_aesccm_frames_per_s": round(base_fps),
         "gateway_vs_baseline_ratio": round(ours_fps / base_fps, 3),
     }
-    if args.json:
-        print(json.dumps(figures))
-    else:
-        for k, v in figures.items():
-            print(f"{k:44} {v}")
+    from tools.bench import print_figures
+    print_figures(figures, args.json)
     return 0

@@ -18,6 +18,9 @@ from littlefs import LittleFS
 from tools.errors import UsageError
 
 FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
+PROTOCOL_DIR = FIRMWARE_DIR.parent / "protocol"
+# protocol/ modules a board never runs: the CPython stand-in for cryptolib, the spec's examples.
+PROTOCOL_HOST_ONLY = {"_cryptolib_cpython.py", "examples.py"}
 # Files at the top of the partition; everything else goes to /lib.
 TOP_LEVEL = ("boot.py", "main.py")
 # Per target, the HAL backends the image does NOT carry.
@@ -25,13 +28,16 @@ EXCLUDE = {"virtual": {"hal_esp32.py"}, "esp32": {"hal_virtual.py"}}
 
 
 def firmware_files(target):
-    """(path on flash, source path) for every firmware module the target runs."""
+    """(path on flash, source path) for every firmware and protocol module the target runs."""
     out = []
     for src in sorted(FIRMWARE_DIR.rglob("*.py")):
         rel = src.relative_to(FIRMWARE_DIR).as_posix()
         if src.name in EXCLUDE[target] or "__pycache__" in rel:
             continue
         out.append((rel if rel in TOP_LEVEL else f"lib/{rel}", src))
+    for src in sorted(PROTOCOL_DIR.glob("*.py")):
+        if src.name not in PROTOCOL_HOST_ONLY:
+            out.append((f"lib/protocol/{src.name}", src))
     return out
 
 
