@@ -1,12 +1,13 @@
 # AES-CCM with a 13-byte nonce and an 8-byte tag (COSE AES-CCM-16-64-128,
-# RFC 3610 with L=2, M=8), built from AES-ECB and AES-CBC because that is all
+# RFC 3610 with L=2, M=8), built from AES-ECB because that (with CBC) is all
 # the ESP32's cryptolib offers:
-# - the CBC-MAC is AES-CBC with a zero IV over B0 | AAD blocks | message
-#   blocks, keeping the last block;
-# - the keystream is one AES-ECB call over the counter blocks A0..An.
-# Messages are at most 250 bytes (one ESP-NOW frame), so every buffer is
-# sized once by the caller and reused: seal_into/open_into allocate only the
-# two cipher objects per frame.
+# - the CBC-MAC is CBC with a zero IV over B0 | AAD blocks | message blocks;
+#   it runs here as chained ECB calls on one 16-byte state block (X = E(X ^ B)),
+#   which is the same computation without a cipher object per frame (cryptolib
+#   cannot reset a CBC IV);
+# - the keystream is AES-ECB of the counter blocks A0..An.
+# Buffers are given with offsets instead of slices, so sealing and opening
+# allocate nothing (proven under micropython.heap_lock() in the tests).
 try:
     from cryptolib import aes
 except ImportError:   # CPython (gateway, tests)
@@ -15,13 +16,10 @@ except ImportError:   # CPython (gateway, tests)
 from protocol._compat import const
 
 _ECB = const(1)
-_CBC = const(2)
 NONCE_LEN = const(13)
 TAG_LEN = const(8)
 MAX_MSG = const(255)
 MAX_AAD = const(32)
-_BLOCKS = const(18)          # enough for B0 + AAD (<= 32 B) + message (<= 255 B)
-_ZERO_IV = bytes(16)
 
 
 class AuthError(ValueError):
@@ -29,88 +27,99 @@ class AuthError(ValueError):
 
 
 class Ccm:
-    """One key's AES-CCM-16-64-128, with work buffers preallocated."""
+    """One key's AES-CCM-16-64-128, with its work blocks preallocated."""
 
     def __init__(self, key):
         if len(key) != 16:
             raise ValueError("key must be 16 bytes (AES-128)")
-        self.key = bytes(key)
-        self._ecb = aes(self.key, _ECB)
-        self._mac_in = bytearray(16 * _BLOCKS)
-        self._mac_out = bytearray(16 * _BLOCKS)
-        self._ctr = bytearray(16 * _BLOCKS)
-        self._ks = bytearray(16 * _BLOCKS)
+        self._ecb = aes(bytes(key), _ECB)
+        self._x = bytearray(16)      # CBC-MAC state
+        self._a = bytearray(16)      # counter block
+        self._s = bytearray(16)      # keystream block
 
-    def _mac(self, nonce, aad, msg, mlen):
-        """The CBC-MAC T (first 8 bytes of the last CBC block), left in _mac_out."""
-        b = self._mac_in
-        alen = len(aad)
-        b[0] = (0x40 if alen else 0) | ((TAG_LEN - 2) // 2) << 3 | 1
-        b[1:14] = nonce
-        b[14], b[15] = mlen >> 8, mlen & 0xFF
-        n = 16
+    def _mac(self, nonce, aad, aoff, alen, msg, moff, mlen):
+        """CBC-MAC of B0 | AAD | message; T is left in _x[0:8]."""
+        x, ecb = self._x, self._ecb
+        x[0] = (0x40 if alen else 0) | ((TAG_LEN - 2) // 2) << 3 | 1
+        for i in range(13):
+            x[1 + i] = nonce[i]
+        x[14], x[15] = mlen >> 8, mlen & 0xFF
+        ecb.encrypt(x, x)
         if alen:
-            b[16], b[17] = alen >> 8, alen & 0xFF
-            b[18:18 + alen] = aad
-            end = 18 + alen
-            pad = (16 - end % 16) % 16
-            b[end:end + pad] = _ZERO_IV[:pad]
-            n = end + pad
-        b[n:n + mlen] = msg[:mlen]
-        end = n + mlen
-        pad = (16 - end % 16) % 16
-        b[end:end + pad] = _ZERO_IV[:pad]
-        n = end + pad
-        cbc = aes(self.key, _CBC, _ZERO_IV)
-        mv = memoryview(self._mac_out)
-        cbc.encrypt(memoryview(b)[:n], mv[:n])
-        return n - 16
+            x[0] ^= alen >> 8
+            x[1] ^= alen & 0xFF
+            i = 2
+            for j in range(alen):
+                x[i] ^= aad[aoff + j]
+                i += 1
+                if i == 16:
+                    ecb.encrypt(x, x)
+                    i = 0
+            if i:
+                ecb.encrypt(x, x)
+        i = 0
+        for j in range(mlen):
+            x[i] ^= msg[moff + j]
+            i += 1
+            if i == 16:
+                ecb.encrypt(x, x)
+                i = 0
+        if i:
+            ecb.encrypt(x, x)
 
-    def _keystream(self, nonce, mlen):
-        """S0 | S1 | ... in _ks: one ECB call over the counter blocks."""
-        blocks = 1 + (mlen + 15) // 16
-        c = self._ctr
-        for i in range(blocks):
-            o = 16 * i
-            c[o] = 1
-            c[o + 1:o + 14] = nonce
-            c[o + 14], c[o + 15] = i >> 8, i & 0xFF
-        n = 16 * blocks
-        self._ecb.encrypt(memoryview(c)[:n], memoryview(self._ks)[:n])
+    def _block(self, nonce, counter):
+        """Keystream block S_counter into _s."""
+        a = self._a
+        a[0] = 1
+        for i in range(13):
+            a[1 + i] = nonce[i]
+        a[14], a[15] = counter >> 8, counter & 0xFF
+        self._ecb.encrypt(a, self._s)
 
-    def _check(self, nonce, aad, mlen):
+    def _crypt(self, nonce, src, soff, dst, doff, n):
+        """dst[doff:doff+n] = src[soff:soff+n] ^ S1 | S2 | ... (CTR mode)."""
+        s = self._s
+        for j in range(n):
+            if j & 15 == 0:
+                self._block(nonce, 1 + (j >> 4))
+            dst[doff + j] = src[soff + j] ^ s[j & 15]
+
+    @staticmethod
+    def _check(nonce, alen, mlen):
         if len(nonce) != NONCE_LEN:
             raise ValueError("nonce must be 13 bytes")
-        if len(aad) > MAX_AAD or mlen > MAX_MSG:
+        if alen > MAX_AAD or mlen > MAX_MSG:
             raise ValueError("frame too large for CCM here: aad <= 32, message <= 255 bytes")
 
-    def seal_into(self, nonce, aad, msg, mlen, out):
-        """Write ciphertext | tag (mlen + 8 bytes) into out; return that length."""
-        self._check(nonce, aad, mlen)
-        last = self._mac(nonce, aad, msg, mlen)
-        self._keystream(nonce, mlen)
-        ks, t = self._ks, self._mac_out
-        for i in range(mlen):
-            out[i] = msg[i] ^ ks[16 + i]
+    def seal_into(self, nonce, aad, msg, mlen, out, aad_len=-1, out_off=0):
+        """Write ciphertext | tag (mlen + 8 bytes) at out[out_off:]; return that length.
+
+        aad[0:aad_len] is authenticated; it may be the start of out (the header)."""
+        alen = len(aad) if aad_len < 0 else aad_len
+        self._check(nonce, alen, mlen)
+        self._mac(nonce, aad, 0, alen, msg, 0, mlen)
+        self._crypt(nonce, msg, 0, out, out_off, mlen)
+        self._block(nonce, 0)
+        x, s = self._x, self._s
         for i in range(TAG_LEN):
-            out[mlen + i] = t[last + i] ^ ks[i]
+            out[out_off + mlen + i] = x[i] ^ s[i]
         return mlen + TAG_LEN
 
-    def open_into(self, nonce, aad, sealed, slen, out):
-        """Check the tag and write the plaintext into out; return its length or raise AuthError."""
+    def open_into(self, nonce, aad, sealed, slen, out, aad_len=-1, sealed_off=0):
+        """Check the tag of sealed[sealed_off:sealed_off+slen] and write the plaintext
+        into out; return its length or raise AuthError (out is then zeroed)."""
         mlen = slen - TAG_LEN
         if mlen < 0:
             raise AuthError("shorter than the tag")
-        self._check(nonce, aad, mlen)
-        self._keystream(nonce, mlen)
-        ks = self._ks
-        for i in range(mlen):
-            out[i] = sealed[i] ^ ks[16 + i]
-        last = self._mac(nonce, aad, out, mlen)
-        t = self._mac_out
+        alen = len(aad) if aad_len < 0 else aad_len
+        self._check(nonce, alen, mlen)
+        self._crypt(nonce, sealed, sealed_off, out, 0, mlen)
+        self._mac(nonce, aad, 0, alen, out, 0, mlen)
+        self._block(nonce, 0)
+        x, s = self._x, self._s
         diff = 0
         for i in range(TAG_LEN):
-            diff |= (t[last + i] ^ ks[i]) ^ sealed[mlen + i]
+            diff |= (x[i] ^ s[i]) ^ sealed[sealed_off + mlen + i]
         if diff:
             for i in range(mlen):
                 out[i] = 0

@@ -72,8 +72,7 @@ class Sealer:
         counter = self.counters.next()
         pack_header(out, self.direction, self.device_id, counter, msg_type)
         nonce_into(self._nonce, self.device_id, self.direction, counter)
-        n = self.ccm.seal_into(self._nonce, memoryview(out)[:HEADER_LEN], payload, plen,
-                               memoryview(out)[HEADER_LEN:])
+        n = self.ccm.seal_into(self._nonce, out, payload, plen, out, HEADER_LEN, HEADER_LEN)
         self.sent += 1
         return HEADER_LEN + n
 
@@ -132,8 +131,7 @@ class Opener:
                 raise Reject(why)
             nonce_into(self._nonce, device_id, direction, counter)
             try:
-                n = self.ccm.open_into(self._nonce, memoryview(frame)[:HEADER_LEN], memoryview(frame)[HEADER_LEN:],
-                                       flen - HEADER_LEN, out)
+                n = self.ccm.open_into(self._nonce, frame, frame, flen - HEADER_LEN, out, HEADER_LEN, HEADER_LEN)
             except AuthError:
                 raise Reject("auth")
         except Reject as r:

@@ -10,7 +10,7 @@ import time
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
 
-from protocol import secure
+from protocol import link, secure
 from protocol.ccm import TAG_LEN
 from tests import vm
 
@@ -116,3 +116,34 @@ def test_flash_counters_never_repeat_across_power_cuts(tmp_path):
         seen.extend(boot)
     assert len(seen) == len(set(seen)) and seen == sorted(seen)
     assert len(seen) > 1000
+
+
+def test_the_whole_report_path_allocates_nothing_on_the_board():
+    """encode (meter batch) + seal (AES-CCM) + COBS frame, 20 reports under heap_lock in the VM;
+    the frames are the same bytes the gateway expects."""
+    out = vm.run(
+        "import micropython\n"
+        "from protocol import link, secure\nfrom protocol import messages as M\n"
+        f"s = link.Sender({KEY!r}, {DEVICE}, 0, secure.MemoryCounters(1))\n"
+        "buf = bytearray(120)\ndeltas = bytearray([0, 3, 0, 12, 41, 7, 0, 0, 25, 2])\n"
+        "def report():\n"
+        "    n = M.encode_meter_readings_into(buf, 0, 7, 120, 900, 900, 1000, 123456, deltas, 10)\n"
+        "    return s.wire_into(2, buf, n)\n"
+        "def campaign():\n"
+        "    micropython.heap_lock()\n"
+        "    try:\n"
+        "        for _ in range(20):\n"
+        "            w = report()\n"
+        "        verdict = 'NO_ALLOC'\n"
+        "    except MemoryError:\n"
+        "        verdict = 'ALLOCATED'\n"
+        "    micropython.heap_unlock()\n"
+        "    return verdict, w\n"
+        "verdict, w = campaign()\n"
+        "print(verdict, bytes(s.wire[:w]).hex())\n")
+    verdict, wire_hex = out.split()
+    assert verdict == "NO_ALLOC"
+    got = []
+    r = link.Receiver(secure.UPLINK, lambda d: KEY, lambda d, c, t, m: got.append((c, t, m)))
+    r.feed(bytes.fromhex(wire_hex))
+    assert got and got[0][0] == 20 and got[0][2][6] == [0, 3, 0, 12, 41, 7, 0, 0, 25, 2]
