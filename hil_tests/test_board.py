@@ -116,3 +116,17 @@ def test_reading_inputs_allocates_nothing_under_heap_lock(board, needs_world):
     verdict, count = out.split()
     assert verdict == "NO_ALLOC"
     assert int(count) > 0, "edges must have flowed while the heap was locked"
+
+
+def test_frame_counters_resume_above_every_used_one_after_a_power_cut(board, needs_power_switch):
+    """Counter reservations on the board's own littlefs flash survive a power cut."""
+    first = board.exec("from protocol.secure import FlashCounters\n"
+                       "c = FlashCounters('ctr_test', block=16)\n"
+                       "print(' '.join(str(c.next()) for _ in range(20)))\n")
+    used = [int(x) for x in first.split()]
+    assert used == list(range(20))
+    board.power_cut()
+    time.sleep(1.0)
+    after = board.exec("from protocol.secure import FlashCounters\n"
+                       "print(FlashCounters('ctr_test', block=16).next())\n")
+    assert int(after) > max(used)
