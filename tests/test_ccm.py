@@ -14,6 +14,14 @@ RFC3610_1 = dict(key=bytes(range(0xC0, 0xD0)), nonce=bytes.fromhex("000000030201
                  aad=bytes(range(8)), msg=bytes(range(8, 0x1F)),
                  sealed=bytes.fromhex("588C979A61C663D2F066D0C2C0F989806D5F6B61DAC38417E8D12CFDF926E0"))
 
+# Packet Vectors #2 and #3 (same key, 8-byte header; 24- and 25-byte payloads).
+RFC3610_MORE = [
+    (bytes.fromhex("00000004030201A0A1A2A3A4A5"), bytes(range(8)), bytes(range(8, 0x20)),
+     bytes.fromhex("72C91A36E135F8CF291CA894085C87E3CC15C439C9E43A3BA091D56E10400916")),
+    (bytes.fromhex("00000005040302A0A1A2A3A4A5"), bytes(range(8)), bytes(range(8, 0x21)),
+     bytes.fromhex("51B1E5F44A197D1DA46B0F8E2D282AE871E838BB64DA8596574ADAA76FBD9FB0C5")),
+]
+
 keys, nonces = st.binary(min_size=16, max_size=16), st.binary(min_size=13, max_size=13)
 aads, msgs = st.binary(max_size=32), st.binary(max_size=250)
 
@@ -22,6 +30,15 @@ def test_rfc3610_packet_vector_1():
     v = RFC3610_1
     assert Ccm(v["key"]).seal(v["nonce"], v["aad"], v["msg"]) == v["sealed"]
     assert Ccm(v["key"]).open(v["nonce"], v["aad"], v["sealed"]) == v["msg"]
+
+
+def test_rfc3610_packet_vectors_2_and_3_on_both_sides():
+    key = RFC3610_1["key"]
+    for nonce, aad, msg, sealed in RFC3610_MORE:
+        assert Ccm(key).seal(nonce, aad, msg) == sealed
+    script = "from protocol.ccm import Ccm\n" + "".join(
+        f"print(Ccm({key!r}).seal({n!r}, {a!r}, {m!r}).hex())\n" for n, a, m, _s in RFC3610_MORE)
+    assert vm.run(script).split() == [s.hex() for *_x, s in RFC3610_MORE]
 
 
 @settings(max_examples=300, deadline=None)
