@@ -1,0 +1,1 @@
+"""The gateway service for a Raspberry Pi: links, sessions, durable store, MQTT forwarder."""

@@ -1,0 +1,153 @@
+"""The gateway's durable store: readings, acknowledgements, replay windows.
+
+Promise: when `commit()` returns, every entry in it is in the SQLite WAL and
+fsynced (journal_mode=WAL, synchronous=FULL), so it survives a killed process
+and a power cut; the acknowledgement it returns covers only such entries.
+
+Why FULL and not NORMAL: in WAL mode NORMAL skips the fsync at commit, so the
+last transactions can vanish in a power cut after the board was told they were
+safe (the weak spot of gateways that acknowledge before their commit is
+durable). Group commit (many frames, one transaction) pays the fsync once.
+
+Identity is (device_id, boot_id, seq): a board numbers every entry of its
+flash log in one sequence per boot, so a resent entry is recognised and kept
+once. A board is acknowledged "up to seq" for a boot: the highest seq such
+that everything from the first seq this gateway saw for that boot is stored.
+"""
+
+import sqlite3
+import time
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id          INTEGER PRIMARY KEY,
+    device_id   INTEGER NOT NULL,
+    boot_id     INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    kind        TEXT    NOT NULL,           -- readings row, alarm, health
+    priority    INTEGER NOT NULL,           -- 0 goes first (alarms), then 1
+    board_t_s   INTEGER NOT NULL,           -- seconds since that boot, board clock
+    wall_t      REAL,                       -- Unix seconds, when known
+    time_source TEXT,                       -- 'board' (synced board clock) or 'gateway' (fixed up here)
+    payload     BLOB    NOT NULL,
+    received_at REAL    NOT NULL,
+    forwarded_at REAL,
+    UNIQUE (device_id, boot_id, seq)
+);
+CREATE INDEX IF NOT EXISTS entries_pending ON entries (forwarded_at, priority, id);
+CREATE TABLE IF NOT EXISTS acks (
+    device_id INTEGER NOT NULL, boot_id INTEGER NOT NULL, acked_upto INTEGER NOT NULL,
+    PRIMARY KEY (device_id, boot_id)
+);
+CREATE TABLE IF NOT EXISTS replay_windows (
+    device_id INTEGER NOT NULL, direction INTEGER NOT NULL, top INTEGER NOT NULL, bits INTEGER NOT NULL,
+    PRIMARY KEY (device_id, direction)
+);
+"""
+
+
+class Entry:
+    __slots__ = ("device_id", "boot_id", "seq", "kind", "board_t_s", "payload", "wall_t", "time_source")
+
+    def __init__(self, device_id, boot_id, seq, kind, board_t_s, payload, wall_t=None, time_source=None):
+        self.device_id, self.boot_id, self.seq, self.kind = device_id, boot_id, seq, kind
+        self.board_t_s, self.payload, self.wall_t, self.time_source = board_t_s, payload, wall_t, time_source
+
+
+class Store:
+    def __init__(self, path):
+        self.path = str(path)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise RuntimeError(f"{self.path}: SQLite refused WAL mode ({mode}); put the store on a local disk")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.executescript(SCHEMA)
+
+    def close(self):
+        self.db.close()
+
+    def commit(self, entries, now=None):
+        """Store entries in one durable transaction; return {(device, boot): acked_upto} for the boots touched."""
+        now = time.time() if now is None else now
+        touched = {}
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for e in entries:
+                db.execute(
+                    "INSERT OR IGNORE INTO entries (device_id, boot_id, seq, kind, priority, board_t_s, wall_t,"
+                    " time_source, payload, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (e.device_id, e.boot_id, e.seq, e.kind, 0 if e.kind == "alarm" else 1, e.board_t_s,
+                     e.wall_t, e.time_source, bytes(e.payload), now))
+                key = (e.device_id, e.boot_id)
+                touched[key] = min(touched.get(key, e.seq), e.seq)
+            acks = {key: self._advance(key, first_seen) for key, first_seen in touched.items()}
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return acks
+
+    def _advance(self, key, lowest_in_batch):
+        device_id, boot_id = key
+        row = self.db.execute("SELECT acked_upto FROM acks WHERE device_id=? AND boot_id=?", key).fetchone()
+        upto = row[0] if row else lowest_in_batch - 1
+        for (seq,) in self.db.execute(
+                "SELECT seq FROM entries WHERE device_id=? AND boot_id=? AND seq>? ORDER BY seq",
+                (device_id, boot_id, upto)):
+            if seq != upto + 1:
+                break
+            upto = seq
+        self.db.execute("INSERT INTO acks (device_id, boot_id, acked_upto) VALUES (?,?,?) "
+                        "ON CONFLICT (device_id, boot_id) DO UPDATE SET acked_upto=excluded.acked_upto",
+                        (device_id, boot_id, upto))
+        return upto
+
+    def acked_upto(self, device_id, boot_id):
+        row = self.db.execute("SELECT acked_upto FROM acks WHERE device_id=? AND boot_id=?",
+                              (device_id, boot_id)).fetchone()
+        return row[0] if row else None
+
+    def pending(self, limit=500):
+        """Entries not yet PUBACKed: alarms first, then in arrival order."""
+        return self.db.execute(
+            "SELECT id, device_id, boot_id, seq, kind, board_t_s, wall_t, time_source, payload FROM entries"
+            " WHERE forwarded_at IS NULL ORDER BY priority, id LIMIT ?", (limit,)).fetchall()
+
+    def mark_forwarded(self, ids, now=None):
+        now = time.time() if now is None else now
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.executemany("UPDATE entries SET forwarded_at=? WHERE id=?", [(now, i) for i in ids])
+        self.db.execute("COMMIT")
+
+    def since(self, device_id, boot_id, seq):
+        """Replay: a device's entries after (boot_id, seq), forwarded or not, in order."""
+        return self.db.execute(
+            "SELECT id, device_id, boot_id, seq, kind, board_t_s, wall_t, time_source, payload FROM entries"
+            " WHERE device_id=? AND (boot_id>? OR (boot_id=? AND seq>?)) ORDER BY boot_id, seq",
+            (device_id, boot_id, boot_id, seq)).fetchall()
+
+    def prune(self, retention_s, now=None):
+        """Delete forwarded entries older than the retention window; never an unforwarded one."""
+        now = time.time() if now is None else now
+        cur = self.db.execute("DELETE FROM entries WHERE forwarded_at IS NOT NULL AND forwarded_at < ?",
+                              (now - retention_s,))
+        return cur.rowcount
+
+    def save_window(self, device_id, direction, top, bits):
+        self.db.execute("INSERT INTO replay_windows VALUES (?,?,?,?) ON CONFLICT (device_id, direction) "
+                        "DO UPDATE SET top=excluded.top, bits=excluded.bits",
+                        (device_id, direction, top, bits - (1 << 64) if bits >= 1 << 63 else bits))
+
+    def load_window(self, device_id, direction):
+        row = self.db.execute("SELECT top, bits FROM replay_windows WHERE device_id=? AND direction=?",
+                              (device_id, direction)).fetchone()
+        if not row:
+            return -1, 0
+        top, bits = row
+        return top, bits + (1 << 64) if bits < 0 else bits   # SQLite integers are signed 64-bit
+
+    def integrity_ok(self):
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
