@@ -48,24 +48,22 @@ class Ccm:
         if alen:
             x[0] ^= alen >> 8
             x[1] ^= alen & 0xFF
-            i = 2
-            for j in range(alen):
-                x[i] ^= aad[aoff + j]
-                i += 1
-                if i == 16:
-                    ecb.encrypt(x, x)
-                    i = 0
-            if i:
+            if self._absorb(aad, aoff, alen, 2):
                 ecb.encrypt(x, x)
-        i = 0
-        for j in range(mlen):
-            x[i] ^= msg[moff + j]
+        if self._absorb(msg, moff, mlen, 0):
+            ecb.encrypt(x, x)
+
+    def _absorb(self, data, off, n, i):
+        """XOR data[off:off+n] into the MAC state from byte i, encrypting each full block;
+        return the fill of the last, partial block (0: none to pad and encrypt)."""
+        x, ecb = self._x, self._ecb
+        for j in range(n):
+            x[i] ^= data[off + j]
             i += 1
             if i == 16:
                 ecb.encrypt(x, x)
                 i = 0
-        if i:
-            ecb.encrypt(x, x)
+        return i
 
     def _block(self, nonce, counter):
         """Keystream block S_counter into _s."""
