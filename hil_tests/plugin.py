@@ -44,13 +44,12 @@ def board_factory(hil_options, tmp_path):
     opened = []
 
     def make(**wishes):
-        handle = module.open_board(hil_options, tmp_path / f"board{len(opened)}", hil_options.board,
-                                   hil_options.role, **wishes)
+        folder = tmp_path / f"board{len(opened)}"
+        folder.mkdir()
+        handle = module.open_board(hil_options, folder, hil_options.board, hil_options.role, **wishes)
         opened.append(handle)
         return handle
 
-    for i in range(4):
-        (tmp_path / f"board{i}").mkdir()
     yield make
     for handle in reversed(opened):
         handle.close()

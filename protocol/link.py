@@ -20,7 +20,7 @@ class Receiver:
         self.on_message = on_message
         self.max_devices = max_devices
         self.openers = {}
-        self.counts = {r: 0 for r in REASONS}
+        self._refused = {r: 0 for r in REASONS}
         self.accepted = 0
         self._plain = bytearray(framing.MAX_FRAME)
         self._reader = framing.Reader(self._on_frame, my_addr, accept_any_addr)
@@ -28,13 +28,19 @@ class Receiver:
     def feed(self, data, length=-1):
         """Bytes from a UART or RS-485 line."""
         self._reader.feed(data, length)
-        for r in framing.Reader.REASONS:
-            self.counts[r] = self._reader.dropped[r]
+
+    @property
+    def counts(self):
+        """Refusals by reason, framing drops included."""
+        out = dict(self._refused)
+        for r, n in self._reader.dropped.items():
+            out[r] += n
+        return out
 
     def datagram(self, frame):
         """One secure frame from UDP or ESP-NOW."""
         if len(frame) > framing.MAX_FRAME:
-            self.counts["too_long"] += 1
+            self._refused["too_long"] += 1
             return
         self._on_frame(0, frame, len(frame))
 
@@ -50,26 +56,26 @@ class Receiver:
 
     def _on_frame(self, _addr, buf, n):
         try:
-            _v, _d, device_id, _c, _t = secure.parse_header(buf, n)
+            device_id = secure.device_of(buf, n)
         except secure.Reject as r:
-            self.counts[r.reason] += 1
+            self._refused[r.reason] += 1
             return
         op = self._opener(device_id)
         if op is None:
-            self.counts["unknown_device"] += 1
+            self._refused["unknown_device"] += 1
             return
         try:
             msg_type, counter, plen = op.open_into(buf, n, self._plain)
         except secure.Reject as r:
-            self.counts[r.reason] += 1
+            self._refused[r.reason] += 1
             return
         if msg_type not in M.NAMES:
-            self.counts["unknown_type"] += 1
+            self._refused["unknown_type"] += 1
             return
         try:
             message = M.decode(msg_type, bytes(self._plain[:plen]))
         except M.MessageError:
-            self.counts["bad_payload"] += 1
+            self._refused["bad_payload"] += 1
             return
         self.accepted += 1
         self.on_message(device_id, counter, msg_type, message)
@@ -81,14 +87,14 @@ class Sender:
     def __init__(self, key, device_id, direction, counters, addr=framing.ADDR_GATEWAY):
         self.sealer = secure.Sealer(key, device_id, direction, counters)
         self.addr = addr
-        self._frame = bytearray(framing.MAX_FRAME)
+        self.frame_buf = bytearray(framing.MAX_FRAME)
         self.wire = bytearray(framing.MAX_WIRE)
 
     def frame(self, msg_type, payload, plen):
-        """Seal payload[:plen]; return the secure frame's length (in self._frame)."""
-        return self.sealer.seal_into(msg_type, payload, plen, self._frame)
+        """Seal payload[:plen]; return the secure frame's length (in self.frame_buf)."""
+        return self.sealer.seal_into(msg_type, payload, plen, self.frame_buf)
 
     def wire_into(self, msg_type, payload, plen):
         """Seal and COBS-frame payload[:plen] into self.wire; return the bytes to send."""
         n = self.frame(msg_type, payload, plen)
-        return framing.encode_into(self.wire, self.addr, self._frame, n)
+        return framing.encode_into(self.wire, self.addr, self.frame_buf, n)

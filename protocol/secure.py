@@ -50,6 +50,13 @@ def parse_header(frame, flen):
     return frame[0], frame[1] & 1, device_id, counter, frame[10]
 
 
+def device_of(frame, flen):
+    """The device id of a frame (to pick its key), or Reject('short')."""
+    if flen < OVERHEAD:
+        raise Reject("short")
+    return (frame[2] << 24) | (frame[3] << 16) | (frame[4] << 8) | frame[5]
+
+
 def nonce_into(nonce, device_id, direction, counter):
     for i in range(4):
         nonce[i] = (device_id >> (24 - 8 * i)) & 0xFF

@@ -2,11 +2,12 @@
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+from tools.vboard.bench import micropython_exe
+
 ROOT = Path(__file__).resolve().parent.parent
-MICROPYTHON = str(Path(sys.executable).with_name("micropython"))
+MICROPYTHON = micropython_exe()
 
 
 def run(script, stdin="", heap="112640w", timeout=120):

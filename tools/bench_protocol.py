@@ -118,7 +118,7 @@ def gateway_rate(frames):
     datagrams = []
     for _ in range(frames):
         n = sender.frame(M.READINGS, payload, len(payload))
-        datagrams.append(bytes(sender._frame[:n]))
+        datagrams.append(bytes(sender.frame_buf[:n]))
     seen = []
     r = link.Receiver(secure.UPLINK, lambda d: KEY, lambda d, c, t, m: seen.append(c))
     t0 = time.perf_counter()

@@ -114,7 +114,7 @@ def run(args):
         for r in relays:
             r.join(2)
         time.sleep(0.5)                       # let the last QoS 1 deliveries land
-        report = _report(boards, relays, received)
+        report = _report(boards, relays, received, workdir)
         for _d, vb in boards:
             vb.close()
         pub.loop_stop()
@@ -126,7 +126,7 @@ def run(args):
     return 0
 
 
-def _report(boards, relays, received):
+def _report(boards, relays, received, workdir):
     rows = []
     for (device, vb), relay in zip(boards, relays):
         truth = vb.status()["world"]["flow_meter"] if vb.proc.poll() is None else {}
@@ -135,8 +135,7 @@ def _report(boards, relays, received):
                      "pulses_counted": relay.last.get("pulse_in"), "pulses_true": truth.get("pulses")})
     totals = {"boards": len(rows), "readings_made": sum(r["readings_made"] for r in rows),
               "readings_at_broker": sum(r["readings_at_broker"] for r in rows)}
-    return {"site": SITE, "workdir": str(boards[0][1].flash_path).rsplit("/", 1)[0] if boards else None,
-            "boards": rows, "totals": totals}
+    return {"site": SITE, "workdir": str(workdir), "boards": rows, "totals": totals}
 
 
 def _live_view(relays, received, elapsed):

@@ -71,9 +71,6 @@ def _vm_child_setup(console_fd):
         os.setsid()
         import fcntl
         fcntl.ioctl(console_fd, termios.TIOCSCTTY, 0)
-        # Until MicroPython installs its own SIGINT handler (when it runs code),
-        # Ctrl-C must not kill the host process mid-start: a booting ESP32 ignores it.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     return setup
@@ -111,7 +108,7 @@ class Bench:
         self.vm_console = None      # our end of the VM's stdio pty
         self.vm_world_out = None    # we write world records here
         self.vm_world_in = None     # the VM writes outputs and watchdog feeds here
-        self.pending = []           # world records not yet written to the VM
+        self.pending = bytearray()  # world records not yet written to the VM
         self.repl_mode = "friendly"
         self.inject_raw_repl = False
         self.tail = b""
@@ -174,10 +171,10 @@ class Bench:
         self.console_hold = b""
         self.tail = b""
         self.wdt_timeout_s = None
-        self.pending = []
+        self.pending = bytearray()
         t0 = self._board_us(self._world_now_us())
         for gpio, level in sorted(self.world.levels().items()):
-            self.pending.append(RECORD.pack(K_LEVEL, gpio, 0, level, max(0, t0)))
+            self.pending += RECORD.pack(K_LEVEL, gpio, 0, level, max(0, t0))
         self.log("vm_started", pid=self.vm.pid, reset_cause=cause, run_main=run_main)
 
     def _teardown_vm(self):
@@ -202,7 +199,7 @@ class Bench:
             self.power_on("power_on")
 
     def _on_vm_exit(self):
-        code = self.vm.returncode if self.vm.poll() is not None else self.vm.wait()
+        code = self.vm.wait()
         self._teardown_vm()
         if not self.running:
             return
@@ -301,16 +298,15 @@ class Bench:
             if self.vm is None:
                 continue
             rec_kind = K_ANALOG if kind == ANALOG else K_LEVEL
-            self.pending.append(RECORD.pack(rec_kind, gpio, 0, int(value), max(0, self._board_us(t_us))))
+            self.pending += RECORD.pack(rec_kind, gpio, 0, int(value), max(0, self._board_us(t_us)))
         if self.vm is None or not self.pending:
             return
-        blob = b"".join(self.pending)
         try:
-            n = os.write(self.vm_world_out, blob)
+            # Whole records only: a pipe write of up to PIPE_BUF bytes is all or nothing.
+            n = os.write(self.vm_world_out, self.pending[:4096 - 4096 % RECORD.size])
         except (BlockingIOError, BrokenPipeError, OSError):
             n = 0
-        n -= n % RECORD.size     # pipe writes of whole records below PIPE_BUF are atomic
-        self.pending = self.pending[n // RECORD.size:] if n else self.pending
+        del self.pending[:n]
 
     def _check_watchdog(self):
         if self.vm is not None and self.wdt_timeout_s and time.monotonic() - self.wdt_fed > self.wdt_timeout_s:
