@@ -1,0 +1,389 @@
+"""The device registry: which boards this gateway serves, with their keys.
+
+Promise: when add, retire, import_file or next_downlink_counters returns,
+the change is fsynced in SQLite's WAL (journal_mode=WAL, synchronous=FULL),
+so a killed process or a power cut never loses it. In particular a block of
+downlink counters is on disk before any counter from it is handed out, so a
+restart starts above every counter ever used and a (key, nonce) pair never
+repeats. last_seen is the exception: it is written at most once a minute per
+device (SEEN_WRITE_S), because a per-frame fsync for an informational field
+would halve ingest; the latest value is kept in memory for get() and list().
+
+The file holds AES keys, so it is created mode 0600 (SQLite gives its -wal and
+-shm files the same mode) and tightened back to 0600 if found looser. Keys
+never appear in a repr, a log record or an error message; only export files
+carry them, written 0600.
+"""
+
+import json
+import logging
+import os
+import re
+import sqlite3
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from tools.errors import UsageError
+
+ROLES = ("meter", "doser", "drain")
+STATES = ("commissioned", "active", "retired")
+KEY_BYTES = 16
+COUNTER_MAX = 0xFFFFFFFF          # frame counters are u32 in the header
+SEEN_WRITE_S = 60
+EXPORT_FORMAT = "prapa-registry-export"
+NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
+BOARD_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+log = logging.getLogger("prapa.gateway.registry")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id      INTEGER PRIMARY KEY,     -- u32, as in the frame header
+    name           TEXT,
+    role           TEXT    NOT NULL,
+    key            BLOB    NOT NULL,        -- AES-128, 16 bytes
+    state          TEXT    NOT NULL,        -- commissioned, active, retired
+    board          TEXT,
+    firmware       TEXT,
+    last_seen      REAL,                    -- Unix seconds
+    added_at       REAL    NOT NULL,
+    downlink_bound INTEGER NOT NULL DEFAULT 0  -- every downlink counter below this may have been used
+);
+"""
+
+
+class RegistryError(UsageError):
+    """A device record or export file the registry refuses; names the field and the fix."""
+
+
+class UnknownDevice(RegistryError):
+    def __init__(self, device_id):
+        super().__init__(f"device {device_id}", "not in the registry",
+                         "commission it first (add) or check the id")
+
+
+class Device(NamedTuple):
+    device_id: int
+    name: str | None
+    role: str
+    key: bytes
+    state: str
+    board: str | None
+    firmware: str | None
+    last_seen: float | None
+    downlink_bound: int
+
+    def __repr__(self):
+        shown = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields if f != "key")
+        return f"Device({shown}, key=<hidden>)"
+
+    __str__ = __repr__
+
+    def public(self):
+        """The record without its key: what a status page, an API or a log may show."""
+        return {f: getattr(self, f) for f in self._fields if f != "key"}
+
+
+def check_device(device_id, role, key, name=None, board=None, where=None):
+    """Validate one record's fields; raise RegistryError naming the field and the fix (never the key)."""
+    def fail(field, problem, fix):
+        raise RegistryError(f"{where or f'device {device_id!r}'}: {field}", problem, fix)
+
+    if isinstance(device_id, bool) or not isinstance(device_id, int) or not 0 <= device_id <= COUNTER_MAX:
+        fail("device_id", f"{device_id!r} is not a 32-bit unsigned id", "use a whole number from 0 to 4294967295")
+    if role not in ROLES:
+        fail("role", f"{role!r} is not a role", "use one of " + ", ".join(ROLES))
+    if not isinstance(key, (bytes, bytearray)):
+        fail("key", f"must be bytes, not {type(key).__name__}", f"pass the {KEY_BYTES}-byte AES-128 key as bytes")
+    if len(key) != KEY_BYTES:
+        fail("key", f"is {len(key)} bytes", f"an AES-128 key is {KEY_BYTES} bytes (32 hex digits)")
+    if not any(key):
+        fail("key", "is all zeros (a placeholder)", "generate one per device: os.urandom(16)")
+    if name is not None and (not isinstance(name, str) or not NAME_RE.match(name)):
+        fail("name", f"{name!r} is not a name", "use 1 to 64 printable characters, or leave it out")
+    if board is not None and (not isinstance(board, str) or not BOARD_RE.match(board)):
+        fail("board", f"{board!r} is not a board name", "use a name from boards/ (prapa board list), or leave it out")
+
+
+class Registry:
+    """One SQLite file of devices; safe to share between the service's loop and its HTTP thread."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._seen = {}                  # device_id -> latest last_seen, ahead of the file by < SEEN_WRITE_S
+        self._open_private()
+        self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise RuntimeError(f"{self.path}: SQLite refused WAL mode ({mode}); put the registry on a local disk")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def _open_private(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & 0o077:
+                os.fchmod(fd, 0o600)
+                log.warning("registry_mode_tightened", extra={"event": "registry_mode_tightened",
+                                                               "path": str(self.path), "was": f"{mode:04o}"})
+        finally:
+            os.close(fd)
+        for suffix in ("-wal", "-shm"):
+            side = Path(str(self.path) + suffix)
+            if side.exists() and stat.S_IMODE(side.stat().st_mode) & 0o077:
+                os.chmod(side, 0o600)
+
+    def close(self):
+        with self._lock:
+            self._flush_seen()
+            self.db.close()
+
+    def _write(self, fn):
+        """Run fn(db) in one durable transaction."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(self.db)
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            return result
+
+    # commissioning
+
+    def add(self, device_id, role, key, name=None, board=None, now=None):
+        """Commission a device: its key is durable when this returns."""
+        check_device(device_id, role, key, name, board)
+        now = time.time() if now is None else now
+
+        def insert(db):
+            self._check_free(db, device_id, bytes(key), f"device {device_id}")
+            db.execute("INSERT INTO devices (device_id, name, role, key, state, board, added_at)"
+                       " VALUES (?,?,?,?,?,?,?)", (device_id, name, role, bytes(key), "commissioned", board, now))
+        self._write(insert)
+        log.info("device_added", extra={"event": "device_added", "device": device_id, "role": role,
+                                        "device_name": name, "board": board})
+
+    def _check_free(self, db, device_id, key, where):
+        row = db.execute("SELECT state FROM devices WHERE device_id=?", (device_id,)).fetchone()
+        if row:
+            raise RegistryError(f"{where}: device_id", f"{device_id} is already registered ({row[0]})",
+                                "pick a free id; a board keeps its id for life")
+        if db.execute("SELECT 1 FROM devices WHERE key=?", (key,)).fetchone():
+            raise RegistryError(f"{where}: key", "is already another device's key",
+                                "generate a fresh key per device: os.urandom(16)")
+
+    def retire(self, device_id):
+        """Stop serving a device: key_for returns None from now on, its record stays."""
+        def update(db):
+            if not db.execute("UPDATE devices SET state='retired' WHERE device_id=?", (device_id,)).rowcount:
+                raise UnknownDevice(device_id)
+        self._write(update)
+        log.info("device_retired", extra={"event": "device_retired", "device": device_id})
+
+    # lookups
+
+    def key_for(self, device_id):
+        """The AES key of a device this gateway serves; None if unknown or retired."""
+        with self._lock:
+            row = self.db.execute("SELECT key FROM devices WHERE device_id=? AND state!='retired'",
+                                  (device_id,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def get(self, device_id):
+        with self._lock:
+            row = self.db.execute(f"SELECT {_COLUMNS} FROM devices WHERE device_id=?", (device_id,)).fetchone()
+        return self._device(row) if row else None
+
+    def list(self):
+        with self._lock:
+            rows = self.db.execute(f"SELECT {_COLUMNS} FROM devices ORDER BY device_id").fetchall()
+        return [self._device(row) for row in rows]
+
+    def _device(self, row):
+        device = Device(row[0], row[1], row[2], bytes(row[3]), *row[4:])
+        seen = self._seen.get(device.device_id)
+        if seen is not None and (device.last_seen is None or seen > device.last_seen):
+            device = device._replace(last_seen=seen)
+        return device
+
+    def mark_seen(self, device_id, t, firmware=None):
+        """Note a verified frame from a device: commissioned becomes active; last_seen written lazily."""
+        with self._lock:
+            row = self.db.execute("SELECT state, last_seen, firmware FROM devices WHERE device_id=?",
+                                  (device_id,)).fetchone()
+            if row is None:
+                raise UnknownDevice(device_id)
+            state, stored_seen, stored_firmware = row
+            self._seen[device_id] = max(t, self._seen.get(device_id, t))
+            changed = (state == "commissioned" or (firmware is not None and firmware != stored_firmware)
+                       or stored_seen is None or t - stored_seen >= SEEN_WRITE_S)
+            if changed and state != "retired":
+                self.db.execute(
+                    "UPDATE devices SET state='active', last_seen=MAX(COALESCE(last_seen, 0), ?),"
+                    " firmware=COALESCE(?, firmware) WHERE device_id=?", (self._seen[device_id], firmware, device_id))
+        if state == "commissioned" or (firmware is not None and firmware != stored_firmware):
+            log.info("device_seen", extra={"event": "device_seen", "device": device_id, "firmware": firmware,
+                                           "was": state})
+
+    def _flush_seen(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.executemany("UPDATE devices SET last_seen=MAX(COALESCE(last_seen, 0), ?) WHERE device_id=?",
+                            [(t, device_id) for device_id, t in self._seen.items()])
+        self.db.execute("COMMIT")
+
+    # downlink counters
+
+    def next_downlink_counters(self, device_id, n):
+        """Reserve n gateway->board frame counters; durable before they are returned.
+
+        Returns range(start, start + n); a later call, in this process or
+        after a restart, returns counters above all of them.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive whole number, not {n!r}")
+
+        def reserve(db):
+            row = db.execute("SELECT downlink_bound, state FROM devices WHERE device_id=?", (device_id,)).fetchone()
+            if row is None:
+                raise UnknownDevice(device_id)
+            start, state = row
+            if state == "retired":
+                raise RegistryError(f"device {device_id}", "is retired", "commission it again before sending to it")
+            if start + n - 1 > COUNTER_MAX:
+                raise RegistryError(f"device {device_id}: downlink counter", "exhausted for this key",
+                                    "provision the board with a new key and device id")
+            db.execute("UPDATE devices SET downlink_bound=? WHERE device_id=?", (start + n, device_id))
+            return range(start, start + n)
+        return self._write(reserve)
+
+    # export and import
+
+    def export_devices(self, device_ids, path):
+        """Write the devices, keys as hex, to a JSON file: mode 0600, complete or absent (temp, fsync, rename)."""
+        devices = []
+        for device_id in device_ids:
+            device = self.get(device_id)
+            if device is None:
+                raise UnknownDevice(device_id)
+            record = device.public()
+            record["key"] = device.key.hex()
+            devices.append(record)
+        text = json.dumps({"format": EXPORT_FORMAT, "version": 1, "devices": devices}, indent=2) + "\n"
+        _write_private(Path(path), text.encode())
+        log.info("devices_exported", extra={"event": "devices_exported", "devices": list(device_ids),
+                                            "path": str(path)})
+
+    def export_device(self, device_id, path):
+        self.export_devices([device_id], path)
+
+    def import_file(self, path, now=None):
+        """Add every device in an export file, or none: all records are checked before one transaction.
+
+        Imported devices start 'commissioned' here; their downlink bound
+        carries over so counters already used with the key are never reused.
+        Retire a device on the gateway it leaves before exporting it.
+        """
+        path = Path(path)
+        records = _read_export(path)
+        now = time.time() if now is None else now
+
+        def insert(db):
+            for i, r in enumerate(records):
+                self._check_free(db, r["device_id"], r["key"], f"{path}: devices[{i}]")
+                db.execute("INSERT INTO devices (device_id, name, role, key, state, board, firmware, last_seen,"
+                           " added_at, downlink_bound) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                           (r["device_id"], r["name"], r["role"], r["key"], "commissioned", r["board"],
+                            r["firmware"], r["last_seen"], now, r["downlink_bound"]))
+        self._write(insert)
+        log.info("devices_imported", extra={"event": "devices_imported", "path": str(path),
+                                            "devices": [r["device_id"] for r in records]})
+        return [r["device_id"] for r in records]
+
+
+class DownlinkCounters:
+    """protocol.secure's counters interface (next()) over registry blocks: one fsync per `block` frames."""
+
+    def __init__(self, registry, device_id, block=64):
+        self.registry, self.device_id, self.block = registry, device_id, block
+        self._range = iter(())
+
+    def next(self):
+        counter = next(self._range, None)
+        if counter is None:
+            self._range = iter(self.registry.next_downlink_counters(self.device_id, self.block))
+            counter = next(self._range)
+        return counter
+
+
+_COLUMNS = "device_id, name, role, key, state, board, firmware, last_seen, downlink_bound"
+
+
+def _read_export(path):
+    def fail(where, problem, fix):
+        raise RegistryError(f"{path}: {where}", problem, fix)
+
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        fail("file", f"cannot be read ({e.strerror})", "give the path of an export file")
+    except ValueError as e:
+        fail("file", f"is not JSON ({e})", "use a file written by the registry's export")
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT or data.get("version") != 1:
+        fail("format", "not a prapa registry export (version 1)", "use a file written by the registry's export")
+    if not isinstance(data.get("devices"), list) or not data["devices"]:
+        fail("devices", "missing or empty", "export at least one device")
+    records, seen_ids, seen_keys = [], set(), set()
+    for i, r in enumerate(data["devices"]):
+        where = f"devices[{i}]"
+        if not isinstance(r, dict):
+            fail(where, "not an object", "use a file written by the registry's export")
+        key_hex = r.get("key")
+        if not isinstance(key_hex, str) or not re.fullmatch(r"[0-9a-fA-F]{32}", key_hex):
+            fail(f"{where}.key", "is not 32 hex digits", "export the device again; keys are never typed by hand")
+        key = bytes.fromhex(key_hex)
+        check_device(r.get("device_id"), r.get("role"), key, r.get("name"), r.get("board"), where=f"{path}: {where}")
+        bound = r.get("downlink_bound", 0)
+        if isinstance(bound, bool) or not isinstance(bound, int) or not 0 <= bound <= COUNTER_MAX + 1:
+            fail(f"{where}.downlink_bound", f"{bound!r} is not a counter bound", "export the device again")
+        last_seen, firmware = r.get("last_seen"), r.get("firmware")
+        if last_seen is not None and (isinstance(last_seen, bool) or not isinstance(last_seen, (int, float))):
+            fail(f"{where}.last_seen", f"{last_seen!r} is not Unix seconds", "use a number or null")
+        if firmware is not None and not isinstance(firmware, str):
+            fail(f"{where}.firmware", f"{firmware!r} is not a version string", "use a string or null")
+        if r["device_id"] in seen_ids:
+            fail(f"{where}.device_id", f"{r['device_id']} appears twice in the file", "keep one record per device")
+        if key in seen_keys:
+            fail(f"{where}.key", "is the same as another record's", "give every device its own key")
+        seen_ids.add(r["device_id"])
+        seen_keys.add(key)
+        records.append({"device_id": r["device_id"], "name": r.get("name"), "role": r["role"], "key": key,
+                        "board": r.get("board"), "firmware": firmware, "last_seen": last_seen,
+                        "downlink_bound": bound})
+    return records
+
+
+def _write_private(path, data):
+    """Replace path with data atomically, mode 0600: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
