@@ -1,0 +1,249 @@
+"""The gateway's local status page: devices, backlog, alarms, brokers, links.
+
+Made for a technician's laptop in a pump house with no internet: one HTML
+document, no external assets. The server renders the first view, so the page
+is useful without JavaScript; a small inline script then polls
+/api/status.json every 2 s and redraws the tables and sparklines from it
+with DOM text nodes only. Every value is escaped (device names are typed by
+installers), and CSP allows no script but this one (by hash), so markup that
+slipped through could not run anyway.
+
+Input is the plain dict the service builds (Unix seconds throughout):
+  {"site", "now", "backlog", "utc_offset_minutes" (optional, default 420),
+   "devices": [{"id", "name", "role", "last_seen", "firmware", "state",
+                "readings", "alarms_active", "series": [[t, value], ...]}],
+   "alarms": [{"device", "code", "active", "t"}],
+   "brokers": [{...}], "links": [{...}]}   (brokers and links: any flat keys)
+Stable hooks for tests: #devices tr[data-device], .alarm, svg.chart, #backlog.
+"""
+
+import base64
+import datetime
+import hashlib
+import math
+from html import escape
+
+CHART_W, CHART_H = 120, 28
+DEVICE_COLUMNS = (("id", "Device"), ("name", "Name"), ("role", "Role"), ("state", "State"),
+                  ("last_seen", "Last seen"), ("firmware", "Firmware"), ("readings", "Readings"),
+                  ("alarms_active", "Alarms"), ("series", "Flow"))
+
+SCRIPT = r"""
+(function () {
+  const W = __W__, H = __H__, SVG = "http://www.w3.org/2000/svg";
+  function el(tag, cls, text) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text !== undefined) e.textContent = text;
+    return e;
+  }
+  function shown(v) { return v === null || v === undefined ? "\u2013" : v === true ? "yes" : v === false ? "no" : String(v); }
+  function age(t, now) {
+    if (t === null || t === undefined) return "never";
+    const s = Math.max(0, Math.round(now - t));
+    return s < 120 ? s + " s ago" : s < 7200 ? Math.round(s / 60) + " min ago"
+         : s < 172800 ? Math.round(s / 3600) + " h ago" : Math.round(s / 86400) + " d ago";
+  }
+  function local(t, off) {
+    if (t === null || t === undefined) return "";
+    const d = new Date((t + off * 60) * 1000), sign = off < 0 ? "-" : "+", a = Math.abs(off);
+    return d.toISOString().slice(0, 19).replace("T", " ") + " " + sign +
+      String(Math.floor(a / 60)).padStart(2, "0") + ":" + String(a % 60).padStart(2, "0");
+  }
+  function timeCell(cls, t, now, off) { const c = el("td", cls, age(t, now)); c.title = local(t, off); return c; }
+  function chart(series) {
+    const svg = document.createElementNS(SVG, "svg");
+    svg.setAttribute("class", "chart");
+    svg.setAttribute("viewBox", "0 0 " + W + " " + H);
+    svg.setAttribute("width", W); svg.setAttribute("height", H);
+    const pts = (series || []).filter(p => Array.isArray(p) && isFinite(p[0]) && isFinite(p[1]));
+    if (pts.length) {
+      const t0 = pts[0][0], t1 = pts[pts.length - 1][0];
+      const vs = pts.map(p => p[1]), lo = Math.min(...vs), hi = Math.max(...vs);
+      const line = document.createElementNS(SVG, "polyline");
+      line.setAttribute("points", pts.map(p =>
+        (t1 > t0 ? (p[0] - t0) / (t1 - t0) * (W - 4) + 2 : W - 2).toFixed(1) + "," +
+        (hi > lo ? H - 2 - (p[1] - lo) / (hi - lo) * (H - 4) : H / 2).toFixed(1)).join(" "));
+      svg.appendChild(line);
+    }
+    return svg;
+  }
+  function fill(id, rows) { const body = document.querySelector("#" + id + " tbody"); body.replaceChildren(...rows); }
+  function generic(id, items) {
+    const table = document.getElementById(id), cols = [];
+    items.forEach(it => Object.keys(it).forEach(k => { if (!cols.includes(k)) cols.push(k); }));
+    const head = el("tr"); cols.forEach(k => head.appendChild(el("th", null, k)));
+    table.querySelector("thead").replaceChildren(head);
+    fill(id, items.map(it => {
+      const tr = el("tr", "connected" in it ? (it.connected ? "up" : "down") : null);
+      cols.forEach(k => tr.appendChild(el("td", k, shown(it[k])))); return tr;
+    }));
+  }
+  function draw(s) {
+    const off = s.utc_offset_minutes === undefined ? 420 : s.utc_offset_minutes;
+    document.getElementById("site").textContent = s.site;
+    document.getElementById("backlog").textContent = shown(s.backlog);
+    const now = document.getElementById("now");
+    now.textContent = local(s.now, off); now.dataset.t = s.now;
+    fill("devices", (s.devices || []).map(d => {
+      const tr = el("tr", "role-" + d.role + " state-" + d.state);
+      tr.dataset.device = d.id;
+      ["id", "name", "role", "state"].forEach(k => tr.appendChild(el("td", k, shown(d[k]))));
+      tr.appendChild(timeCell("last-seen", d.last_seen, s.now, off));
+      ["firmware", "readings"].forEach(k => tr.appendChild(el("td", k, shown(d[k]))));
+      tr.appendChild(el("td", "alarms-active" + (d.alarms_active ? " alarming" : ""), shown(d.alarms_active)));
+      const flow = el("td", "flow");
+      if (d.role === "meter") {
+        flow.appendChild(chart(d.series));
+        const last = (d.series || []).length ? d.series[d.series.length - 1][1] : null;
+        flow.appendChild(el("span", "flow-now", shown(last)));
+      }
+      tr.appendChild(flow); return tr;
+    }));
+    fill("alarms", (s.alarms || []).map(a => {
+      const tr = el("tr", "alarm " + (a.active ? "active" : "cleared"));
+      tr.dataset.device = a.device;
+      tr.appendChild(el("td", "device", shown(a.device)));
+      tr.appendChild(el("td", "code", shown(a.code)));
+      tr.appendChild(el("td", "state", a.active ? "active" : "cleared"));
+      tr.appendChild(timeCell("t", a.t, s.now, off)); return tr;
+    }));
+    generic("brokers", s.brokers || []);
+    generic("links", s.links || []);
+  }
+  function poll() {
+    fetch("api/status.json", {cache: "no-store"})
+      .then(r => { if (!r.ok) throw new Error(r.status); return r.json(); })
+      .then(s => { draw(s); document.getElementById("conn").textContent = "live"; document.body.classList.remove("stale"); })
+      .catch(() => { document.getElementById("conn").textContent = "no answer from the gateway"; document.body.classList.add("stale"); })
+      .finally(() => setTimeout(poll, 2000));
+  }
+  setTimeout(poll, 2000);
+})();
+""".replace("__W__", str(CHART_W)).replace("__H__", str(CHART_H))
+
+CSP = ("default-src 'none'; script-src 'sha256-%s'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:"
+       % base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode())
+
+STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1rem 2rem;color:#1b2b34}
+h1{font-size:1.3rem;margin:0}h2{font-size:1.05rem;margin:1.2rem 0 .3rem}
+table{border-collapse:collapse;min-width:40%}th,td{padding:.2rem .6rem;border-bottom:1px solid #dde;text-align:left}
+th{background:#eef3f6}.stale header p{color:#a33}
+tr.alarm.active td{background:#fde2e1}td.alarming{color:#b00;font-weight:bold}
+tr.down td{color:#a33}tr.up td{color:#175}
+svg.chart{vertical-align:middle}svg.chart polyline{fill:none;stroke:#1769aa;stroke-width:1.5}
+.flow-now{margin-left:.4rem;font-variant-numeric:tabular-nums}
+"""
+
+
+def _e(value):
+    if value is None:
+        return "\u2013"
+    if value is True or value is False:
+        return "yes" if value else "no"
+    return escape(str(value), quote=True)
+
+
+def _number(value):
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _local(t, offset_min):
+    if not _number(t):
+        return ""
+    tz = datetime.timezone(datetime.timedelta(minutes=offset_min))
+    when = datetime.datetime.fromtimestamp(t, tz)
+    sign, a = ("-" if offset_min < 0 else "+"), abs(offset_min)
+    return when.strftime("%Y-%m-%d %H:%M:%S") + f" {sign}{a // 60:02d}:{a % 60:02d}"
+
+
+def _age(t, now):
+    if not _number(t) or not _number(now):
+        return "never"
+    s = max(0, round(now - t))
+    if s < 120:
+        return f"{s} s ago"
+    if s < 7200:
+        return f"{round(s / 60)} min ago"
+    return f"{round(s / 3600)} h ago" if s < 172800 else f"{round(s / 86400)} d ago"
+
+
+def chart_svg(series):
+    """A sparkline of [[t, value], ...] scaled to its own range: the shape of the flow, not its scale."""
+    points = [p for p in series or () if isinstance(p, (list, tuple)) and len(p) == 2
+              and _number(p[0]) and _number(p[1])]
+    line = ""
+    if points:
+        t0, t1 = points[0][0], points[-1][0]
+        lo, hi = min(v for _, v in points), max(v for _, v in points)
+        xy = []
+        for t, v in points:
+            x = (t - t0) / (t1 - t0) * (CHART_W - 4) + 2 if t1 > t0 else CHART_W - 2
+            y = CHART_H - 2 - (v - lo) / (hi - lo) * (CHART_H - 4) if hi > lo else CHART_H / 2
+            xy.append(f"{x:.1f},{y:.1f}")
+        line = f'<polyline points="{" ".join(xy)}"/>'
+    return (f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {CHART_W} {CHART_H}" '
+            f'width="{CHART_W}" height="{CHART_H}">{line}</svg>')
+
+
+def _device_row(d, now, offset):
+    cells = [f'<td class="{k}">{_e(d.get(k))}</td>' for k in ("id", "name", "role", "state")]
+    cells.append(f'<td class="last-seen" title="{_local(d.get("last_seen"), offset)}">{_age(d.get("last_seen"), now)}</td>')
+    cells += [f'<td class="{k}">{_e(d.get(k))}</td>' for k in ("firmware", "readings")]
+    alarming = " alarming" if d.get("alarms_active") else ""
+    cells.append(f'<td class="alarms-active{alarming}">{_e(d.get("alarms_active"))}</td>')
+    flow = ""
+    if d.get("role") == "meter":
+        series = d.get("series") or []
+        last = series[-1][1] if series and isinstance(series[-1], (list, tuple)) and len(series[-1]) == 2 else None
+        flow = chart_svg(series) + f'<span class="flow-now">{_e(last)}</span>'
+    cells.append(f'<td class="flow">{flow}</td>')
+    cls = f'role-{_e(d.get("role"))} state-{_e(d.get("state"))}'
+    return f'<tr class="{cls}" data-device="{_e(d.get("id"))}">{"".join(cells)}</tr>'
+
+
+def _alarm_row(a, now, offset):
+    state = "active" if a.get("active") else "cleared"
+    return (f'<tr class="alarm {state}" data-device="{_e(a.get("device"))}"><td class="device">{_e(a.get("device"))}</td>'
+            f'<td class="code">{_e(a.get("code"))}</td><td class="state">{state}</td>'
+            f'<td class="t" title="{_local(a.get("t"), offset)}">{_age(a.get("t"), now)}</td></tr>')
+
+
+def _generic_table(table_id, items):
+    """Brokers and links carry whatever the forwarder and links report: one column per key."""
+    items = [i for i in items or () if isinstance(i, dict)]
+    columns = list(dict.fromkeys(k for item in items for k in item))
+    head = "".join(f"<th>{_e(k)}</th>" for k in columns)
+    rows = []
+    for item in items:
+        cls = (' class="up"' if item["connected"] else ' class="down"') if "connected" in item else ""
+        rows.append(f"<tr{cls}>" + "".join(f'<td class="{_e(k)}">{_e(item.get(k))}</td>' for k in columns) + "</tr>")
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def render(status):
+    """The whole page for one status dict; safe for any strings in it."""
+    now = status.get("now")
+    offset = status.get("utc_offset_minutes", 420)
+    offset = offset if _number(offset) and isinstance(offset, int) else 420
+    site = _e(status.get("site"))
+    devices = "".join(_device_row(d, now, offset) for d in status.get("devices") or () if isinstance(d, dict))
+    alarms = "".join(_alarm_row(a, now, offset) for a in status.get("alarms") or () if isinstance(a, dict))
+    device_head = "".join(f"<th>{label}</th>" for _, label in DEVICE_COLUMNS)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>prapa gateway \u00b7 {site}</title><style>{STYLE}</style></head>
+<body>
+<header><h1>prapa gateway <span id="site">{site}</span></h1>
+<p>As of <time id="now" data-t="{_e(now)}">{_local(now, offset)}</time> \u00b7 backlog
+<b id="backlog">{_e(status.get("backlog"))}</b> entries waiting for the broker \u00b7 <span id="conn">live</span></p></header>
+<section><h2>Alarms</h2>
+<table id="alarms"><thead><tr><th>Device</th><th>Code</th><th>State</th><th>Since</th></tr></thead><tbody>{alarms}</tbody></table></section>
+<section><h2>Devices</h2>
+<table id="devices"><thead><tr>{device_head}</tr></thead><tbody>{devices}</tbody></table></section>
+<section><h2>Brokers</h2>{_generic_table("brokers", status.get("brokers"))}</section>
+<section><h2>Links</h2>{_generic_table("links", status.get("links"))}</section>
+<script>{SCRIPT}</script>
+</body></html>
+"""
