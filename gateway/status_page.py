@@ -56,7 +56,7 @@ SCRIPT = r"""
     svg.setAttribute("class", "chart");
     svg.setAttribute("viewBox", "0 0 " + W + " " + H);
     svg.setAttribute("width", W); svg.setAttribute("height", H);
-    const pts = (series || []).filter(p => Array.isArray(p) && isFinite(p[0]) && isFinite(p[1]));
+    const pts = (series || []).filter(p => Array.isArray(p) && Number.isFinite(p[0]) && Number.isFinite(p[1]));
     if (pts.length) {
       const t0 = pts[0][0], t1 = pts[pts.length - 1][0];
       const vs = pts.map(p => p[1]), lo = Math.min(...vs), hi = Math.max(...vs);
@@ -96,7 +96,7 @@ SCRIPT = r"""
       if (d.role === "meter") {
         flow.appendChild(chart(d.series));
         const last = (d.series || []).length ? d.series[d.series.length - 1][1] : null;
-        flow.appendChild(el("span", "flow-now", shown(last)));
+        flow.appendChild(el("span", "flow-now", Number.isFinite(last) ? String(Math.round(last * 100) / 100) : shown(null)));
       }
       tr.appendChild(flow); return tr;
     }));
@@ -133,7 +133,7 @@ th{background:#eef3f6}.stale header p{color:#a33}
 tr.alarm.active td{background:#fde2e1}td.alarming{color:#b00;font-weight:bold}
 tr.down td{color:#a33}tr.up td{color:#175}
 svg.chart{vertical-align:middle}svg.chart polyline{fill:none;stroke:#1769aa;stroke-width:1.5}
-.flow-now{margin-left:.4rem;font-variant-numeric:tabular-nums}
+.flow-now{margin-left:.4rem;font-variant-numeric:tabular-nums}.flow,.last-seen,.t{white-space:nowrap}
 """
 
 
@@ -197,7 +197,7 @@ def _device_row(d, now, offset):
     if d.get("role") == "meter":
         series = d.get("series") or []
         last = series[-1][1] if series and isinstance(series[-1], (list, tuple)) and len(series[-1]) == 2 else None
-        flow = chart_svg(series) + f'<span class="flow-now">{_e(last)}</span>'
+        flow = chart_svg(series) + f'<span class="flow-now">{f"{round(last, 2):g}" if _number(last) else _e(None)}</span>'
     cells.append(f'<td class="flow">{flow}</td>')
     cls = f'role-{_e(d.get("role"))} state-{_e(d.get("state"))}'
     return f'<tr class="{cls}" data-device="{_e(d.get("id"))}">{"".join(cells)}</tr>'

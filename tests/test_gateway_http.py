@@ -2,6 +2,8 @@
 
 import json
 import re
+import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from html.parser import HTMLParser
@@ -180,3 +182,39 @@ def test_a_taken_port_fails_at_start():
             HttpServer("127.0.0.1", first.port, Metrics(), status).start()
     finally:
         first.close()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="headless Chromium not installed (apt-get install chromium)")
+def test_in_a_real_browser_the_page_polls_and_redraws_with_escaped_text(tmp_path):
+    calls = []
+
+    def changing():
+        calls.append(1)
+        s = status()
+        if len(calls) > 1:                              # what the first poll brings
+            s["backlog"] = 7
+            s["devices"].append({"id": 5000, "name": "added by poll <i>", "role": "meter", "last_seen": None,
+                                 "firmware": None, "state": "commissioned", "readings": 0, "alarms_active": 0,
+                                 "series": [[1.0, 1.0], [2.0, None], [3.0, 2.0]]})
+        return s
+
+    srv = HttpServer("127.0.0.1", 0, Metrics(), changing).start()
+    try:
+        out = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+                              "--virtual-time-budget=5000", "--dump-dom", f"http://127.0.0.1:{srv.port}/"],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        srv.close()
+    page = Page()
+    page.feed(out.stdout)
+    assert len(calls) >= 2, "the page polled /api/status.json"
+    assert [a["data-device"] for a in page.find("tr") if "alarm" not in a.get("class", "") and "data-device" in a] \
+        == ["4097", "4098", "5000"]
+    assert '<b id="backlog">7</b>' in out.stdout and 'id="conn">live<' in out.stdout
+    assert "added by poll &lt;i&gt;" in out.stdout and not page.find("i")
+    assert len(page.find("svg", cls="chart")) == 2
+    assert [len(p["points"].split()) for p in page.find("polyline")] == [3, 2]      # null samples are not drawn
+    assert page.scripts == [SCRIPT]
