@@ -27,7 +27,8 @@ from tools.errors import UsageError
 
 SITE_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,23}$")     # what every MQTT 3.1.1 broker must accept
-HOST_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+HOST_RE = re.compile(rf"^(?=.{{1,253}}$){LABEL}(\.{LABEL})*$")
 BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MQTT_MAX_PAYLOAD = 268_435_455                               # MQTT's own ceiling (remaining length)
@@ -235,7 +236,8 @@ class _Checker:
         self.no_duplicates(links, "links", lambda l: (l.type, l.port if l.type == "serial" else (l.host, l.port)),
                            "each port or address can be opened by one link only")
         store = self.store(self.sub(data, "store"))
-        brokers = tuple(self.broker(t, f"brokers[{i}]", gateway.site) for i, t in enumerate(self.array(data, "brokers")))
+        brokers = tuple(self.broker(t, f"brokers[{i}]", gateway.site)
+                        for i, t in enumerate(self.array(data, "brokers")))
         self.no_duplicates(brokers, "brokers", lambda b: (b.host, b.port), "list each broker once")
         return Config(self.path, gateway, links, store, brokers, self.forward(self.sub(data, "forward")),
                       self.time(self.sub(data, "time")), self.http(self.sub(data, "http")))
@@ -251,7 +253,8 @@ class _Checker:
         self.keys(t, "gateway", ("site", "data_dir", "log_level"))
         site = self.string(t, "gateway", "site", required=True)
         if not SITE_RE.match(site):
-            self.fail("gateway.site", site, "not topic-safe", "use 1 to 32 of a-z, 0-9, '_' and '-' (it goes in MQTT topics)")
+            self.fail("gateway.site", site, "not topic-safe",
+                      "use 1 to 32 of a-z, 0-9, '_' and '-' (it goes in MQTT topics)")
         data_dir = self.base / self.string(t, "gateway", "data_dir", required=True)
         if data_dir.exists() and not data_dir.is_dir():
             self.fail("gateway.data_dir", t["data_dir"], "exists and is not a folder", "point it at a folder")
@@ -282,7 +285,8 @@ class _Checker:
         host, sep, port = value.rpartition(":")
         host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
         if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-            self.fail(where, value, "not host:port", f"write it like \"{example}\" (port 1 to 65535; IPv6 as [::1]:port)")
+            self.fail(where, value, "not host:port",
+                      f"write it like \"{example}\" (port 1 to 65535; IPv6 as [::1]:port)")
         try:
             ipaddress.ip_address(host)
         except ValueError:
@@ -312,7 +316,8 @@ class _Checker:
                 or parts.path not in ("", "/") or parts.query or parts.username or parts.password:
             self.fail(f"{prefix}.url", _HIDDEN if parts.password else url, "not an MQTT broker address",
                       "write mqtts://host:8883 (TLS) or mqtt://host:1883; credentials go in username/password_file")
-        ca, cert, key = (self.file(t, prefix, k, secret=(k == "key_file")) for k in ("ca_file", "cert_file", "key_file"))
+        ca, cert, key = (self.file(t, prefix, k, secret=(k == "key_file"))
+                         for k in ("ca_file", "cert_file", "key_file"))
         if not tls and (ca or cert or key):
             self.fail(f"{prefix}.url", url, "TLS files are set but the url is not mqtts://",
                       "use mqtts://host:8883, or remove ca_file/cert_file/key_file")

@@ -60,36 +60,41 @@ def test_a_minimal_config_gets_the_documented_defaults(tmp_path):
     assert config.registry_path == tmp_path / "data" / "registry.db"
 
 
-@pytest.mark.parametrize("change, key, value, fix", [
-    (("rs485", 'baudrate = 9601'), "links[0].baudrate", "9601", "115200"),
-    (("rs485", 'baudrate = "115200"'), "links[0].baudrate", "'115200'", "without quotes"),
-    (("rs485", 'rs485 = "yes"'), "links[0].rs485", "'yes'", "rs485 = true"),
-    (("rs485", 'baudrat = 9600'), "links[0].baudrat", None, "did you mean 'baudrate'"),
+LINK = 'port = "/dev/ttyUSB0"'
+URL = 'url = "mqtt://127.0.0.1:1883"'
+
+
+# An edit is a text appended after the last table (the broker), or an (old, new) replacement.
+@pytest.mark.parametrize("edit, key, value, fix", [
+    ((LINK, LINK + "\nbaudrate = 9601"), "links[0].baudrate", "9601", "115200"),
+    ((LINK, LINK + '\nbaudrate = "115200"'), "links[0].baudrate", "'115200'", "without quotes"),
+    ((LINK, LINK + '\nrs485 = "yes"'), "links[0].rs485", "'yes'", "rs485 = true"),
+    ((LINK, LINK + "\nbaudrat = 9600"), "links[0].baudrat", None, "did you mean 'baudrate'"),
+    (('type = "serial"', 'type = "tcp"'), "links[0].type", "'tcp'", "'serial', 'udp'"),
     (('site = "town-1"', 'site = "Town 1"'), "gateway.site", "'Town 1'", "a-z, 0-9"),
-    (('site = "town-1"', 'site = "' + "a" * 33 + '"'), "gateway.site", "'" + "a" * 33 + "'", "1 to 32"),
+    (('site = "town-1"', f'site = "{"a" * 33}"'), "gateway.site", repr("a" * 33), "1 to 32"),
     (('data_dir = "data"', 'data_dir = "data"\nlog_level = "loud"'), "gateway.log_level", "'loud'", "debug, info"),
     (('data_dir = "data"', 'datadir = "data"'), "gateway.datadir", None, "did you mean 'data_dir'"),
-    (('type = "serial"', 'type = "tcp"'), "links[0].type", "'tcp'", "'serial', 'udp'"),
-    (('url = "mqtt://127.0.0.1:1883"', 'url = "http://127.0.0.1:1883"'), "brokers[0].url", "'http://127.0.0.1:1883'", "mqtts://host:8883"),
-    (('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://127.0.0.1:99999"'), "brokers[0].url", None, "mqtts://host:8883"),
-    (('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://127.0.0.1:1883"\nclient_id = "a b"'), "brokers[0].client_id", "'a b'", "1 to 23"),
-    (('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://127.0.0.1:1883"\nusername = "u"\npassword_file = "nope"'),
-     "brokers[0].password_file", "'nope'", "existing file"),
-    (('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://127.0.0.1:1883"\n[store]\nretention_days = 0'), "store.retention_days", "0", "1 to 3650"),
-    (('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://127.0.0.1:1883"\n[store]\nmin_free_mb = true'), "store.min_free_mb", "True", "whole number"),
-    (('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://127.0.0.1:1883"\n[forward]\nqos = 0'), "forward.qos", "0", "qos = 1"),
-    (('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://127.0.0.1:1883"\n[forward]\nformat = "xml"'), "forward.format", "'xml'", "'cbor', 'json'"),
-    (('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://127.0.0.1:1883"\n[forward]\nprotocol = 5'), "forward.protocol", "5", "'3.1.1'"),
-    (('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://127.0.0.1:1883"\n[time]\nutc_offset_minutes = 900'), "time.utc_offset_minutes", "900", "420"),
-    (('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://127.0.0.1:1883"\n[http]\nlisten = "9466"'), "http.listen", "'9466'", "127.0.0.1:9466"),
-    (('url = "mqtt://127.0.0.1:1883"', 'url = "mqtt://127.0.0.1:1883"\n[htpp]\nlisten = "127.0.0.1:1"'), "htpp", None, "did you mean 'http'"),
+    ((URL, 'url = "http://127.0.0.1:1883"'), "brokers[0].url", "'http://127.0.0.1:1883'", "mqtts://host:8883"),
+    ((URL, 'url = "mqtt://127.0.0.1:99999"'), "brokers[0].url", None, "mqtts://host:8883"),
+    ('client_id = "a b"', "brokers[0].client_id", "'a b'", "1 to 23"),
+    ('username = "u"\npassword_file = "nope"', "brokers[0].password_file", "'nope'", "existing file"),
+    ("[store]\nretention_days = 0", "store.retention_days", "0", "1 to 3650"),
+    ("[store]\nmin_free_mb = true", "store.min_free_mb", "True", "whole number"),
+    ("[forward]\nqos = 0", "forward.qos", "0", "qos = 1"),
+    ('[forward]\nformat = "xml"', "forward.format", "'xml'", "'cbor', 'json'"),
+    ("[forward]\nprotocol = 5", "forward.protocol", "5", "'3.1.1'"),
+    ("[time]\nutc_offset_minutes = 900", "time.utc_offset_minutes", "900", "420"),
+    ('[http]\nlisten = "9466"', "http.listen", "'9466'", "127.0.0.1:9466"),
+    ('[htpp]\nlisten = "127.0.0.1:1"', "htpp", None, "did you mean 'http'"),
 ])
-def test_each_bad_value_is_refused_naming_its_key_value_and_fix(tmp_path, change, key, value, fix):
-    old, new = change
-    old = 'port = "/dev/ttyUSB0"' if old == "rs485" else old
-    new = 'port = "/dev/ttyUSB0"\n' + new if change[0] == "rs485" else new
-    assert old in MINIMAL
-    message = refused(tmp_path, MINIMAL.replace(old, new, 1))
+def test_each_bad_value_is_refused_naming_its_key_value_and_fix(tmp_path, edit, key, value, fix):
+    if isinstance(edit, tuple):
+        assert edit[0] in MINIMAL
+        text = MINIMAL.replace(*edit, 1)
+    else:
+        text = MINIMAL + edit + "\n"
+    message = refused(tmp_path, text)
     assert f": {key}" in message
     if value is not None:
         assert f"{key} = {value}:" in message
@@ -97,7 +102,8 @@ def test_each_bad_value_is_refused_naming_its_key_value_and_fix(tmp_path, change
 
 
 def test_second_link_is_named_by_its_index(tmp_path):
-    text = MINIMAL + '\n[[links]]\ntype = "udp"\nbind = "0.0.0.0:5683"\n\n[[links]]\ntype = "serial"\nport = "/dev/ttyS1"\nbaudrate = 7\n'
+    text = MINIMAL + '[[links]]\ntype = "udp"\nbind = "0.0.0.0:5683"\n[[links]]\ntype = "serial"\nport = "/dev/ttyS1"\n'
+    text += "baudrate = 7\n"
     message = refused(tmp_path, text)
     assert "links[2].baudrate = 7:" in message
 
