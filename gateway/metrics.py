@@ -28,6 +28,11 @@ from gateway import status_page
 
 log = logging.getLogger("prapa.gateway.http")
 
+def _log(level, event, exc_info=False, **fields):
+    """One JSON object per line (the forwarder's convention); callers never pass a key or a password."""
+    log.log(level, json.dumps({"event": event, **fields}, default=str), exc_info=exc_info)
+
+
 COMMIT_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 PUBACK_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -101,7 +106,7 @@ class HttpServer:
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="prapa-http", daemon=True)
         self._thread.start()
-        log.info("http_listening", extra={"event": "http_listening", "host": self.host, "port": self.port})
+        _log(logging.INFO, "http_listening", host=self.host, port=self.port)
         return self
 
     def close(self):
@@ -131,7 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(404, "text/plain; charset=utf-8", b"not found: try /, /metrics or /api/status.json\n")
         except Exception:
-            log.exception("http_error", extra={"event": "http_error", "path": path})
+            _log(logging.ERROR, "http_error", path=path, exc_info=True)
             self._send(500, "text/plain; charset=utf-8", b"status unavailable; see the gateway log\n")
 
     def _send(self, code, content_type, body, headers=None):
@@ -146,7 +151,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
     def log_message(self, fmt, *args):
-        log.debug("http_request", extra={"event": "http_request", "request": fmt % args})
+        _log(logging.DEBUG, "http_request", request=fmt % args)
 
 
 def _finite(value):

@@ -39,6 +39,11 @@ BOARD_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 log = logging.getLogger("prapa.gateway.registry")
 
+def _log(level, event, exc_info=False, **fields):
+    """One JSON object per line (the forwarder's convention); callers never pass a key or a password."""
+    log.log(level, json.dumps({"event": event, **fields}, default=str), exc_info=exc_info)
+
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
     device_id      INTEGER PRIMARY KEY,     -- u32, as in the frame header
@@ -129,8 +134,7 @@ class Registry:
             mode = stat.S_IMODE(os.fstat(fd).st_mode)
             if mode & 0o077:
                 os.fchmod(fd, 0o600)
-                log.warning("registry_mode_tightened", extra={"event": "registry_mode_tightened",
-                                                               "path": str(self.path), "was": f"{mode:04o}"})
+                _log(logging.WARNING, "registry_mode_tightened", path=str(self.path), was=f"{mode:04o}")
         finally:
             os.close(fd)
         for suffix in ("-wal", "-shm"):
@@ -167,8 +171,7 @@ class Registry:
             db.execute("INSERT INTO devices (device_id, name, role, key, state, board, added_at)"
                        " VALUES (?,?,?,?,?,?,?)", (device_id, name, role, bytes(key), "commissioned", board, now))
         self._write(insert)
-        log.info("device_added", extra={"event": "device_added", "device": device_id, "role": role,
-                                        "device_name": name, "board": board})
+        _log(logging.INFO, "device_added", device=device_id, role=role, name=name, board=board)
 
     def _check_free(self, db, device_id, key, where):
         row = db.execute("SELECT state FROM devices WHERE device_id=?", (device_id,)).fetchone()
@@ -185,7 +188,7 @@ class Registry:
             if not db.execute("UPDATE devices SET state='retired' WHERE device_id=?", (device_id,)).rowcount:
                 raise UnknownDevice(device_id)
         self._write(update)
-        log.info("device_retired", extra={"event": "device_retired", "device": device_id})
+        _log(logging.INFO, "device_retired", device=device_id)
 
     # lookups
 
@@ -229,8 +232,7 @@ class Registry:
                     "UPDATE devices SET state='active', last_seen=MAX(COALESCE(last_seen, 0), ?),"
                     " firmware=COALESCE(?, firmware) WHERE device_id=?", (self._seen[device_id], firmware, device_id))
         if state == "commissioned" or (firmware is not None and firmware != stored_firmware):
-            log.info("device_seen", extra={"event": "device_seen", "device": device_id, "firmware": firmware,
-                                           "was": state})
+            _log(logging.INFO, "device_seen", device=device_id, firmware=firmware, was=state)
 
     def _flush_seen(self):
         self.db.execute("BEGIN IMMEDIATE")
@@ -267,7 +269,7 @@ class Registry:
 
     def export_devices(self, device_ids, path):
         """Write the devices, keys as hex, to a JSON file: mode 0600, complete or absent (temp, fsync, rename)."""
-        devices = []
+        device_ids, devices = [*device_ids], []
         for device_id in device_ids:
             device = self.get(device_id)
             if device is None:
@@ -277,8 +279,7 @@ class Registry:
             devices.append(record)
         text = json.dumps({"format": EXPORT_FORMAT, "version": 1, "devices": devices}, indent=2) + "\n"
         _write_private(Path(path), text.encode())
-        log.info("devices_exported", extra={"event": "devices_exported", "devices": list(device_ids),
-                                            "path": str(path)})
+        _log(logging.INFO, "devices_exported", devices=device_ids, path=str(path))
 
     def export_device(self, device_id, path):
         self.export_devices([device_id], path)
@@ -302,8 +303,7 @@ class Registry:
                            (r["device_id"], r["name"], r["role"], r["key"], "commissioned", r["board"],
                             r["firmware"], r["last_seen"], now, r["downlink_bound"]))
         self._write(insert)
-        log.info("devices_imported", extra={"event": "devices_imported", "path": str(path),
-                                            "devices": [r["device_id"] for r in records]})
+        _log(logging.INFO, "devices_imported", path=str(path), devices=[r["device_id"] for r in records])
         return [r["device_id"] for r in records]
 
 

@@ -12,11 +12,17 @@ so the same code runs in tests and on a laptop. A failed send is logged and
 returns False: losing a status line must never stop the service.
 """
 
+import json
 import logging
 import os
 import socket
 
 log = logging.getLogger("prapa.gateway.sd_notify")
+
+def _log(level, event, exc_info=False, **fields):
+    """One JSON object per line (the forwarder's convention); callers never pass a key or a password."""
+    log.log(level, json.dumps({"event": event, **fields}, default=str), exc_info=exc_info)
+
 
 
 class Notifier:
@@ -50,7 +56,7 @@ class Notifier:
             self._sock.sendto("\n".join(lines).encode(), self.address)
             return True
         except OSError as e:
-            log.warning("sd_notify_failed", extra={"event": "sd_notify_failed", "error": str(e)})
+            _log(logging.WARNING, "sd_notify_failed", error=str(e))
             return False
 
     def ready(self, status=None):
