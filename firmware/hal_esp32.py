@@ -131,13 +131,24 @@ class Periodic:
     _next_id = 0
 
     def __init__(self, hal, period_ms, callback):
-        self.late_max_us, self.runs = 0, 0
+        self.late_max_us, self.runs, self.late_us = 0, 0, 0
+        self.period_us = period_ms * 1000
+        self._due = -1
         self._timer = machine.Timer(Periodic._next_id)
         Periodic._next_id += 1
         self._cb = callback
         self._timer.init(period=period_ms, mode=machine.Timer.PERIODIC, callback=self._run, hard=True)
 
     def _run(self, _t):
+        # late_us: how far this run is behind its schedule (the jitter a role may record).
+        now = time.ticks_us()
+        if self._due < 0:
+            self._due = now
+        late = time.ticks_diff(now, self._due)
+        self.late_us = late if late > 0 else 0
+        if self.late_us > self.late_max_us:
+            self.late_max_us = self.late_us
+        self._due = time.ticks_add(self._due, self.period_us)
         self.runs += 1
         self._cb(self)
 
@@ -157,6 +168,10 @@ class Hal:
         return time.ticks_us()
 
     def ticks_ms(self):
+        return time.ticks_ms()
+
+    def link_ticks_ms(self):
+        """Same as ticks_ms here; the virtual board separates the two when it runs fast."""
         return time.ticks_ms()
 
     @staticmethod

@@ -173,12 +173,12 @@ class Watchdog:
 
 
 class Periodic:
-    __slots__ = ("hal", "period_us", "callback", "next_us", "late_max_us", "runs")
+    __slots__ = ("hal", "period_us", "callback", "next_us", "late_max_us", "late_us", "runs")
 
     def __init__(self, hal, period_ms, callback):
         self.hal, self.period_us, self.callback = hal, period_ms * 1000, callback
         self.next_us = hal.virtual_us() + self.period_us
-        self.late_max_us, self.runs = 0, 0
+        self.late_max_us, self.late_us, self.runs = 0, 0, 0
 
     def stop(self):
         if self in self.hal._timers:
@@ -225,6 +225,11 @@ class Hal:
 
     def ticks_ms(self):
         return (self._start_ms + self.virtual_us() // 1000) & _TICKS_MASK
+
+    def link_ticks_ms(self):
+        """Real milliseconds, for link timeouts: the gateway on the other end of
+        the wire lives in real time even when the board's clock runs faster."""
+        return time.ticks_ms() & _TICKS_MASK
 
     @staticmethod
     def ticks_diff(a, b):
@@ -354,6 +359,7 @@ class Hal:
             for t in self._timers:
                 while now - t.next_us >= 0:
                     late = now - t.next_us
+                    t.late_us = late
                     if late > t.late_max_us:
                         t.late_max_us = late
                     t.runs += 1

@@ -1,3 +1,3 @@
-import app
+import runtime
 
-app.main()
+runtime.main()

@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS entries (
     id          INTEGER PRIMARY KEY,
     device_id   INTEGER NOT NULL,
     boot_id     INTEGER NOT NULL,
-    seq         INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,           -- < 0: not in the board's log (health), never acknowledged
+    seq_last    INTEGER,                    -- a merged reading covers seq..seq_last; NULL: just seq
     kind        TEXT    NOT NULL,           -- readings row, alarm, health
     priority    INTEGER NOT NULL,           -- 0 goes first (alarms), then 1
     board_t_s   INTEGER NOT NULL,           -- seconds since that boot, board clock
@@ -47,11 +48,13 @@ CREATE TABLE IF NOT EXISTS replay_windows (
 
 
 class Entry:
-    __slots__ = ("device_id", "boot_id", "seq", "kind", "board_t_s", "payload", "wall_t", "time_source")
+    __slots__ = ("device_id", "boot_id", "seq", "kind", "board_t_s", "payload", "wall_t", "time_source", "seq_last")
 
-    def __init__(self, device_id, boot_id, seq, kind, board_t_s, payload, wall_t=None, time_source=None):
+    def __init__(self, device_id, boot_id, seq, kind, board_t_s, payload, wall_t=None, time_source=None,
+                 seq_last=None):
         self.device_id, self.boot_id, self.seq, self.kind = device_id, boot_id, seq, kind
         self.board_t_s, self.payload, self.wall_t, self.time_source = board_t_s, payload, wall_t, time_source
+        self.seq_last = seq_last
 
 
 class Store:
@@ -77,10 +80,12 @@ class Store:
         try:
             for e in entries:
                 db.execute(
-                    "INSERT OR IGNORE INTO entries (device_id, boot_id, seq, kind, priority, board_t_s, wall_t,"
-                    " time_source, payload, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                    (e.device_id, e.boot_id, e.seq, e.kind, 0 if e.kind == "alarm" else 1, e.board_t_s,
-                     e.wall_t, e.time_source, bytes(e.payload), now))
+                    "INSERT OR IGNORE INTO entries (device_id, boot_id, seq, seq_last, kind, priority, board_t_s,"
+                    " wall_t, time_source, payload, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (e.device_id, e.boot_id, e.seq, e.seq_last, e.kind, 0 if e.kind == "alarm" else 1,
+                     e.board_t_s, e.wall_t, e.time_source, bytes(e.payload), now))
+                if e.seq < 0:
+                    continue
                 key = (e.device_id, e.boot_id)
                 touched[key] = min(touched.get(key, e.seq), e.seq)
             acks = {key: self._advance(key, first_seen) for key, first_seen in touched.items()}
@@ -94,16 +99,22 @@ class Store:
         device_id, boot_id = key
         row = self.db.execute("SELECT acked_upto FROM acks WHERE device_id=? AND boot_id=?", key).fetchone()
         upto = row[0] if row else lowest_in_batch - 1
-        for (seq,) in self.db.execute(
-                "SELECT seq FROM entries WHERE device_id=? AND boot_id=? AND seq>? ORDER BY seq",
-                (device_id, boot_id, upto)):
+        for seq, seq_last in self.db.execute(
+                "SELECT seq, COALESCE(seq_last, seq) FROM entries WHERE device_id=? AND boot_id=? AND seq>?"
+                " ORDER BY seq", (device_id, boot_id, upto)):
             if seq != upto + 1:
                 break
-            upto = seq
+            upto = seq_last
         self.db.execute("INSERT INTO acks (device_id, boot_id, acked_upto) VALUES (?,?,?) "
                         "ON CONFLICT (device_id, boot_id) DO UPDATE SET acked_upto=excluded.acked_upto",
                         (device_id, boot_id, upto))
         return upto
+
+    def covering(self, device_id, boot_id, first, last):
+        """Stored entries with seq in first..last, in order: (seq, seq_last, payload)."""
+        return self.db.execute(
+            "SELECT seq, COALESCE(seq_last, seq), payload FROM entries WHERE device_id=? AND boot_id=?"
+            " AND seq BETWEEN ? AND ? ORDER BY seq", (device_id, boot_id, first, last)).fetchall()
 
     def acked_upto(self, device_id, boot_id):
         row = self.db.execute("SELECT acked_upto FROM acks WHERE device_id=? AND boot_id=?",
@@ -128,6 +139,14 @@ class Store:
             "SELECT id, device_id, boot_id, seq, kind, board_t_s, wall_t, time_source, payload FROM entries"
             " WHERE device_id=? AND (boot_id>? OR (boot_id=? AND seq>?)) ORDER BY boot_id, seq",
             (device_id, boot_id, boot_id, seq)).fetchall()
+
+    def since_time(self, device_id, t, limit=None):
+        """Replay by time: a device's entries whose wall time (or, when unknown, arrival here) is at or
+        after `t` (Unix seconds), forwarded or not, in (boot_id, seq) order; at most `limit` rows."""
+        return self.db.execute(
+            "SELECT id, device_id, boot_id, seq, kind, board_t_s, wall_t, time_source, payload FROM entries"
+            " WHERE device_id=? AND COALESCE(wall_t, received_at) >= ? ORDER BY boot_id, seq LIMIT ?",
+            (device_id, t, -1 if limit is None else limit)).fetchall()
 
     def prune(self, retention_s, now=None):
         """Delete forwarded entries older than the retention window; never an unforwarded one."""

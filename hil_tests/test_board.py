@@ -7,14 +7,6 @@ import time
 BANNER = re.compile(rb"prapa (\S+) board=(\S+) role=(\S+) boot=(\d+) reset=(\S+) heap_free=(\d+) heap_budget=(\d+)")
 
 
-def read_until(port, needle, timeout=5.0):
-    buf, end = b"", time.monotonic() + timeout
-    while time.monotonic() < end and needle not in buf:
-        buf += port.read(256)
-    assert needle in buf, f"{needle!r} not seen on the link within {timeout} s; got {buf[-300:]!r}"
-    return buf
-
-
 def test_board_boots_into_the_app_and_prints_its_banner(board, console):
     with console() as dut:
         dut.write(b"\r\x03\x03")                      # stop the app: the REPL answers
@@ -29,13 +21,53 @@ def test_board_boots_into_the_app_and_prints_its_banner(board, console):
     assert 0 < free < budget
 
 
-def test_link_answers_ping_and_sends_a_beacon_each_board_second(board, link):
+def test_an_uncommissioned_board_stays_idle_and_says_why(board, console):
+    with console() as dut:
+        dut.write(b"\r\x03\x03")
+        dut.expect_exact(b">>> ", timeout=5)
+        dut.write(b"import machine; machine.reset()\r")
+        dut.expect(BANNER, timeout=15)
+        m = dut.expect(re.compile(rb"prapa idle: config invalid: (\S+): ([^;]+); fix: ([^\r\n]+)"), timeout=10)
+    assert m.group(1) == b"device_id"
+    assert b"commission" in m.group(3)
+
+
+def test_a_commissioned_board_says_hello_and_answers_over_the_secure_link(board, link, tmp_path):
+    """Config and key written over the console (as commissioning does), then a round trip on the
+    data link through the gateway's session layer: hello, wall time, a command and its result."""
+    key = bytes(range(16))
+    board.exec("import json\n"
+               "f = open('config.json', 'w'); f.write(json.dumps({'device_id': 4242, 'role': %r})); f.close()\n"
+               "f = open('device.key', 'wb'); f.write(%r); f.close()\n" % (board.role, key))
+    from gateway.session import Sessions
+    from gateway.store import Store
+    from protocol import messages as M
+    from protocol.secure import MemoryCounters
+    store = Store(tmp_path / "gw.db")
+    sessions = Sessions(store, lambda d: key if d == 4242 else None, lambda _addr, wire: link.write(wire),
+                        lambda d: MemoryCounters(0))
     link.reset_input_buffer()
-    buf = read_until(link, b"prapa-bringup", timeout=5)
-    link.write(b"ping\n")
-    read_until(link, b"pong boot=", timeout=5)
-    seqs = [int(s) for s in re.findall(rb"seq=(\d+)", buf + read_until(link, b"seq=", timeout=3))]
-    assert seqs, "no beacon sequence numbers"
+    board.hard_reset()
+
+    def pump_until(predicate, timeout):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            sessions.feed(link.read(256))
+            sessions.flush()
+            if predicate():
+                return True
+        return False
+
+    assert pump_until(lambda: 4242 in sessions.devices and sessions.devices[4242].firmware, 15), \
+        f"no hello from the board; link refusals: {dict((k, v) for k, v in sessions.counts().items() if v)}"
+    dev = sessions.devices[4242]
+    assert dev.role == board.role and dev.board == board.board.name
+    results = []
+    sessions.on_command_result = lambda device_id, m: results.append(m)
+    sessions.downlink(4242, M.COMMAND, M.command(7, "ping"))
+    assert pump_until(lambda: results, 10), "no command_result"
+    assert results[0][0] == 7 and results[0][1] is True and results[0][2].startswith("pong")
+    store.close()
 
 
 def test_mpremote_exec_cp_and_soft_reset_work_on_the_console(board, tmp_path):
@@ -76,17 +108,21 @@ def test_watchdog_resets_firmware_that_stops_feeding_it(board, console):
     assert m.group(5) == b"watchdog"
 
 
-def test_debounced_pulse_count_is_exact_through_contact_bounce(board, link, needs_world):
+def test_debounced_pulse_count_is_exact_through_contact_bounce(board, needs_world):
+    board.set_world("flow_meter", "forced_lpm", 0.0)
+    board.exec("from hal import open_hal\n"
+               "h = open_hal()\n"
+               "c = h.counter(h.board['role_pins']['pulse_in'], active_level=0, filter_us=5000)\n")
+    time.sleep(0.5)
+    before = board.status()["world"]["flow_meter"]["pulses"]
     board.set_world("flow_meter", "forced_lpm", 120.0)       # 2 pulses per second, bouncing up to 5 ms
     time.sleep(4.0)
     board.set_world("flow_meter", "forced_lpm", 0.0)
     time.sleep(1.5)
-    truth = board.status()["world"]["flow_meter"]["pulses"]
-    link.reset_input_buffer()
-    line = read_until(link, b"\n", timeout=3) + read_until(link, b"\n", timeout=3)
-    counted = [int(c) for c in re.findall(rb"pulse_in=(\d+)", line)]
+    truth = board.status()["world"]["flow_meter"]["pulses"] - before
+    counted = int(board.exec("print(c.count())", resume=True))
     assert truth >= 6
-    assert counted and counted[-1] == truth
+    assert counted == truth
 
 
 def test_reading_inputs_allocates_nothing_under_heap_lock(board, needs_world):
@@ -120,13 +156,13 @@ def test_reading_inputs_allocates_nothing_under_heap_lock(board, needs_world):
 
 def test_frame_counters_resume_above_every_used_one_after_a_power_cut(board, needs_power_switch):
     """Counter reservations on the board's own littlefs flash survive a power cut."""
-    first = board.exec("from protocol.secure import FlashCounters\n"
+    first = board.exec("from frame_counter import FlashCounters\n"
                        "c = FlashCounters('ctr_test', block=16)\n"
                        "print(' '.join(str(c.next()) for _ in range(20)))\n")
     used = [int(x) for x in first.split()]
     assert used == list(range(20))
     board.power_cut()
     time.sleep(1.0)
-    after = board.exec("from protocol.secure import FlashCounters\n"
+    after = board.exec("from frame_counter import FlashCounters\n"
                        "print(FlashCounters('ctr_test', block=16).next())\n")
     assert int(after) > max(used)

@@ -29,9 +29,14 @@ class MessageError(ValueError):
     pass
 
 
-def hello(boot_id, fw_version, board, role, config_hash, clock_synced, reset_cause):
-    return {0: boot_id, 1: fw_version, 2: board, 3: role, 4: bytes(config_hash), 5: 1 if clock_synced else 0,
-            6: reset_cause}
+def hello(boot_id, fw_version, board, role, config_hash, clock_synced, reset_cause, board_t_s=None, addr=None):
+    m = {0: boot_id, 1: fw_version, 2: board, 3: role, 4: bytes(config_hash), 5: 1 if clock_synced else 0,
+         6: reset_cause}
+    if board_t_s is not None:
+        m[7] = board_t_s
+    if addr is not None:
+        m[8] = addr
+    return m
 
 
 def units(unit, scale=0, k_factor_milli=None):
@@ -42,12 +47,22 @@ def units(unit, scale=0, k_factor_milli=None):
     return u
 
 
-def readings(boot_id, seq_first, t0_s, interval_s, role, unit_map, rows, register=None, wall_t0=None):
+SERIES_INTERVAL = 0      # readings of consecutive intervals: summed, they are the consumption
+SERIES_DAILY = 1         # one reading per local day, for billing; overlaps the interval series
+
+
+def readings(boot_id, seq_first, t0_s, interval_s, role, unit_map, rows, register=None, wall_t0=None,
+             series=SERIES_INTERVAL, seq_step=1):
+    """seq_step > 1: each row stands for seq_step seqs (interval readings merged when the board's log filled)."""
     m = {0: boot_id, 1: seq_first, 2: t0_s, 3: interval_s, 4: role, 5: unit_map, 6: rows}
     if register is not None:
         m[7] = register
     if wall_t0 is not None:
         m[8] = wall_t0
+    if series != SERIES_INTERVAL:
+        m[9] = series
+    if seq_step != 1:
+        m[10] = seq_step
     return m
 
 
@@ -82,13 +97,14 @@ def command_result(command_id, ok, detail=""):
 
 
 def encode_meter_readings_into(buf, off, boot_id, seq_first, t0_s, interval_s, k_factor_milli, register,
-                               deltas, n):
-    """The meter's hot path: the same bytes as encode(readings(...)) with no allocation.
+                               deltas, n, scale=0, mult=1, wall_t0=-1, series=SERIES_INTERVAL, seq_step=1):
+    """The meter's hot path: the same bytes as encode(readings(...)) with no allocation
+    (unless register or wall_t0 exceed a small int). Rows are deltas[i] * mult.
 
-    Keys are written in order 0..7, which is the deterministic order.
+    Keys are written in ascending order, which is the deterministic order.
     """
     put_head, put_int = cbor.put_head, cbor.put_int
-    off = put_head(buf, off, 5, 8)
+    off = put_head(buf, off, 5, 8 + (wall_t0 >= 0) + (series != SERIES_INTERVAL) + (seq_step != 1))
     off = put_head(buf, off, 0, 0)
     off = put_int(buf, off, boot_id)
     off = put_head(buf, off, 0, 1)
@@ -106,15 +122,25 @@ def encode_meter_readings_into(buf, off, boot_id, seq_first, t0_s, interval_s, k
     buf[off] = 0x4C                             # "L"
     off += 1
     off = put_head(buf, off, 0, 1)
-    off = put_int(buf, off, 0)
+    off = put_int(buf, off, scale)
     off = put_head(buf, off, 0, 2)
     off = put_int(buf, off, k_factor_milli)
     off = put_head(buf, off, 0, 6)
     off = put_head(buf, off, 4, n)
     for i in range(n):
-        off = put_int(buf, off, deltas[i])
+        off = put_int(buf, off, deltas[i] * mult)
     off = put_head(buf, off, 0, 7)
-    return put_int(buf, off, register)
+    off = put_int(buf, off, register)
+    if wall_t0 >= 0:
+        off = put_head(buf, off, 0, 8)
+        off = put_int(buf, off, wall_t0)
+    if series != SERIES_INTERVAL:
+        off = put_head(buf, off, 0, 9)
+        off = put_int(buf, off, series)
+    if seq_step != 1:
+        off = put_head(buf, off, 0, 10)
+        off = put_int(buf, off, seq_step)
+    return off
 
 
 _REQUIRED = {HELLO: (0, 1, 2, 3, 4, 5, 6), READINGS: (0, 1, 2, 3, 4, 5, 6), ALARM: (0, 1, 2, 3, 4),

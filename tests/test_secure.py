@@ -101,9 +101,9 @@ def test_flash_counters_never_repeat_across_power_cuts(tmp_path):
     rnd = random.Random(1)
     seen = []
     script = ("import os\nos.chdir(%r)\nfrom protocol import secure\n"
-              "c = secure.FlashCounters(block=16)\n"
+              "from frame_counter import FlashCounters\nc = FlashCounters(block=16)\n"
               "while True:\n    print(c.next())\n" % str(tmp_path))
-    env = dict(os.environ, MICROPYPATH=f".frozen:{vm.ROOT}")
+    env = dict(os.environ, MICROPYPATH=vm.MICROPYPATH)
     for _ in range(30):
         p = subprocess.Popen([vm.MICROPYTHON, "-c", script], stdout=subprocess.PIPE, env=env)
         time.sleep(rnd.uniform(0.05, 0.4))

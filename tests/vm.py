@@ -8,11 +8,13 @@ from tools.vboard.bench import micropython_exe
 
 ROOT = Path(__file__).resolve().parent.parent
 MICROPYTHON = micropython_exe()
+# As on the board: firmware modules at the root, protocol/ under /lib.
+MICROPYPATH = f".frozen:{ROOT / 'firmware'}:{ROOT}"
 
 
 def run(script, stdin="", heap="112640w", timeout=120):
-    """Run script with protocol/ importable, as on the board's /lib; return stdout."""
-    env = dict(os.environ, MICROPYPATH=f".frozen:{ROOT}")
+    """Run script with firmware/ and protocol/ importable as on the board; return stdout."""
+    env = dict(os.environ, MICROPYPATH=MICROPYPATH)
     r = subprocess.run([MICROPYTHON, "-X", f"heapsize={heap}", "-c", script], input=stdin, capture_output=True,
                        text=True, env=env, timeout=timeout)
     if r.returncode != 0:

@@ -67,6 +67,19 @@ def install_app(board, role, path, target="virtual"):
     write_atomically(path, bytes(fs.context.buffer))
 
 
+def provision(board, path, config, key):
+    """Write a device's config and key into an existing image (a virtual board's
+    commissioning; a real board gets the same files over USB)."""
+    if len(key) != 16:
+        raise UsageError("key", f"{len(key)} bytes", "give a 16-byte AES-128 key")
+    fs = mount(board, path)
+    with fs.open("config.json", "w") as f:
+        f.write(json.dumps(config, sort_keys=True, separators=(",", ":")))
+    with fs.open("device.key", "wb") as f:
+        f.write(bytes(key))
+    write_atomically(path, bytes(fs.context.buffer))
+
+
 def _write_firmware(fs, target):
     for flash_path, src in firmware_files(target):
         directory = os.path.dirname(flash_path)

@@ -1,15 +1,16 @@
 """prapa site: a simulated site on one machine.
 
-Today: a real Mosquitto, N virtual boards (the firmware on the real VM, with
-the world simulator), each board's data link read over its pseudo-terminal
-and relayed to the broker, and a real subscriber counting what arrives. The
-relay stands where the gateway service goes; when it lands, the site runs the
-gateway instead and the report keeps its shape.
+Today: a real Mosquitto, N commissioned virtual meters (the firmware on the
+real VM, with the world simulator, 1-minute intervals), the gateway's session
+layer on each board's pseudo-terminal (durable commit, then ack), each
+committed reading published to the broker, and a real subscriber counting
+what arrives. The relay stands where the gateway service goes; when it lands,
+the site runs the gateway instead and the report keeps its shape.
 """
 
 import argparse
 import json
-import re
+import secrets
 import signal
 import sys
 import tempfile
@@ -17,11 +18,11 @@ import threading
 import time
 from pathlib import Path
 
+import cbor2
 import paho.mqtt.client as mqtt
-import serial
 
-BEACON = re.compile(rb"prapa-bringup boot=(\d+) seq=(\d+) ticks_ms=(\d+) heap_free=(\d+)(.*)")
 SITE = "demo"
+FIRST_DEVICE_ID = 0x2001
 
 
 def add_parser(sub):
@@ -37,30 +38,34 @@ def add_parser(sub):
 
 
 class Relay(threading.Thread):
-    """Reads one board's link and publishes each message with its identity."""
+    """One board's link into the gateway's session layer (commit, then ack), and each
+    committed reading published with its identity. Stands where the gateway service goes."""
 
-    def __init__(self, vboard, device_id, client):
+    def __init__(self, vboard, device_id, name, sessions, lock, client):
         super().__init__(daemon=True)
-        self.vboard, self.device_id, self.client = vboard, device_id, client
+        self.vboard, self.device_id, self.name, self.sessions = vboard, device_id, name, sessions
+        self.lock, self.client = lock, client
         self.made, self.last, self.stop = 0, {}, threading.Event()
 
     def run(self):
-        port = serial.Serial(self.vboard.uart_port, 115200, timeout=0.2)
-        buf = b""
+        from gateway.serial_link import SerialLink
+        link = SerialLink(self.vboard.uart_port)
         while not self.stop.is_set():
-            buf += port.read(512)
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
-                m = BEACON.match(line)
-                if not m:
+            data = link.read()
+            if not data:
+                continue
+            with self.lock:
+                self.sessions.feed(data, link)
+                entries = list(self.sessions.pending)
+                self.sessions.flush()
+            for e in entries:
+                if e.device_id != self.device_id or e.kind != "reading":
                     continue
-                boot, seq, ticks, heap = (int(g) for g in m.groups()[:4])
-                counts = dict(kv.split("=") for kv in m.group(5).decode().split())
                 self.made += 1
-                self.last = {"device": self.device_id, "boot": boot, "seq": seq, "board_ms": ticks,
-                             "heap_free": heap, **{k: int(v) for k, v in counts.items()}}
-                self.client.publish(f"prapa/v1/{SITE}/{self.device_id}/bringup", json.dumps(self.last), qos=1)
-        port.close()
+                self.last = cbor2.loads(e.payload)
+                self.client.publish(f"prapa/v1/{SITE}/{self.name}/reading",
+                                    json.dumps(self.last), qos=1)
+        link.close()
 
 
 def run(args):
@@ -83,21 +88,37 @@ def run(args):
 
     sub.on_message = on_message
     sub.connect(broker.host, broker.port)
-    sub.subscribe(f"prapa/v1/{SITE}/+/bringup", qos=1)
+    sub.subscribe(f"prapa/v1/{SITE}/+/reading", qos=1)
     sub.loop_start()
     pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="prapa-site-relay")
     pub.connect(broker.host, broker.port)
     pub.loop_start()
+    from gateway.session import Sessions
+    from gateway.store import Store
+    from protocol.secure import MemoryCounters
+    from tools import boards as board_defs, image
+    from tools.vboard.bench import prepare_flash
+    keys = {}
+    lock = threading.Lock()
+    store = Store(workdir / "gateway.db")
+    sessions = Sessions(store, keys.get, lambda addr, wire: None, lambda d: MemoryCounters(0))
+    board_def = board_defs.load(args.board)
     boards, relays = [], []
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:
         for i in range(args.boards):
             device = f"meter-{i + 1:03d}"
-            vb = VirtualBoard(args.board, "meter", workdir / f"{device}.img", speed=args.speed, seed=i,
+            device_id = FIRST_DEVICE_ID + i
+            keys[device_id] = secrets.token_bytes(16)
+            flash = workdir / f"{device}.img"
+            prepare_flash(board_def, "meter", flash)
+            image.provision(board_def, flash, {"device_id": device_id, "role": "meter",
+                                               "meter": {"interval_min": 1}}, keys[device_id])
+            vb = VirtualBoard(args.board, "meter", flash, speed=args.speed, seed=i,
                               world=[f"flow_meter.daily_litres={600 + 300 * i}"])
             boards.append((device, vb))
-            relay = Relay(vb, device, pub)
+            relay = Relay(vb, device_id, device, sessions, lock, pub)
             relay.start()
             relays.append(relay)
             log("board_started", device=device, uart=vb.uart_port, console=vb.console_port)
@@ -120,6 +141,7 @@ def run(args):
         pub.loop_stop()
         sub.loop_stop()
         broker.stop()
+        store.close()
         if args.report:
             Path(args.report).write_text(json.dumps(report, indent=2))
         log("site_stopped", **report["totals"])
@@ -132,7 +154,7 @@ def _report(boards, relays, received, workdir):
         truth = vb.status()["world"]["flow_meter"] if vb.proc.poll() is None else {}
         rows.append({"id": device, "role": "meter", "readings_made": relay.made,
                      "readings_at_broker": len(received.get(device, ())), "alarms": [],
-                     "pulses_counted": relay.last.get("pulse_in"), "pulses_true": truth.get("pulses")})
+                     "register_l": relay.last.get("register"), "pulses_true": truth.get("pulses")})
     totals = {"boards": len(rows), "readings_made": sum(r["readings_made"] for r in rows),
               "readings_at_broker": sum(r["readings_at_broker"] for r in rows)}
     return {"site": SITE, "workdir": str(workdir), "boards": rows, "totals": totals}
@@ -140,11 +162,11 @@ def _report(boards, relays, received, workdir):
 
 def _live_view(relays, received, elapsed):
     lines = [f"\x1b[H\x1b[2Jprapa site {SITE}: {len(relays)} boards, {elapsed:6.0f} s   (Ctrl-C stops everything)", "",
-             f"{'device':12} {'boot':>4} {'seq':>6} {'pulses':>7} {'heap free':>10} {'at broker':>10}"]
+             f"{'device':12} {'boot':>4} {'seq':>6} {'litres':>7} {'register':>10} {'at broker':>10}"]
     for r in relays:
         last = r.last
-        lines.append(f"{r.device_id:12} {last.get('boot', '-'):>4} {last.get('seq', '-'):>6} "
-                     f"{last.get('pulse_in', '-'):>7} {last.get('heap_free', '-'):>10} "
-                     f"{len(received.get(r.device_id, ())):>10}")
+        lines.append(f"{r.name:12} {last.get('boot', '-'):>4} {last.get('seq', '-'):>6} "
+                     f"{last.get('value', '-'):>7} {last.get('register', '-'):>10} "
+                     f"{len(received.get(r.name, ())):>10}")
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()

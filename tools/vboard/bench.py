@@ -349,8 +349,9 @@ class Bench:
         if cmd == "status":
             return {"ok": True, **self.status()}
         if cmd == "power_cut":
+            truth = self.world.truth(self._world_now_us())   # as the power went: what a board could have counted
             self.power_cut()
-            return {"ok": True}
+            return {"ok": True, "world": truth}
         if cmd == "set":
             ok = self.world.set_param(request.get("model"), request.get("param"), request.get("value"))
             return {"ok": ok} if ok else {"ok": False, "error": "no such model parameter"}
@@ -363,7 +364,7 @@ class Bench:
         return {"board": self.board.name, "role": self.role, "uart": self.uart_path, "console": self.console_path,
                 "flash": self.flash_path, "vm_pid": self.vm.pid if self.vm else None, "repl": self.repl_mode,
                 "resets": dict(self.resets), "speed": self.speed, "unique_id": self.unique_id,
-                "world": self.world.truth()}
+                "world": self.world.truth(self._world_now_us())}
 
     # -- the loop --------------------------------------------------------------------
     def run(self):

@@ -69,7 +69,8 @@ class BoardProcess:
         return self.control({"cmd": "status"})
 
     def power_cut(self):
-        self.control({"cmd": "power_cut"})
+        """Cut and restore power; return the world's truth at the instant of the cut."""
+        return self.control({"cmd": "power_cut"})["world"]
 
     def set_world(self, model, param, value):
         self.control({"cmd": "set", "model": model, "param": param, "value": value})

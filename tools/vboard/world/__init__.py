@@ -86,5 +86,6 @@ class World:
                 return True
         return False
 
-    def truth(self):
-        return {m.NAME: m.truth() for m in self.models}
+    def truth(self, t_us=None):
+        """What each model did up to world time t_us (events are generated ahead of it)."""
+        return {m.NAME: m.truth(t_us) for m in self.models}

@@ -8,6 +8,7 @@ half a pulse later; every transition bounces a random number of times within
 profile with a constant flow, for tests that need an exact rate.
 """
 
+import collections
 import math
 
 # Relative likelihood of a draw starting, per local hour (0-23).
@@ -43,6 +44,7 @@ class FlowMeter:
                                        # so events do not depend on how the bench slices time
         self.level = 1                 # pulled up: contact open
         self.pulses = 0                # true closures, the count a perfect counter gets
+        self.closures = collections.deque(maxlen=100_000)   # their times, to answer truth(t_us)
         self.next_litres = params["litres_per_pulse"]
         self.draw_until_us = 0
         self.next_draw_us = self._schedule_draw(0)
@@ -109,6 +111,7 @@ class FlowMeter:
                 self.litres = self.next_litres
                 if self.level == 1:
                     self.pulses += 1
+                    self.closures.append(self.t_us)
                     self._transition(self.t_us, 0, out)
                     self.next_litres += p["litres_per_pulse"] * p["closed_fraction"]
                 else:
@@ -129,6 +132,12 @@ class FlowMeter:
     def on_output(self, t_us, gpio, level):
         pass
 
-    def truth(self):
-        return {"litres": round(self.litres, 6), "pulses": self.pulses, "t_us": self.t_us,
+    def truth(self, t_us=None):
+        pulses = self.pulses
+        if t_us is not None and t_us < self.t_us:
+            for t in reversed(self.closures):
+                if t <= t_us:
+                    break
+                pulses -= 1
+        return {"litres": round(self.litres, 6), "pulses": pulses, "t_us": self.t_us if t_us is None else t_us,
                 "flow_lpm": round(self.flow_lps(self.t_us) * 60, 6)}

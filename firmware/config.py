@@ -1,0 +1,122 @@
+# The board's config: /config.json (written at commissioning or by a config
+# push) plus /device.key (16 raw bytes, never printed). Validated at boot
+# against the runtime's schema and the role's; an invalid config leaves the
+# board in its safe idle state with a reason that names the field and the fix.
+#
+# A schema is a tuple of rows (key, kind, default, low, high, hint):
+# kind "int" or "num" (a JSON number, kept as given); default None means
+# required. Ranges are checked, unknown keys are refused.
+import json
+
+CONFIG_PATH = "config.json"
+KEY_PATH = "device.key"
+
+RUNTIME_SCHEMA = {
+    "link": (
+        ("addr", "int", 1, 1, 254, "the board's RS-485 address, 1-254"),
+        ("sample_ms", "int", 100, 10, 1000, "sampling period in ms, 10-1000"),
+        ("health_s", "int", 900, 60, 86400, "seconds between health reports"),
+    ),
+    "time": (
+        ("utc_offset_min", "int", 420, -720, 840, "local time offset from UTC in minutes (Thailand: 420)"),
+    ),
+    "log": (
+        ("max_entries", "int", 0, 0, 1000000, "flash-log entries before coarsening (0: sized from the board)"),
+    ),
+}
+
+
+class ConfigError(ValueError):
+    def __init__(self, field, problem, fix):
+        super().__init__("%s: %s; fix: %s" % (field, problem, fix))
+        self.field = field
+
+
+def check_section(name, given, schema):
+    """Return the section with defaults filled in; raise ConfigError on the first bad key."""
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ConfigError(name, "must be an object", "write %s as {\"key\": value, ...}" % name)
+    known = [row[0] for row in schema]
+    for k in given:
+        if k not in known:
+            raise ConfigError("%s.%s" % (name, k), "unknown key", "use one of " + ", ".join(known))
+    out = {}
+    for key, kind, default, low, high, hint in schema:
+        field = "%s.%s" % (name, key)
+        if key not in given:
+            if default is None:
+                raise ConfigError(field, "missing", "set " + hint)
+            out[key] = default
+            continue
+        v = given[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and not isinstance(v, int)):
+            raise ConfigError(field, "%r is not %s" % (v, "an integer" if kind == "int" else "a number"),
+                              "set " + hint)
+        if v < low or v > high:
+            raise ConfigError(field, "%r is out of range %r..%r" % (v, low, high), "set " + hint)
+        out[key] = v
+    return out
+
+
+def identity():
+    """(device_id, key) when the board has been commissioned, even if its config is bad; else None.
+
+    A board with a bad config can still tell the gateway why, over an authenticated link."""
+    try:
+        with open(CONFIG_PATH) as f:
+            dev = json.load(f).get("device_id")
+        with open(KEY_PATH, "rb") as f:
+            key = f.read()
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(dev, int) and not isinstance(dev, bool) and 1 <= dev <= 0xFFFFFFFE and len(key) == 16:
+        return dev, key
+    return None
+
+
+def load(board, role_module, path=CONFIG_PATH):
+    """Return (config, key). role_module(name) gives the role's module (SCHEMA, check())."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except OSError:
+        raise ConfigError(CONFIG_PATH, "not on the board", "commission it: prapa commission --port ...")
+    except ValueError:
+        raise ConfigError(CONFIG_PATH, "is not valid JSON", "rewrite it with prapa commission")
+    if not isinstance(raw, dict):
+        raise ConfigError(CONFIG_PATH, "is not a JSON object", "rewrite it with prapa commission")
+    dev = raw.get("device_id")
+    if dev is None:
+        raise ConfigError("device_id", "missing: the board is not commissioned",
+                          "commission it: prapa commission --port ... --device-id N")
+    if isinstance(dev, bool) or not isinstance(dev, int) or not 1 <= dev <= 0xFFFFFFFE:
+        raise ConfigError("device_id", "%r is not a device id" % (dev,), "set an integer 1..4294967294")
+    role = raw.get("role")
+    if role != board["role"]:
+        raise ConfigError("role", "%r but the image was built for %r" % (role, board["role"]),
+                          "build and flash the image for role %s" % role)
+    module = role_module(role)
+    allowed = ("device_id", "role", role) + tuple(RUNTIME_SCHEMA)
+    for k in raw:
+        if k not in allowed:
+            raise ConfigError(k, "unknown key", "use one of " + ", ".join(allowed))
+    cfg = {"device_id": dev, "role": role}
+    for name, schema in RUNTIME_SCHEMA.items():
+        cfg[name] = check_section(name, raw.get(name), schema)
+    cfg[role] = check_section(role, raw.get(role), module.SCHEMA)
+    module.check(cfg[role])
+    try:
+        with open(KEY_PATH, "rb") as f:
+            key = f.read()
+    except OSError:
+        key = b""
+    if len(key) != 16:
+        raise ConfigError(KEY_PATH, "missing or not 16 bytes", "commission the board to provision its key")
+    return cfg, key
+
+
+def config_hash(raw_bytes):
+    import hashlib
+    return hashlib.sha256(raw_bytes).digest()[:8]

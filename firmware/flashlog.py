@@ -1,0 +1,246 @@
+# The board's flash log: every reading and alarm, kept until the gateway
+# acknowledges it, surviving a power cut at any instant.
+#
+# Why it looks like this:
+# - Segment files log/00000001, log/00000002, ... of fixed 36-byte records,
+#   appended one record per open/write/close (littlefs commits on close, so a
+#   cut leaves the record whole or absent); each record also carries a
+#   CRC-16, so anything torn or rotten is found at boot, discarded and
+#   counted, never misread.
+# - Segments are numbered without gaps, so RAM holds only the first number
+#   and one byte (record count) per segment: a full 1 MB log costs ~400 bytes.
+# - An acknowledgement advances a RAM cursor; a segment is deleted when all
+#   its records are behind it. After a reboot the unacknowledged-but-not-yet-
+#   deleted records of the first segment are sent again (the gateway
+#   deduplicates by (device, boot, seq)); nothing is written for an ack.
+# - When the log passes its capacity with the gateway gone, the oldest
+#   interval readings are merged pairwise (spans and seq ranges add up, the
+#   register chain is unchanged, so the cumulative total stays exact) by
+#   rewriting a segment to a sibling and renaming it. Alarms and daily
+#   (billing) readings are never merged and nothing is ever dropped: past the
+#   capacity the log grows into the rest of the partition.
+import os
+import struct
+
+from micropython import const
+from protocol.framing import crc16
+
+import persist
+
+K_READING = const(1)     # interval reading: value = units in the span, reg = register before
+K_DAILY = const(2)       # daily reading at local midnight: same fields, never merged
+K_ALARM = const(3)       # alarm: count = code, value = active, reg = detail
+F_WALL = const(1)        # wall_boot holds the wall time (Unix s) of this boot's start
+REC = const(36)
+SEG_RECORDS = const(64)
+_FMT = "<BBHIIIIIIIH"    # kind flags count boot seq t_end span value reg wall_boot reserved, then crc
+_SPAN_MAX = const(86400)
+
+
+class Record:
+    """One decoded record; the send path reuses one instance per slot."""
+    __slots__ = ("kind", "flags", "count", "boot", "seq", "t_end", "span", "value", "reg", "wall_boot")
+
+    def __init__(self):
+        self.kind = 0
+
+    def unpack(self, buf, off):
+        (self.kind, self.flags, self.count, self.boot, self.seq, self.t_end, self.span, self.value, self.reg,
+         self.wall_boot, _r) = struct.unpack_from(_FMT, buf, off)
+        return self
+
+    def pack(self, buf, off):
+        struct.pack_into(_FMT, buf, off, self.kind, self.flags, self.count, self.boot, self.seq, self.t_end,
+                         self.span, self.value, self.reg, self.wall_boot, 0)
+        c = crc16(buf, off, off + REC - 2)
+        buf[off + REC - 2] = c >> 8
+        buf[off + REC - 1] = c & 255
+
+    def seq_last(self):
+        return self.seq + (self.count if self.kind != K_ALARM else 1) - 1
+
+
+def _valid(buf, off):
+    c = crc16(buf, off, off + REC - 2)
+    return buf[off] in (K_READING, K_DAILY, K_ALARM) and buf[off + REC - 2] == c >> 8 and \
+        buf[off + REC - 1] == c & 255
+
+
+def can_merge(a, b):
+    return (a.kind == K_READING and b.kind == K_READING and a.boot == b.boot and a.flags == b.flags
+            and a.wall_boot == b.wall_boot and a.seq + a.count == b.seq and a.t_end + b.span == b.t_end
+            and a.reg + a.value == b.reg and a.count + b.count <= 0xFFFF and a.span + b.span <= _SPAN_MAX)
+
+
+class FlashLog:
+    def __init__(self, capacity, path="log"):
+        self.path = path
+        self.capacity = capacity
+        self.seg = bytearray(REC * SEG_RECORDS)   # one segment, for scans, sends and rewrites
+        self.first = 1              # number of the oldest segment on flash
+        self.counts = bytearray()   # records in each segment, oldest first
+        self.cursor_seg = 0         # index into counts: first record not acknowledged
+        self.cursor_rec = 0
+        self.torn = 0               # records found torn or corrupt at boot, discarded
+        self.merged = 0             # records removed by coarsening
+        self.last = Record()        # the newest record (for a role's recovery)
+        try:
+            os.mkdir(path)
+        except OSError:
+            pass
+        self._scan()
+
+    # -- boot ------------------------------------------------------------------
+    def _name(self, index):
+        return "%s/%08d" % (self.path, self.first + index)
+
+    def _scan(self):
+        numbers = []
+        for entry in os.ilistdir(self.path):
+            name = entry[0]
+            if name.endswith(".new"):
+                os.remove(self.path + "/" + name)      # a rewrite the cut interrupted; the old file stands
+            elif name.isdigit():
+                numbers.append(int(name))
+        numbers.sort()
+        if numbers:
+            self.first = numbers[0]
+            # A gap can only be a segment deleted out of order by a cut: keep what is there.
+            for i, n in enumerate(numbers):
+                if n != self.first + i:
+                    os.rename("%s/%08d" % (self.path, n), self._name(i))
+        for i in range(len(numbers)):
+            self.counts.append(self._load(i, repair=True))
+        while self.counts and self.counts[-1] == 0 and len(self.counts) > 1:
+            os.remove(self._name(len(self.counts) - 1))
+            self.counts = self.counts[:-1]
+        for i in range(len(self.counts) - 1, -1, -1):
+            if self.counts[i]:
+                self._load(i)
+                self.last.unpack(self.seg, (self.counts[i] - 1) * REC)
+                break
+
+    def _load(self, index, repair=False):
+        """Read segment index into self.seg; return its number of valid records."""
+        try:
+            with open(self._name(index), "rb") as f:
+                n = f.readinto(self.seg)
+        except OSError:
+            n = 0
+        good = 0
+        off = 0
+        while off + REC <= n:
+            if _valid(self.seg, off):
+                if good != off // REC:
+                    self.seg[good * REC:(good + 1) * REC] = self.seg[off:off + REC]
+                good += 1
+            off += REC
+        if repair and good * REC != n:
+            self.torn += (n - good * REC + REC - 1) // REC
+            self._rewrite(index, good)
+        return good
+
+    def _rewrite(self, index, n):
+        persist.write_atomic(self._name(index), memoryview(self.seg)[:n * REC])
+
+    # -- append ----------------------------------------------------------------
+    def entries(self):
+        """Records not yet acknowledged."""
+        n = 0
+        for i in range(self.cursor_seg, len(self.counts)):
+            n += self.counts[i]
+        return n - self.cursor_rec
+
+    def fill_permille(self):
+        return min(1000, self.entries() * 1000 // self.capacity)
+
+    def append(self, rec):
+        """Write one record durably; raises OSError if the partition is full."""
+        if not self.counts or self.counts[-1] >= SEG_RECORDS:
+            self.counts.append(0)
+        buf = self.seg
+        rec.pack(buf, 0)
+        with open(self._name(len(self.counts) - 1), "ab") as f:
+            f.write(memoryview(buf)[:REC])
+        persist.writes += 1
+        self.counts[-1] += 1
+        self.last.unpack(buf, 0)
+
+    # -- send and acknowledge ----------------------------------------------------
+    def read_unacked(self, records, max_n):
+        """Fill records[] (Record instances) with up to max_n records from the cursor; return how many."""
+        n = 0
+        seg, rec = self.cursor_seg, self.cursor_rec
+        while n < max_n and seg < len(self.counts):
+            count = self._load(seg)
+            while rec < count and n < max_n:
+                records[n].unpack(self.seg, rec * REC)
+                n += 1
+                rec += 1
+            seg, rec = seg + 1, 0
+        return n
+
+    def ack(self, boot, seq):
+        """The gateway holds every record of `boot` up to `seq`: move the cursor, delete whole segments."""
+        r = Record()
+        moved = 0
+        while True:
+            self._normalise()
+            if self.cursor_seg >= len(self.counts) or self.cursor_rec >= self.counts[self.cursor_seg]:
+                break
+            self._load(self.cursor_seg)
+            r.unpack(self.seg, self.cursor_rec * REC)
+            if r.boot != boot or r.seq_last() > seq:
+                break
+            self.cursor_rec += 1
+            moved += 1
+        while self.cursor_seg > 0:
+            os.remove(self._name(0))
+            self.first += 1
+            self.counts = self.counts[1:]
+            self.cursor_seg -= 1
+        return moved
+
+    def _normalise(self):
+        """Step the cursor past segments it has finished that will get no more records."""
+        while self.cursor_seg < len(self.counts) and self.cursor_rec >= self.counts[self.cursor_seg] and (
+                self.cursor_seg < len(self.counts) - 1 or self.counts[self.cursor_seg] >= SEG_RECORDS):
+            self.cursor_seg += 1
+            self.cursor_rec = 0
+
+    # -- coarsening --------------------------------------------------------------
+    def coarsen(self, target):
+        """Merge the oldest interval readings pairwise until at most target records wait; return merges."""
+        a, b = Record(), Record()
+        done = 0
+        progress = True
+        while self.entries() > target and progress:
+            progress = False
+            for i in range(self.cursor_seg, len(self.counts)):
+                if self.entries() <= target:
+                    break
+                start = self.cursor_rec if i == self.cursor_seg else 0
+                n = self._load(i)
+                out = start
+                k = start
+                merged_here = 0
+                while k < n:
+                    a.unpack(self.seg, k * REC)
+                    if k + 1 < n and b.unpack(self.seg, (k + 1) * REC) and can_merge(a, b):
+                        a.count += b.count
+                        a.span += b.span
+                        a.value += b.value
+                        a.t_end = b.t_end
+                        k += 2
+                        merged_here += 1
+                    else:
+                        k += 1
+                    a.pack(self.seg, out * REC)
+                    out += 1
+                if merged_here:
+                    self._rewrite(i, out)
+                    self.counts[i] = out
+                    self.merged += merged_here
+                    done += merged_here
+                    progress = True
+        return done

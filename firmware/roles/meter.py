@@ -1,0 +1,255 @@
+# The water-meter role: every pulse of the meter's reed switch or open-collector
+# output becomes part of an exact register, interval readings aligned to the
+# wall clock, a daily reading at local midnight, and alarms.
+#
+# Why it looks like this:
+# - Counting is the HAL's (PCNT or pin IRQs through the shared debounce), so no
+#   pulse depends on the scheduler. sample() runs from the hard timer, reads
+#   the count, closes intervals and days into small preallocated rings and
+#   raises flags; it allocates nothing (tests run it under heap_lock).
+# - Everything that writes flash runs in the asyncio task service(): log
+#   appends, checkpoints, alarms. A cut loses at most the pulses since the last
+#   checkpoint (every checkpoint_pulses or checkpoint_s of flow, and after every
+#   reading appended).
+# - Records hold pulses; units and the commissioning register are applied
+#   when a batch is encoded, so the cumulative total is exact integer arithmetic.
+# - After a cut, the open interval of the boot that died is carried into the
+#   first interval of the new boot (its register before = the last one
+#   logged), so interval deltas still add up to the register.
+import struct
+
+from micropython import const
+
+import persist
+from flashlog import K_DAILY, K_READING, Record
+from protocol import messages as M
+
+NAME = "meter"
+SCHEMA = (
+    ("k_factor_l", "num", 1, 0.001, 1000, "litres per pulse from the meter's data plate (e.g. 1, 10, 0.1)"),
+    ("register_l", "int", 0, 0, 999999999, "the meter's dial reading in whole litres at commissioning"),
+    ("interval_min", "int", 15, 1, 60, "minutes per interval reading, a divisor of 60"),
+    ("checkpoint_pulses", "int", 10, 1, 10000, "pulses between checkpoints to flash (default 10)"),
+    ("checkpoint_s", "int", 60, 1, 3600, "seconds of flow between checkpoints to flash (default 60)"),
+    ("debounce_us", "int", 5500, 0, 9000, "contact-bounce filter in us; above 5000 for reed switches, "
+                                           "below 10000 for 50 Hz"),
+    ("burst_lpm", "num", 0, 0, 100000, "flow in L/min that counts as a burst (0: off)"),
+    ("burst_min", "int", 30, 1, 1440, "minutes above burst_lpm before the burst alarm"),
+    ("leak_h", "int", 24, 1, 720, "hours of flow in every interval before the leak alarm"),
+    ("no_pulse_h", "int", 0, 0, 8760, "hours without a pulse before the tamper alarm (0: off)"),
+)
+A_LEAK = const(1)
+A_BURST = const(2)
+A_TAMPER = const(3)
+ALARMS = {A_LEAK: "leak", A_BURST: "burst", A_TAMPER: "no_pulse_tamper"}
+CHECKPOINT = "meter.ckpt"
+_CKPT = "<IIII"          # total pulses, register at the start of the open interval, at the start of the day, crc
+_RING = const(8)
+_NEVER = const(0x3FFFFFFF)
+
+
+def check(section):
+    from config import ConfigError
+    if 60 % section["interval_min"]:
+        raise ConfigError("meter.interval_min", "%d does not divide an hour" % section["interval_min"],
+                          "use 1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30 or 60")
+    k = section["k_factor_l"] * 1000
+    if abs(k - round(k)) > 1e-6:
+        raise ConfigError("meter.k_factor_l", "%r is finer than a millilitre" % section["k_factor_l"],
+                          "give litres per pulse with at most 3 decimals")
+
+
+def _crc(a, b, c):
+    return (a * 31 + b * 17 + c * 7 + 0x5A5A) & 0xFFFFFFFF
+
+
+class Meter:
+    def __init__(self, rt, cfg):
+        self.rt = rt
+        hal = rt.hal
+        self.k_milli = int(round(cfg["k_factor_l"] * 1000))
+        if self.k_milli % 1000 == 0:
+            self.scale, self.mult, self.register_base = 0, self.k_milli // 1000, cfg["register_l"]
+        else:
+            self.scale, self.mult, self.register_base = -3, self.k_milli, cfg["register_l"] * 1000
+        self.interval_s = cfg["interval_min"] * 60
+        self.ckpt_pulses = cfg["checkpoint_pulses"]
+        self.ckpt_s = cfg["checkpoint_s"]
+        self.burst_ppm = 0
+        if cfg["burst_lpm"]:
+            self.burst_ppm = max(1, int(cfg["burst_lpm"] * 1000 // self.k_milli))
+        self.burst_min = cfg["burst_min"]
+        self.leak_s = cfg["leak_h"] * 3600
+        self.no_pulse_s = cfg["no_pulse_h"] * 3600
+        self.counter = hal.counter(hal.board["role_pins"]["pulse_in"], active_level=0,
+                                   filter_us=cfg["debounce_us"])
+        self._recover(rt.log.last)
+        self.last_count = self.counter.count()
+        # Hard-timer state: small ints only.
+        self.unsaved = self.total - self.saved_total   # pulses not in the checkpoint yet
+        self.unsaved_since = 0
+        self.ckpt_due = 0
+        self.interval_start = 0
+        self.next_close = self.interval_s
+        self.day_start = 0
+        self.next_midnight = _NEVER
+        self.next_minute = 60
+        self.minute_pulses = 0
+        self.burst_run = 0
+        self.flow_run_s = 0
+        self.last_pulse_s = 0
+        self.want = bytearray(4)        # alarm wanted by code (1..3); service() logs the changes
+        self.active = bytearray(4)
+        self.ring_end = [0] * _RING     # closed intervals: end, span, pulses, register before
+        self.ring_span = [0] * _RING
+        self.ring_pulses = [0] * _RING
+        self.ring_reg = [0] * _RING
+        self.ring_kind = bytearray(_RING)
+        self.head = 0
+        self.tail = 0
+        self.ring_overruns = 0
+        self.rec = Record()
+        self.rows = [0] * 128
+
+    # -- boot -------------------------------------------------------------------------
+    def _recover(self, last):
+        total, ibase, dbase = 0, 0, 0
+        raw = persist.read(CHECKPOINT)
+        if raw and len(raw) == 16:
+            t, i, d, c = struct.unpack(_CKPT, raw)
+            if c == _crc(t, i, d):
+                total, ibase, dbase = t, i, d
+        if last.kind == K_READING:
+            ibase = max(ibase, last.reg + last.value)
+        elif last.kind == K_DAILY:
+            dbase = max(dbase, last.reg + last.value)
+        self.total = max(total, ibase)
+        self.interval_base = ibase
+        self.day_base = dbase if dbase <= self.total else ibase
+        self.saved_total = self.total
+
+    def checkpoint(self):
+        t, i, d = self.total, self.interval_base, self.day_base
+        persist.write_atomic(CHECKPOINT, struct.pack(_CKPT, t, i, d, _crc(t, i, d)))
+        self.saved_total = t
+
+    # -- time ---------------------------------------------------------------------------
+    def on_clock(self, up_s, local_sod):
+        """Realign the open interval's end (and midnight) when wall time becomes known.
+
+        local_sod: seconds since local midnight now, or -1 while the clock is unsynced.
+        """
+        if local_sod < 0:
+            return
+        self.next_close = up_s + self.interval_s - local_sod % self.interval_s
+        self.next_midnight = up_s + 86400 - local_sod
+        if self.day_start == 0 and self.next_midnight != _NEVER:
+            self.day_start = up_s
+
+    # -- the hard timer: no allocation ---------------------------------------------------
+    def sample(self, up_s):
+        c = self.counter.count()
+        d = c - self.last_count
+        if d:
+            self.last_count = c
+            self.total += d
+            self.minute_pulses += d
+            if self.unsaved == 0:
+                self.unsaved_since = up_s
+            self.unsaved += d
+            self.last_pulse_s = up_s
+            if self.want[A_TAMPER]:
+                self.want[A_TAMPER] = 0
+        if self.unsaved and (self.unsaved >= self.ckpt_pulses or up_s - self.unsaved_since >= self.ckpt_s):
+            self.ckpt_due = 1
+        if up_s >= self.next_minute:
+            self.next_minute += 60
+            if self.burst_ppm and self.minute_pulses >= self.burst_ppm:
+                self.burst_run += 1
+                if self.burst_run >= self.burst_min:
+                    self.want[A_BURST] = 1
+            else:
+                self.burst_run = 0
+                self.want[A_BURST] = 0
+            self.minute_pulses = 0
+        if self.no_pulse_s and up_s - self.last_pulse_s >= self.no_pulse_s:
+            self.want[A_TAMPER] = 1
+        if up_s >= self.next_close:
+            end = self.next_close
+            pulses = self.total - self.interval_base
+            self._close(K_READING, end, end - self.interval_start, pulses, self.interval_base)
+            if pulses:
+                self.flow_run_s += end - self.interval_start
+            else:
+                self.flow_run_s = 0
+            self.want[A_LEAK] = 1 if self.flow_run_s >= self.leak_s else 0
+            self.interval_base = self.total
+            self.interval_start = end
+            self.next_close = end + self.interval_s
+        if up_s >= self.next_midnight:
+            end = self.next_midnight
+            self._close(K_DAILY, end, end - self.day_start, self.total - self.day_base, self.day_base)
+            self.day_base = self.total
+            self.day_start = end
+            self.next_midnight = end + 86400
+
+    def _close(self, kind, end, span, pulses, reg):
+        h = self.head
+        if (h + 1) % _RING == self.tail:
+            self.ring_overruns += 1       # service() starved: widen the newest slot, lose nothing
+            h = (h - 1) % _RING
+            if self.ring_kind[h] == kind:
+                self.ring_end[h] = end
+                self.ring_span[h] += span
+                self.ring_pulses[h] += pulses
+                return
+        self.ring_end[h] = end
+        self.ring_span[h] = span
+        self.ring_pulses[h] = pulses
+        self.ring_reg[h] = reg
+        self.ring_kind[h] = kind
+        self.head = (h + 1) % _RING
+
+    # -- asyncio: flash work ------------------------------------------------------------
+    def service(self):
+        """Log what the timer closed, checkpoint when due, raise or clear alarms. Never called from an IRQ."""
+        rt = self.rt
+        while self.tail != self.head:
+            t = self.tail
+            r = self.rec
+            r.kind, r.count, r.t_end, r.span = self.ring_kind[t], 1, self.ring_end[t], self.ring_span[t]
+            r.value, r.reg = self.ring_pulses[t], self.ring_reg[t]
+            rt.log_record(r)
+            self.tail = (t + 1) % _RING
+            self.ckpt_due = 1
+        if self.ckpt_due:
+            self.ckpt_due = 0
+            self.unsaved = 0
+            self.checkpoint()
+        for code in ALARMS:
+            if self.want[code] != self.active[code]:
+                self.active[code] = self.want[code]
+                rt.alarm(code, self.active[code], self.total)
+
+    # -- reports ----------------------------------------------------------------------------
+    def encode_batch(self, buf, off, recs, n, wall_t0):
+        """Encode log records recs[0..n-1] (one batch: same kind, span and seq step) as a readings payload."""
+        rows = self.rows
+        for i in range(n):
+            rows[i] = recs[i].value
+        r = recs[0]
+        return M.encode_meter_readings_into(
+            buf, off, r.boot, r.seq, r.t_end, r.span, self.k_milli, self.register_units(r.reg), rows, n,
+            self.scale, self.mult, wall_t0, M.SERIES_DAILY if r.kind == K_DAILY else M.SERIES_INTERVAL, r.count)
+
+    def units(self):
+        return M.units("L", self.scale, self.k_milli)
+
+    def register_units(self, reg_pulses):
+        return self.register_base + reg_pulses * self.mult
+
+    def status(self):
+        return {"total_pulses": self.total, "register": self.register_units(self.total),
+                "scale": self.scale, "overruns": self.ring_overruns}
+
+make = Meter

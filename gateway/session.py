@@ -1,0 +1,248 @@
+"""Per-device sessions: uplink frames in, durable commits, acknowledgements and wall time out.
+
+The promise that matters: a board is told (boot, seq) is acknowledged only
+after the Store transaction holding that entry has committed (synchronous=FULL);
+until then the board keeps it in its flash log. Frames are collected and
+committed in groups (`flush()`), so many frames share one fsync.
+
+Time: a hello carries the board's seconds since boot, so each (device, boot)
+gets a wall-clock origin here; readings the board sent without wall time are
+fixed up from it and marked `time_source: "gateway"` (`"board"` when the board
+had been synced, `"unknown"` for a boot this gateway never heard from).
+
+Merged readings (seq_step > 1, from a board whose log filled) cover a seq range;
+if some of that range is already stored as finer readings, only the rest is
+stored, as one entry whose value is the register difference, so the stored
+series never counts a litre twice.
+"""
+
+import logging
+import time
+
+import cbor2
+
+from gateway.store import Entry
+from protocol import link, secure
+from protocol import messages as M
+
+log = logging.getLogger("prapa.gateway.session")
+
+ALARM_NAMES = {
+    "meter": {1: "leak", 2: "burst", 3: "no_pulse_tamper"},
+    "*": {100: "log_full", 101: "config_invalid", 102: "fault"},
+}
+SERIES = {M.SERIES_INTERVAL: "interval", M.SERIES_DAILY: "daily"}
+TIME_SYNC_MIN_INTERVAL_S = 1.0
+
+
+def alarm_name(role, code):
+    return ALARM_NAMES.get(role, {}).get(code) or ALARM_NAMES["*"].get(code) or f"code_{code}"
+
+
+class Device:
+    """What the gateway knows of one board between frames (rebuilt from its next hello)."""
+
+    __slots__ = ("device_id", "boot_id", "role", "firmware", "board", "addr", "wall_origin", "sender", "link",
+                 "last_seen", "last_time_sync", "health", "alarms", "frames")
+
+    def __init__(self, device_id):
+        self.device_id = device_id
+        self.boot_id = None
+        self.role = None
+        self.firmware = self.board = None
+        self.addr = 255
+        self.wall_origin = {}          # boot_id -> wall time (Unix s) of board second 0
+        self.sender = None
+        self.link = None               # where the board was last heard; None: the default send
+        self.last_seen = 0.0
+        self.last_time_sync = 0.0
+        self.health = None
+        self.alarms = {}               # code -> (active, wall_t)
+        self.frames = 0
+
+
+class Sessions:
+    def __init__(self, store, key_for, send, downlink_counters, clock=time.time, role_of=None):
+        """key_for(device_id) -> key or None; send(addr, wire_bytes) writes to the link of a device
+        not heard on a known link (feed(data, link) records where each device is);
+        downlink_counters(device_id) -> an object with next() (persisted by the caller)."""
+        self.store = store
+        self.key_for = key_for
+        self.send = send
+        self.downlink_counters = downlink_counters
+        self.clock = clock
+        self.role_of = role_of or (lambda device_id: None)
+        self.devices = {}
+        self.pending = []              # entries received, not yet committed
+        self._link = None
+        self.receiver = link.Receiver(secure.UPLINK, key_for, self._on_message, accept_any_addr=True,
+                                      max_devices=4096)
+        self.committed = 0
+        self.acks_sent = 0
+        self.on_command_result = lambda device_id, message: None
+
+    # -- input ------------------------------------------------------------------------
+    def feed(self, data, link=None):
+        """Bytes from a serial line; replies to devices heard here go back on `link` (its write(addr, wire))."""
+        self._link = link
+        self.receiver.feed(data)
+
+    def datagram(self, frame, link=None):
+        self._link = link
+        self.receiver.datagram(frame)
+
+    def device(self, device_id):
+        d = self.devices.get(device_id)
+        if d is None:
+            d = self.devices[device_id] = Device(device_id)
+            d.role = self.role_of(device_id)
+        return d
+
+    def _on_message(self, device_id, _counter, msg_type, m):
+        now = self.clock()
+        d = self.device(device_id)
+        d.last_seen = now
+        d.frames += 1
+        if self._link is not None:
+            d.link = self._link
+        if msg_type == M.HELLO:
+            self._hello(d, m, now)
+        elif msg_type == M.READINGS:
+            self._readings(d, m, now)
+        elif msg_type == M.ALARM:
+            self._alarm(d, m, now)
+        elif msg_type == M.HEALTH:
+            d.health = dict(m)
+            self._note_boot(d, m[0])
+            if m[0] not in d.wall_origin:
+                d.wall_origin[m[0]] = now - m[1]
+        elif msg_type == M.COMMAND_RESULT:
+            self.on_command_result(device_id, m)
+
+    def _note_boot(self, d, boot_id):
+        if d.boot_id is None or boot_id > d.boot_id:
+            d.boot_id = boot_id
+
+    def _hello(self, d, m, now):
+        d.boot_id, d.firmware, d.board = m[0], m[1], m[2]
+        d.role = M.ROLES[m[3]] if m[3] < len(M.ROLES) else str(m[3])
+        if 8 in m:
+            d.addr = m[8]
+        if 7 in m:
+            d.wall_origin[m[0]] = now - m[7]
+        self._time_sync(d, now, force=True)
+
+    def _time_sync(self, d, now, force=False):
+        if not force and now - d.last_time_sync < TIME_SYNC_MIN_INTERVAL_S:
+            return
+        d.last_time_sync = now
+        self._downlink(d, M.TIME_SYNC, M.time_sync(int(now * 1000), 0))
+
+    def downlink(self, device_id, msg_type, message):
+        """Send a message to a board this gateway has heard from (its address comes from its hello)."""
+        self._downlink(self.device(device_id), msg_type, message)
+
+    def _downlink(self, d, msg_type, message):
+        key = self.key_for(d.device_id)
+        if key is None:
+            return
+        if d.sender is None:
+            d.sender = link.Sender(key, d.device_id, secure.DOWNLINK, self.downlink_counters(d.device_id),
+                                   addr=d.addr)
+        d.sender.addr = d.addr
+        payload = cbor2.dumps(message, canonical=True)
+        n = d.sender.wire_into(msg_type, bytearray(payload), len(payload))
+        (d.link.write if d.link is not None else self.send)(d.addr, bytes(d.sender.wire[:n]))
+
+    def _wall(self, d, boot_id, board_t_s, wall_from_board):
+        if wall_from_board is not None:
+            return wall_from_board, "board"
+        origin = d.wall_origin.get(boot_id)
+        if origin is None:
+            return None, "unknown"
+        return round(origin + board_t_s, 3), "gateway"
+
+    def _readings(self, d, m, now):
+        boot, seq0, t0, span, role, units, rows = m[0], m[1], m[2], m[3], m[4], m[5], m[6]
+        self._note_boot(d, boot)
+        role_name = M.ROLES[role] if role < len(M.ROLES) else str(role)
+        d.role = d.role or role_name
+        series, step = m.get(9, M.SERIES_INTERVAL), m.get(10, 1)
+        register = m.get(7)
+        wall0 = m.get(8)
+        if wall0 is None and boot == d.boot_id:
+            self._time_sync(d, now)
+        for i, row in enumerate(rows):
+            seq, seq_last, t_end = seq0 + i * step, seq0 + (i + 1) * step - 1, t0 + i * span
+            wall, source = self._wall(d, boot, t_end, None if wall0 is None else wall0 + i * span)
+            item = {"device": f"{d.device_id:08x}", "boot": boot, "seq": seq, "kind": "reading", "role": role_name,
+                    "series": SERIES.get(series, str(series)), "t_board_s": t_end, "span_s": span, "wall_t": wall,
+                    "time_source": source, "unit": units.get(0), "scale": units.get(1, 0)}
+            if 2 in units:
+                item["k_factor_milli"] = units[2]
+            if role == M.ROLE_METER and register is not None:
+                item["register_before"], item["value"] = register, row
+                register += row
+                item["register"] = register
+            else:
+                item["value"] = row
+            if seq_last != seq:
+                item["seq_last"] = seq_last
+                item = self._trim_merged(d.device_id, boot, item)
+                if item is None:
+                    continue
+            self.pending.append(Entry(d.device_id, boot, item["seq"], "reading", t_end,
+                                      cbor2.dumps(item, canonical=True), wall, source,
+                                      item.get("seq_last")))
+
+    def _trim_merged(self, device_id, boot, item):
+        """Drop the part of a merged reading this store already holds as finer readings."""
+        covered = self.store.covering(device_id, boot, item["seq"], item["seq_last"])
+        upto = item["seq"] - 1
+        last_register = None
+        for seq, seq_last, payload in covered:
+            if seq != upto + 1:
+                break
+            upto = seq_last
+            last_register = cbor2.loads(payload).get("register")
+        if upto < item["seq"]:
+            return item
+        if upto >= item["seq_last"]:
+            return None
+        item = dict(item, seq=upto + 1)
+        if last_register is not None and "register" in item:
+            item["register_before"] = last_register
+            item["value"] = item["register"] - last_register
+        return item
+
+    def _alarm(self, d, m, now):
+        boot, seq, t_s, code, active = m[0], m[1], m[2], m[3], m[4]
+        self._note_boot(d, boot)
+        wall, source = self._wall(d, boot, t_s, None)
+        name = alarm_name(d.role, code)
+        d.alarms[code] = (bool(active), wall, name)
+        item = {"device": f"{d.device_id:08x}", "boot": boot, "seq": seq, "kind": "alarm", "role": d.role,
+                "code": code, "name": name, "active": bool(active), "detail": m.get(5, 0), "t_board_s": t_s,
+                "wall_t": wall, "time_source": source}
+        self.pending.append(Entry(d.device_id, boot, seq, "alarm", t_s, cbor2.dumps(item, canonical=True), wall,
+                                  source))
+
+    # -- commit and acknowledge ---------------------------------------------------------
+    def flush(self):
+        """Commit what arrived as one transaction, then acknowledge it; return entries committed."""
+        if not self.pending:
+            return 0
+        entries, self.pending = self.pending, []
+        acks = self.store.commit(entries, now=self.clock())
+        self.committed += len(entries)
+        for (device_id, boot_id), upto in acks.items():
+            if upto is None or upto < 0:
+                continue
+            d = self.devices.get(device_id)
+            if d is not None:
+                self._downlink(d, M.ACK, M.ack(boot_id, upto))
+                self.acks_sent += 1
+        return len(entries)
+
+    def counts(self):
+        return self.receiver.counts
