@@ -1,0 +1,428 @@
+"""The MQTT forwarder: drains the store's pending entries to a broker, QoS 1, and serves replays.
+
+Promise: an entry is marked forwarded only after the broker's PUBACK for the
+message that carried it; anything unacknowledged when a connection ends is read
+again from the store and re-sent on the next connection (at-least-once, the
+same identity every time). The store is the only queue: nothing waits in
+memory that is not also pending on disk.
+
+Threading: one thread, "prapa-forwarder", owns a paho client per connection,
+drives it through paho's external-loop calls (`socket`, `loop_read`,
+`loop_write`, `loop_misc`) in its own `select`, and holds its own SQLite
+connection to the store (WAL lets it read and mark while the ingest side
+commits). So paho callbacks, publishes and store writes all happen on that
+thread and need no locks; the asyncio side only calls `kick()` (a byte on a
+socketpair that wakes the select), `stop()`, and reads counters. The fsync of
+`mark_forwarded` and a TLS handshake never block the event loop. We drive
+paho's loop ourselves rather than `loop_start()` because paho's own thread
+reconnects to the same host on its own, and failover must choose the broker.
+
+A new paho client per connection (same client id, persistent session) keeps
+paho from re-sending its own in-flight copies on top of ours; the broker keeps
+the session, and with it the replay-request subscription, across reconnects.
+"""
+
+import asyncio
+import collections
+import json
+import logging
+import random
+import select
+import socket
+import sqlite3
+import ssl
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from gateway import forward_format as ff
+from gateway.store import Store
+
+log = logging.getLogger("prapa.gateway.forwarder")
+UNSUPPORTED_PROTOCOL_VERSION = 0x84
+BACKLOG_EVERY_S = 2.0
+
+
+def _log(level, event, **fields):
+    """One JSON object per line; callers pass no secrets (a password or key never reaches here)."""
+    log.log(level, json.dumps({"event": event, **fields}, default=str))
+
+
+class Forwarder:
+    """store: a Store (its path is reopened on the forwarder's thread) or a path.
+    config: a ForwarderConfig or a dict in the shape of the [forwarder] TOML table."""
+
+    def __init__(self, store, config):
+        self.store_path = store.path if isinstance(store, Store) else str(store)
+        self.config = config if isinstance(config, ff.ForwarderConfig) else ff.ForwarderConfig.from_dict(config)
+        self.config.check()
+        self.published = 0            # messages sent to a broker (replays included)
+        self.acked = 0                # messages PUBACKed
+        self.forwarded = 0            # entries marked forwarded after a PUBACK
+        self.refused = 0              # entries that cannot become a valid message (kept in the store)
+        self.replays = 0              # replay requests answered
+        self.reconnects = 0
+        self.pruned = 0
+        self.puback_latency_s = collections.deque(maxlen=10_000)   # publish -> PUBACK, seconds
+        self.broker = None            # url of the broker in use
+        self.protocol = None          # "5" or "3.1.1" on the current connection
+        self.connected = False
+        self.backlog = 0              # entries not yet PUBACKed, as of the last count
+        self.last_error = None
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._v311 = set()            # broker indexes that refused MQTT 5
+        self._thread = None
+        self._refused_ids = set()
+        self._inflight, self._inflight_ids, self._window = {}, set(), 1
+
+    # -- the asyncio / service side ---------------------------------------------------------------
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="prapa-forwarder", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s=10.0):
+        """Disconnect cleanly; what is in flight stays pending in the store."""
+        self._stopping.set()
+        self.kick()
+        if self._thread:
+            self._thread.join(timeout_s)
+
+    def kick(self):
+        """New entries are committed: look now rather than at the next poll. Safe from any thread."""
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    async def run(self):
+        """An asyncio task for the service: runs until cancelled, then stops the thread off the loop."""
+        self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.to_thread(self.stop)
+
+    def stats(self):
+        lat = sorted(self.puback_latency_s)
+        pick = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 6) if lat else None)
+        return {"published": self.published, "acked": self.acked, "forwarded": self.forwarded,
+                "refused": self.refused, "replays": self.replays, "reconnects": self.reconnects,
+                "pruned": self.pruned, "broker": self.broker, "protocol": self.protocol,
+                "connected": self.connected, "backlog": self.backlog, "last_error": self.last_error,
+                "puback_latency_p50_s": pick(0.5), "puback_latency_p99_s": pick(0.99)}
+
+    # -- the forwarder thread --------------------------------------------------------------------
+
+    def _run(self):
+        store = Store(self.store_path)
+        # Only this connection, which writes nothing but forwarded marks and prunes: a mark lost in a power
+        # cut means one resend with the same identity, so it need not pay an fsync per PUBACK turn. The
+        # ingest side's commits stay FULL; an unsynced WAL tail can only lose frames after the last fsync.
+        store.db.execute("PRAGMA synchronous=NORMAL")
+        self._next_prune = self._next_backlog = 0.0
+        try:
+            index, attempt = 0, 0
+            while not self._stopping.is_set():
+                client = self._connect(index)
+                if client is not None:
+                    attempt = 0
+                    self._serve(client, store, index)
+                    if self._stopping.is_set():
+                        break
+                    self.reconnects += 1
+                index = (index + 1) % len(self.config.brokers)
+                ceiling = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2 ** attempt)
+                attempt += 1
+                self._idle(store, random.uniform(ceiling / 2, ceiling))
+        except Exception as e:        # a bug, not a network state: say so once, in one line
+            self.last_error = f"forwarder stopped: {type(e).__name__}: {e}"
+            _log(logging.ERROR, "forwarder_crashed", error=self.last_error)
+            raise
+        finally:
+            self.connected = False
+            store.close()
+
+    def _idle(self, store, wait_s):
+        deadline = time.monotonic() + wait_s
+        while not self._stopping.is_set():
+            self._housekeeping(store)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._stopping.wait(min(left, 1.0))
+
+    def _connect(self, index):
+        """A connected client on brokers[index], or None with last_error saying why."""
+        cfg, broker = self.config, self.config.brokers[index]
+        v5 = cfg.protocol == "5" or (cfg.protocol == "auto" and index not in self._v311)
+        client_id = broker.client_id or cfg.client_id
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+                             clean_session=None if v5 else False, reconnect_on_failure=False)
+        client.max_inflight_messages_set(cfg.max_inflight)
+        client.max_queued_messages_set(0)
+        client.connect_timeout = cfg.connect_timeout_s
+        if broker.username is not None:
+            client.username_pw_set(broker.username, broker.password)
+        state = {"connack": None, "props": None, "lost": False, "acks": [], "requests": collections.deque()}
+        client.on_connect = lambda _c, _u, _f, rc, props: state.update(connack=rc, props=props)
+        client.on_disconnect = lambda *_a: state.__setitem__("lost", True)
+        client.on_publish = lambda _c, _u, mid, _rc, _p: state["acks"].append((mid, time.monotonic()))
+        client.on_message = lambda _c, _u, msg: state["requests"].append(msg)
+        client.user_data_set(state)
+        where = f"broker {broker.url}"
+        try:
+            if broker.tls:
+                ctx = ssl.create_default_context(cafile=broker.ca_file)
+                if broker.cert_file:
+                    ctx.load_cert_chain(broker.cert_file, broker.key_file)
+                client.tls_set_context(ctx)
+            if v5:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = int(cfg.session_expiry_s)
+                client.connect(broker.host, broker.port, cfg.keepalive_s, clean_start=False, properties=props)
+            else:
+                client.connect(broker.host, broker.port, cfg.keepalive_s)
+        except ssl.SSLCertVerificationError as e:
+            ca = broker.ca_file or "the system CAs"
+            return self._failed(where, "broker_tls_verify_failed",
+                                f"TLS certificate verify failed with CA {ca} ({e.verify_message}); fix: set ca_file "
+                                f"to the CA that signed this broker's certificate and check the host name")
+        except (OSError, ssl.SSLError, ValueError) as e:
+            return self._failed(where, "broker_connect_failed", f"connect failed: {type(e).__name__}: {e}")
+        # Small PUBLISHes back to back: without NODELAY, Nagle holds each until the previous one's ACK.
+        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        deadline = time.monotonic() + cfg.connect_timeout_s
+        while state["connack"] is None and not state["lost"] and not self._stopping.is_set():
+            if time.monotonic() > deadline:
+                client.disconnect()
+                return self._failed(where, "broker_connect_failed", "no CONNACK in time")
+            self._io(client, state, 0.1)
+        rc = state["connack"]
+        if rc is None:
+            client.disconnect()
+            return self._failed(where, "broker_connect_failed", "connection closed before CONNACK")
+        if rc.is_failure:
+            client.disconnect()
+            if v5 and cfg.protocol == "auto" and rc.value == UNSUPPORTED_PROTOCOL_VERSION:
+                self._v311.add(index)
+                _log(logging.WARNING, "broker_protocol_fallback", broker=broker.url, protocol="3.1.1")
+                return self._connect(index)
+            return self._failed(where, "broker_refused", f"CONNACK refused: {rc}")
+        self.broker, self.protocol, self.connected = broker.url, "5" if v5 else "3.1.1", True
+        # MQTT 5: the broker says how many unacknowledged QoS 1 messages it takes (Mosquitto: 20); paho does
+        # not enforce it, so the window does.
+        self._window = min(cfg.max_inflight, getattr(state["props"], "ReceiveMaximum", cfg.max_inflight))
+        client.subscribe(ff.topic(cfg.site, 0, "replay/request").replace("/00000000/", "/+/"), qos=1)
+        _log(logging.INFO, "broker_connected", broker=broker.url, protocol=self.protocol, client_id=client_id,
+             window=self._window)
+        return client
+
+    def _failed(self, where, event, problem):
+        self.last_error = f"{where}: {problem}"
+        _log(logging.ERROR, event, error=self.last_error)
+        return None
+
+    def _io(self, client, state, timeout_s):
+        """One turn of paho's network loop, woken early by kick(). Returns True when kicked."""
+        sock = client.socket()
+        if sock is None:
+            state["lost"] = True
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            timeout_s = 0
+        readable, writable, _ = select.select([sock, self._wake_r], [sock] if client.want_write() else [], [],
+                                              timeout_s)
+        kicked = self._wake_r in readable
+        if kicked:
+            try:
+                while self._wake_r.recv(4096):
+                    pass
+            except BlockingIOError:
+                pass
+        rc = mqtt.MQTT_ERR_SUCCESS
+        if sock in readable or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            rc = client.loop_read()
+        if rc == mqtt.MQTT_ERR_SUCCESS and (writable or client.want_write()):
+            rc = client.loop_write()
+        if rc == mqtt.MQTT_ERR_SUCCESS:
+            rc = client.loop_misc()
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            state["lost"] = True
+        return kicked
+
+    def _serve(self, client, store, index):
+        """Publish, settle PUBACKs and answer replays until the connection ends or stop() is called."""
+        state = client.user_data_get()
+        self._inflight, self._inflight_ids = {}, set()   # mid -> (entry ids, publish time); ids in flight
+        look, next_look = True, 0.0
+        while not self._stopping.is_set() and not state["lost"]:
+            self._settle(store, state["acks"])
+            while state["requests"] and not state["lost"]:
+                self._replay(client, store, state["requests"].popleft())
+            now = time.monotonic()
+            room = len(self._inflight) < self._window
+            if room and (look or now >= next_look):
+                look = self._fill(client, store)
+                next_look = now + self.config.poll_s
+                room = len(self._inflight) < self._window
+            self._housekeeping(store)
+            kicked = self._io(client, state, 0 if look and room else min(self.config.poll_s, 1.0))
+            look = look or kicked or bool(state["acks"])
+        url = self.config.brokers[index].url
+        if state["lost"]:
+            self.last_error = f"broker {url}: connection lost"
+            _log(logging.WARNING, "broker_connection_lost", broker=url, unacked_messages=len(self._inflight),
+                 unacked_entries=len(self._inflight_ids))
+        else:
+            self._settle(store, state["acks"])
+            client.disconnect()
+            _log(logging.INFO, "broker_disconnected", broker=url, unacked_entries=len(self._inflight_ids))
+        self.connected = False
+
+    def _fill(self, client, store):
+        """Publish pending entries (alarms first) up to the in-flight window; True if more may be waiting."""
+        cfg = self.config
+        fetch = min((self._window - len(self._inflight)) * cfg.max_items, 5000)
+        skip = len(self._inflight_ids) + len(self._refused_ids)
+        rows = store.pending(limit=skip + fetch)
+        more = len(rows) == skip + fetch
+        rows = [r for r in rows if r[0] not in self._inflight_ids and r[0] not in self._refused_ids]
+        room = self._window - len(self._inflight)
+        for run in ff.group(self._acceptable(rows), cfg.max_items, cfg.max_payload_bytes, cfg.site, room):
+            if len(self._inflight) >= self._window:
+                return True
+            for part, payload in ff.message(cfg.site, run, cfg.format, cfg.max_payload_bytes):
+                if payload is None:
+                    self._refuse(part[0], f"one entry makes a message over {cfg.max_payload_bytes} bytes")
+                    continue
+                ids = [r[0] for r in part]
+                if not self._publish(client, ff.topic(cfg.site, part[0][1], part[0][4]), payload, part, ids):
+                    return False
+        return more or len(self._inflight) >= self._window
+
+    def _acceptable(self, rows):
+        for row in rows:
+            if ff.kind_ok(row[4]):
+                yield row
+            else:
+                self._refuse(row, f"kind {row[4]!r} cannot be a topic level (a-z, 0-9, '_', '-', "
+                                  f"at most {ff.KIND_MAX_BYTES} bytes)")
+
+    def _refuse(self, row, problem):
+        """Kept in the store, unforwarded, for a fixed gateway to send; counted and said once."""
+        self._refused_ids.add(row[0])
+        self.refused += 1
+        _log(logging.ERROR, "entry_refused", device=ff.device_hex(row[1]), boot=row[2], seq=row[3], problem=problem)
+
+    def _publish(self, client, topic, payload, rows, ids=(), replay=False):
+        """QoS 1 publish tracked in the window; `ids` are the entries its PUBACK marks forwarded."""
+        props = None
+        if self.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = ff.identity_properties(rows) + ([("replay", "true")] if replay else [])
+            props.ContentType = "application/cbor" if self.config.format == "cbor" else "application/json"
+        info = client.publish(topic, payload, qos=1, properties=props)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            client.user_data_get()["lost"] = True
+            return False
+        self.published += 1
+        self._inflight[info.mid] = (ids, time.monotonic())
+        self._inflight_ids.update(ids)
+        return True
+
+    def _settle(self, store, acks):
+        """Mark the entries of PUBACKed messages forwarded, in one transaction per turn."""
+        if not acks:
+            return
+        ids = []
+        for mid, t_ack in acks:
+            sent = self._inflight.pop(mid, None)
+            if sent is not None:
+                self.acked += 1
+                ids.extend(sent[0])
+                self.puback_latency_s.append(t_ack - sent[1])
+        acks.clear()
+        if not ids:
+            return
+        try:
+            store.mark_forwarded(ids)
+            self.forwarded += len(ids)
+        except sqlite3.Error as e:        # left pending: sent again later, same identity
+            self.last_error = f"store {self.store_path}: mark_forwarded failed: {e}"
+            _log(logging.ERROR, "store_mark_failed", error=self.last_error, entries=len(ids))
+        self._inflight_ids.difference_update(ids)
+
+    def _wait_for_room(self, client, store):
+        """A replay can be larger than the window: turn the network loop until a slot frees."""
+        state = client.user_data_get()
+        while len(self._inflight) >= self._window and not state["lost"] and not self._stopping.is_set():
+            self._io(client, state, 0.1)
+            self._settle(store, state["acks"])
+        return not state["lost"] and not self._stopping.is_set()
+
+    def _replay(self, client, store, msg):
+        """Answer prapa/v1/<site>/<device>/replay/request by republishing stored entries, then .../replay/done."""
+        cfg, parts = self.config, msg.topic.split("/")
+        try:
+            if len(parts[3]) != 8:
+                raise ValueError(f"device {parts[3]!r} is not 8 hex digits")
+            device_id = int(parts[3], 16)
+            req = ff.decode_request(msg.payload)
+            limit = cfg.replay_max_entries + 1
+            if "since_time" in req:
+                rows = store.since_time(device_id, float(req["since_time"]), limit=limit)
+            elif "since_boot" in req and "since_seq" in req:
+                rows = store.since(device_id, int(req["since_boot"]), int(req["since_seq"]))[:limit]
+            else:
+                raise ValueError("give since_boot and since_seq, or since_time")
+        except (ValueError, TypeError, IndexError) as e:
+            _log(logging.WARNING, "replay_request_refused", topic=msg.topic, problem=str(e))
+            if len(parts) > 3 and len(parts[3]) == 8 and all(c in "0123456789abcdef" for c in parts[3]):
+                done = {"v": 1, "site": cfg.site, "device": parts[3], "count": 0, "error": str(e)}
+                if self._wait_for_room(client, store):
+                    self._publish(client, ff.topic(cfg.site, int(parts[3], 16), "replay/done"),
+                                  ff.encode(done, cfg.format), [(0, int(parts[3], 16), 0, 0)])
+            return
+        truncated = len(rows) > cfg.replay_max_entries
+        rows = rows[:cfg.replay_max_entries]
+        for run in ff.group([r for r in rows if ff.kind_ok(r[4])], cfg.max_items, cfg.max_payload_bytes, cfg.site):
+            for part, payload in ff.message(cfg.site, run, cfg.format, cfg.max_payload_bytes, replay=True):
+                if payload is None:
+                    continue
+                if not self._wait_for_room(client, store):
+                    return                # the cloud asks again: no replay/done was sent
+                self._publish(client, ff.topic(cfg.site, device_id, part[0][4]), payload, part, replay=True)
+        done = {"v": 1, "site": cfg.site, "device": ff.device_hex(device_id), "count": len(rows),
+                "truncated": truncated, "request": req}
+        if truncated:
+            done["next"] = {"since_boot": rows[-1][2], "since_seq": rows[-1][3]}
+        if not self._wait_for_room(client, store):
+            return
+        self._publish(client, ff.topic(cfg.site, device_id, "replay/done"), ff.encode(done, cfg.format),
+                      rows or [(0, device_id, 0, 0)])
+        self.replays += 1
+        _log(logging.INFO, "replay_served", device=ff.device_hex(device_id), count=len(rows), truncated=truncated)
+
+    def _housekeeping(self, store):
+        now = time.monotonic()
+        if now >= self._next_backlog:
+            self._next_backlog = now + BACKLOG_EVERY_S
+            self.backlog = store.db.execute("SELECT COUNT(*) FROM entries WHERE forwarded_at IS NULL").fetchone()[0]
+        if now >= self._next_prune:
+            self._next_prune = now + self.config.prune_every_s
+            try:
+                n = store.prune(self.config.retention_s)
+            except sqlite3.Error as e:
+                _log(logging.ERROR, "store_prune_failed", error=str(e))
+                return
+            self.pruned += n
+            if n:
+                _log(logging.INFO, "store_pruned", entries=n, retention_s=self.config.retention_s)
