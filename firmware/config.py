@@ -15,7 +15,7 @@ RUNTIME_SCHEMA = {
     "link": (
         ("addr", "int", 1, 1, 254, "the board's RS-485 address, 1-254"),
         ("sample_ms", "int", 100, 10, 1000, "sampling period in ms, 10-1000"),
-        ("health_s", "int", 900, 60, 86400, "seconds between health reports"),
+        ("health_s", "int", 900, 10, 86400, "seconds between health reports, 10-86400"),
     ),
     "time": (
         ("utc_offset_min", "int", 420, -720, 840, "local time offset from UTC in minutes (Thailand: 420)"),

@@ -83,7 +83,9 @@ class FlashLog:
         self.cursor_rec = 0
         self.torn = 0               # records found torn or corrupt at boot, discarded
         self.merged = 0             # records removed by coarsening
-        self.last = Record()        # the newest record (for a role's recovery)
+        self.last = Record()        # the newest record
+        self.last_reading = Record()    # the newest of each reading kind, for a role's recovery
+        self.last_daily = Record()
         try:
             os.mkdir(path)
         except OSError:
@@ -110,15 +112,20 @@ class FlashLog:
                 if n != self.first + i:
                     os.rename("%s/%08d" % (self.path, n), self._name(i))
         for i in range(len(numbers)):
-            self.counts.append(self._load(i, repair=True))
-        while self.counts and self.counts[-1] == 0 and len(self.counts) > 1:
+            n = self._load(i, repair=True)
+            self.counts.append(n)
+            for k in range(n):
+                self._keep_last(k * REC)
+        while len(self.counts) > 1 and self.counts[-1] == 0:
             os.remove(self._name(len(self.counts) - 1))
             self.counts = self.counts[:-1]
-        for i in range(len(self.counts) - 1, -1, -1):
-            if self.counts[i]:
-                self._load(i)
-                self.last.unpack(self.seg, (self.counts[i] - 1) * REC)
-                break
+
+    def _keep_last(self, off):
+        self.last.unpack(self.seg, off)
+        if self.last.kind == K_READING:
+            self.last_reading.unpack(self.seg, off)
+        elif self.last.kind == K_DAILY:
+            self.last_daily.unpack(self.seg, off)
 
     def _load(self, index, repair=False):
         """Read segment index into self.seg; return its number of valid records."""
@@ -164,7 +171,7 @@ class FlashLog:
             f.write(memoryview(buf)[:REC])
         persist.writes += 1
         self.counts[-1] += 1
-        self.last.unpack(buf, 0)
+        self._keep_last(0)
 
     # -- send and acknowledge ----------------------------------------------------
     def read_unacked(self, records, max_n):

@@ -245,7 +245,7 @@ class Runtime:
         self.uplink.send_dict(M.HEALTH, M.health(
             self.boot_id, self.up_s, self.hal.heap_free_bytes(), self.heap_min, self.boot_id - 1,
             self.reset_cause_index(), u.sent, u.received, u.rejected(), self.log.fill_permille(),
-            persist.writes))
+            persist.writes, (self.jitter_percentile_us(50), self.jitter_percentile_us(99), self.jitter_max_us)))
 
     def jitter_percentile_us(self, p):
         total = sum(self.jitter)

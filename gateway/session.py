@@ -80,6 +80,7 @@ class Sessions:
         self.committed = 0
         self.acks_sent = 0
         self.on_command_result = lambda device_id, message: None
+        self.accepting = True          # False: verify and drop, acknowledge nothing (the disk guard)
 
     # -- input ------------------------------------------------------------------------
     def feed(self, data, link=None):
@@ -138,6 +139,9 @@ class Sessions:
         d.last_time_sync = now
         self._downlink(d, M.TIME_SYNC, M.time_sync(int(now * 1000), 0))
 
+    def time_sync(self, device_id):
+        self._time_sync(self.device(device_id), self.clock(), force=True)
+
     def downlink(self, device_id, msg_type, message):
         """Send a message to a board this gateway has heard from (its address comes from its hello)."""
         self._downlink(self.device(device_id), msg_type, message)
@@ -163,6 +167,8 @@ class Sessions:
         return round(origin + board_t_s, 3), "gateway"
 
     def _readings(self, d, m, now):
+        if not self.accepting:
+            return
         boot, seq0, t0, span, role, units, rows = m[0], m[1], m[2], m[3], m[4], m[5], m[6]
         self._note_boot(d, boot)
         role_name = M.ROLES[role] if role < len(M.ROLES) else str(role)
@@ -216,6 +222,8 @@ class Sessions:
         return item
 
     def _alarm(self, d, m, now):
+        if not self.accepting:
+            return
         boot, seq, t_s, code, active = m[0], m[1], m[2], m[3], m[4]
         self._note_boot(d, boot)
         wall, source = self._wall(d, boot, t_s, None)

@@ -40,6 +40,17 @@ CREATE TABLE IF NOT EXISTS acks (
     device_id INTEGER NOT NULL, boot_id INTEGER NOT NULL, acked_upto INTEGER NOT NULL,
     PRIMARY KEY (device_id, boot_id)
 );
+CREATE TABLE IF NOT EXISTS downlink (
+    id          INTEGER PRIMARY KEY,        -- also the command id the board answers with
+    device_id   INTEGER NOT NULL,
+    msg_type    INTEGER NOT NULL,           -- 7 config_push, 8 command
+    body        TEXT    NOT NULL,           -- JSON: the config, or {"name", "args"}
+    state       TEXT    NOT NULL,           -- queued, sent, done, refused (by the board), expired
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    created_at  REAL    NOT NULL,
+    sent_at     REAL,
+    result      TEXT
+);
 CREATE TABLE IF NOT EXISTS replay_windows (
     device_id INTEGER NOT NULL, direction INTEGER NOT NULL, top INTEGER NOT NULL, bits INTEGER NOT NULL,
     PRIMARY KEY (device_id, direction)
@@ -167,6 +178,29 @@ class Store:
             return -1, 0
         top, bits = row
         return top, bits + (1 << 64) if bits < 0 else bits   # SQLite integers are signed 64-bit
+
+    # -- downlink queue: held until the board answers --------------------------------------
+    def queue_downlink(self, device_id, msg_type, body, now=None):
+        cur = self.db.execute("INSERT INTO downlink (device_id, msg_type, body, state, created_at) VALUES"
+                              " (?,?,?,'queued',?)", (device_id, msg_type, body, time.time() if now is None else now))
+        return cur.lastrowid
+
+    def downlink_due(self, sent_before):
+        """The oldest open request per device: never sent, or sent before `sent_before` and unanswered."""
+        return self.db.execute(
+            "SELECT id, device_id, msg_type, body, attempts FROM downlink WHERE id IN (SELECT MIN(id) FROM downlink"
+            " WHERE state IN ('queued','sent') GROUP BY device_id) AND (state='queued' OR sent_at < ?)",
+            (sent_before,)).fetchall()
+
+    def mark_downlink_sent(self, qid, now):
+        self.db.execute("UPDATE downlink SET state='sent', attempts=attempts+1, sent_at=? WHERE id=?", (now, qid))
+
+    def finish_downlink(self, qid, state, result):
+        self.db.execute("UPDATE downlink SET state=?, result=? WHERE id=? AND state IN ('queued','sent')",
+                        (state, result, qid))
+
+    def downlink_status(self, qid):
+        return self.db.execute("SELECT state, attempts, result FROM downlink WHERE id=?", (qid,)).fetchone()
 
     def integrity_ok(self):
         return self.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -71,9 +71,12 @@ def alarm(boot_id, seq, t_s, code, active, detail=0):
 
 
 def health(boot_id, uptime_s, heap_free, heap_min, resets, reset_cause, tx, rx, rejected, log_fill_permille,
-           flash_writes):
-    return {0: boot_id, 1: uptime_s, 2: heap_free, 3: heap_min, 4: resets, 5: reset_cause,
-            6: {0: tx, 1: rx, 2: rejected}, 7: log_fill_permille, 8: flash_writes}
+           flash_writes, jitter_us=None):
+    m = {0: boot_id, 1: uptime_s, 2: heap_free, 3: heap_min, 4: resets, 5: reset_cause,
+         6: {0: tx, 1: rx, 2: rejected}, 7: log_fill_permille, 8: flash_writes}
+    if jitter_us is not None:
+        m[9] = {0: jitter_us[0], 1: jitter_us[1], 2: jitter_us[2]}
+    return m
 
 
 def ack(boot_id, seq):

@@ -2,6 +2,8 @@
 
   protocol  wire bytes per meter reading vs SenML-CBOR and JSON; board CPU
             and heap per report (VM); gateway receive rate vs cbor2 + AESCCM.
+  firmware  sampling jitter under load, heap peak, flash wear and life, pulses
+            lost per power cut (the meter runtime on a virtual board)
   boot   power-on to the app's banner on a virtual board, against a bare start
          of the same MicroPython VM (same heap); heap free after boot as a
          share of the board's budget.
@@ -33,8 +35,9 @@ def add_parser(sub):
     boot.add_argument("--boots", type=int, default=20, help="boots to time (default 20)")
     boot.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     boot.set_defaults(func=bench_boot)
-    from tools import bench_protocol
+    from tools import bench_firmware, bench_protocol
     bench_protocol.add_parser(bsub, type(p))
+    bench_firmware.add_parser(bsub, type(p))
 
 
 def _bare_vm_ms(board, n):

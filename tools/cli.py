@@ -71,9 +71,10 @@ def build_parser():
     wp.add_argument("--role", help="only the models wired to this role")
     wp.set_defaults(func=cmd_world_params)
 
-    from tools import bench, site
+    from tools import bench, gateway_cli, site
     site.add_parser(sub)
     bench.add_parser(sub)
+    gateway_cli.add_parser(sub)
     return parser
 
 

@@ -83,7 +83,7 @@ class Meter:
         self.no_pulse_s = cfg["no_pulse_h"] * 3600
         self.counter = hal.counter(hal.board["role_pins"]["pulse_in"], active_level=0,
                                    filter_us=cfg["debounce_us"])
-        self._recover(rt.log.last)
+        self._recover(rt.log)
         self.last_count = self.counter.count()
         # Hard-timer state: small ints only.
         self.unsaved = self.total - self.saved_total   # pulses not in the checkpoint yet
@@ -112,20 +112,27 @@ class Meter:
         self.rows = [0] * 128
 
     # -- boot -------------------------------------------------------------------------
-    def _recover(self, last):
+    def _recover(self, log):
+        """The checkpoint, or the newest reading logged when a cut came between the two writes.
+
+        Whatever the log adds is checkpointed at once: the log's records are
+        deleted once acknowledged, and must not be the only place the total lives."""
         total, ibase, dbase = 0, 0, 0
         raw = persist.read(CHECKPOINT)
         if raw and len(raw) == 16:
             t, i, d, c = struct.unpack(_CKPT, raw)
             if c == _crc(t, i, d):
                 total, ibase, dbase = t, i, d
-        if last.kind == K_READING:
-            ibase = max(ibase, last.reg + last.value)
-        elif last.kind == K_DAILY:
-            dbase = max(dbase, last.reg + last.value)
+        saved = (total, ibase, dbase)
+        if log.last_reading.kind == K_READING:
+            ibase = max(ibase, log.last_reading.reg + log.last_reading.value)
+        if log.last_daily.kind == K_DAILY:
+            dbase = max(dbase, log.last_daily.reg + log.last_daily.value)
         self.total = max(total, ibase)
         self.interval_base = ibase
         self.day_base = dbase if dbase <= self.total else ibase
+        if (self.total, self.interval_base, self.day_base) != saved:
+            self.checkpoint()
         self.saved_total = self.total
 
     def checkpoint(self):

@@ -16,6 +16,12 @@ class FileBlockDevice:
     def __init__(self, f, block_size, block_count):
         self.f, self.block_size, self.block_count = f, block_size, block_count
         self.writes = 0
+        self.erases = 0
+        self.erased = None       # per-block erase counts, once a benchmark asks (count_erases())
+
+    def count_erases(self):
+        import array
+        self.erased = array.array("I", [0] * self.block_count)
 
     def readblocks(self, block, buf, offset=0):
         self.f.seek(block * self.block_size + offset)
@@ -32,5 +38,8 @@ class FileBlockDevice:
         if op == 5:
             return self.block_size
         if op == 6:
+            self.erases += 1
+            if self.erased is not None:
+                self.erased[arg] += 1
             return 0
         return None

@@ -1,0 +1,305 @@
+"""prapa gateway run: the gateway service (asyncio), from one validated TOML config.
+
+What it promises, and where each promise is kept:
+- A board's entry is acknowledged only after its group commit is fsynced
+  (Sessions.flush -> Store.commit, synchronous=FULL); frames arriving within
+  group_commit_ms share one transaction.
+- Entries leave the store only after a broker's PUBACK and the retention
+  window (Forwarder); the cloud can ask for a replay.
+- With less than min_free_mb on the data disk the gateway stops acknowledging:
+  frames are verified and dropped, the boards keep their logs, an alarm is
+  raised; it resumes by itself when space returns. The store is never written
+  past the guard.
+- Serial ports are read by one thread each (pyserial blocks); everything else,
+  sessions included, runs on the loop thread, so sessions need no locks.
+"""
+
+import asyncio
+import collections
+import json
+import logging
+import shutil
+import signal
+import threading
+import time
+
+from gateway import forward_format as ff
+from gateway.forwarder import Forwarder
+from gateway.metrics import HttpServer, Metrics
+from gateway.registry import DownlinkCounters, Registry
+from gateway.sd_notify import Notifier
+from gateway.serial_link import SerialLink
+from gateway.session import Sessions
+from gateway.store import Store
+from protocol import messages as M
+
+log = logging.getLogger("prapa.gateway")
+DISK_CHECK_S = 5.0
+STATUS_EVERY_S = 1.0
+DOWNLINK_RETRY_S = 10.0
+DOWNLINK_MAX_TRIES = 5
+SERIES_POINTS = 96
+
+
+def _log(event, level=logging.INFO, **fields):
+    log.log(level, json.dumps({"event": event, **fields}, default=str))
+
+
+def forwarder_config(cfg):
+    """The [brokers] and [forward] sections in the forwarder's own terms."""
+    brokers = []
+    for b in cfg.brokers:
+        brokers.append({"host": b.host, "port": b.port, "tls": b.tls, "ca_file": b.ca_file and str(b.ca_file),
+                        "cert_file": b.cert_file and str(b.cert_file), "key_file": b.key_file and str(b.key_file),
+                        "username": b.username, "password": b.password(), "client_id": b.client_id})
+    table = {"site": cfg.gateway.site, "brokers": [{k: v for k, v in b.items() if v is not None} for b in brokers],
+             "client_id": cfg.brokers[0].client_id, "protocol": cfg.forward.protocol, "format": cfg.forward.format,
+             "max_payload_bytes": min(cfg.forward.max_payload_bytes, ff.PAYLOAD_MAX_BYTES),
+             "retention_s": cfg.store.retention_days * 86400}
+    return ff.ForwarderConfig.from_dict(table, where=f"{cfg.path}: [[brokers]]")
+
+
+class UdpPeer:
+    """A board on UDP: replies go to the address its last frame came from."""
+
+    def __init__(self, transport, addr):
+        self.transport, self.addr = transport, addr
+
+    def write(self, _link_addr, data):
+        self.transport.sendto(data, self.addr)
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, service, name):
+        self.service, self.name, self.transport = service, name, None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def datagram_received(self, data, addr):
+        self.service.ingest_datagram(self.name, data, UdpPeer(self.transport, addr))
+
+
+class Service:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        cfg.gateway.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.store = Store(cfg.store_path)
+        self.registry = Registry(cfg.registry_path)
+        self.metrics = Metrics(cfg.gateway.site)
+        self.sessions = Sessions(self.store, self.registry.key_for, self._nowhere,
+                                 lambda d: DownlinkCounters(self.registry, d), role_of=self._role_of)
+        self.sessions.on_command_result = self._command_result
+        self.forwarder = Forwarder(self.store, forwarder_config(cfg))
+        self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics, self.status)
+        self.notifier = Notifier()
+        self.serial_links = []
+        self.stopping = None
+        self.acks_withheld = False
+        self.series = collections.defaultdict(lambda: collections.deque(maxlen=SERIES_POINTS))
+        self._snapshot = {"site": cfg.gateway.site, "devices": [], "backlog": 0, "alarms": []}
+        self._seen_counts = 0
+        self._acked_seen = 0
+        self._last_sync = 0.0
+
+    # -- inputs ------------------------------------------------------------------------------
+    @staticmethod
+    def _nowhere(addr, wire):
+        _log("downlink_unrouted", logging.WARNING, addr=addr, bytes=len(wire))
+
+    def _role_of(self, device_id):
+        d = self.registry.get(device_id)
+        return d.role if d else None
+
+    def ingest(self, link, name, data):
+        before = self._frames()
+        self.sessions.feed(data, link)
+        self._count_frames(name, before)
+
+    def ingest_datagram(self, name, data, peer):
+        before = self._frames()
+        self.sessions.datagram(data, peer)
+        self._count_frames(name, before)
+
+    def _frames(self):
+        return self.sessions.receiver.accepted + sum(self.sessions.counts().values())
+
+    def _count_frames(self, name, before):
+        n = self._frames() - before
+        if n:
+            self.metrics.frames_received.labels(link=name).inc(n)
+
+    def _read_serial(self, link, loop):
+        """One thread per port: pyserial blocks; the data goes to the loop thread."""
+        while not self.stopping.is_set():
+            try:
+                data = link.read()
+            except OSError as e:
+                _log("link_error", logging.ERROR, port=link.port, error=str(e))
+                time.sleep(1.0)
+                continue
+            if data:
+                loop.call_soon_threadsafe(self.ingest, link, link.port, data)
+
+    # -- commit and acknowledge ------------------------------------------------------------------
+    async def commit_loop(self):
+        period = self.cfg.store.group_commit_ms / 1000
+        while True:
+            await asyncio.sleep(period)
+            if not self.sessions.pending:
+                continue
+            for e in self.sessions.pending:
+                if e.kind == "reading" and e.wall_t is not None:
+                    item = __import__("cbor2").loads(e.payload)
+                    self.series[e.device_id].append((e.wall_t, item.get("value"), item.get("register")))
+            t0 = time.perf_counter()
+            n = self.sessions.flush()
+            self.metrics.commit_latency.observe(time.perf_counter() - t0)
+            self.metrics.readings_committed.inc(n)
+            self.forwarder.kick()
+
+    async def disk_guard(self):
+        """Stop acknowledging before the disk is full: boards keep what they have."""
+        floor = self.cfg.store.min_free_mb * 1024 * 1024
+        while True:
+            free = shutil.disk_usage(self.cfg.gateway.data_dir).free
+            withhold = free < floor
+            if withhold != self.acks_withheld:
+                self.acks_withheld = withhold
+                self.sessions.accepting = not withhold
+                self.metrics.acks_withheld.set(1 if withhold else 0)
+                _log("acks_withheld" if withhold else "acks_resumed", logging.ERROR if withhold else logging.INFO,
+                     free_mb=free // 2**20, min_free_mb=self.cfg.store.min_free_mb)
+            await asyncio.sleep(DISK_CHECK_S)
+
+    # -- downlink queue ----------------------------------------------------------------------------
+    async def downlink_loop(self):
+        while True:
+            now = time.time()
+            for row in self.store.downlink_due(now - DOWNLINK_RETRY_S):
+                qid, device_id, msg_type, body, attempts = row
+                d = self.sessions.devices.get(device_id)
+                if d is None or d.link is None:
+                    continue
+                if attempts >= DOWNLINK_MAX_TRIES:
+                    self.store.finish_downlink(qid, "expired", f"no answer after {attempts} tries")
+                    _log("downlink_expired", device=device_id, id=qid)
+                    continue
+                message = json.loads(body)
+                if msg_type == M.COMMAND:
+                    self.sessions.downlink(device_id, M.COMMAND, M.command(qid, message["name"], message.get("args")))
+                else:
+                    self.sessions.downlink(device_id, M.CONFIG_PUSH, M.config_push(qid, message))
+                self.store.mark_downlink_sent(qid, now)
+            if now - self._last_sync >= self.cfg.time.sync_interval_s:
+                self._last_sync = now
+                for d in list(self.sessions.devices.values()):
+                    if d.link is not None:
+                        self.sessions.time_sync(d.device_id)
+            await asyncio.sleep(1.0)
+
+    def _command_result(self, device_id, m):
+        state = "done" if m[1] else "refused"          # a refused command is reported, never retried
+        self.store.finish_downlink(m[0], state, m.get(2, ""))
+        _log("downlink_result", device=device_id, id=m[0], state=state, detail=m.get(2, ""))
+
+    # -- observability -------------------------------------------------------------------------------
+    async def status_loop(self):
+        watchdog_s = self.notifier.watchdog_interval_s()
+        last_ping = 0.0
+        while True:
+            now = time.time()
+            self._update_metrics()
+            self._snapshot = self._build_status(now)
+            for d in self.sessions.devices.values():
+                if d.last_seen:
+                    self.registry.mark_seen(d.device_id, d.last_seen, d.firmware)
+            if watchdog_s and now - last_ping >= watchdog_s:
+                self.notifier.watchdog()
+                last_ping = now
+            await asyncio.sleep(STATUS_EVERY_S)
+
+    def _update_metrics(self):
+        m, f = self.metrics, self.forwarder
+        for reason, n in self.sessions.counts().items():
+            child = m.rejections.labels(reason=reason)
+            if n > child._value.get():
+                child.inc(n - child._value.get())
+        m.backlog.set(f.backlog)
+        new = f.acked - self._acked_seen
+        self._acked_seen = f.acked
+        for s in list(f.puback_latency_s)[-new:] if new > 0 else ():
+            m.puback_latency.observe(s)
+        for b in self.forwarder.config.brokers:
+            m.broker_connected.labels(broker=b.url).set(1 if f.connected and f.broker == b.url else 0)
+        for d in self.sessions.devices.values():
+            if d.last_seen:
+                m.device_seen(d.device_id, d.last_seen)
+
+    def _build_status(self, now):
+        devices, alarms = [], []
+        known = {d.device_id: d for d in self.registry.list()}
+        for device_id in sorted(set(known) | set(self.sessions.devices)):
+            reg, sess = known.get(device_id), self.sessions.devices.get(device_id)
+            active = {code: a for code, a in (sess.alarms.items() if sess else ())}
+            for code, (on, wall, name) in active.items():
+                alarms.append({"device": f"{device_id:08x}", "code": name, "active": on, "t": wall})
+            series = list(self.series.get(device_id, ()))
+            devices.append({
+                "id": f"{device_id:08x}", "name": (reg.name if reg else None) or f"{device_id:08x}",
+                "role": (reg.role if reg else None) or (sess.role if sess else None),
+                "last_seen": sess.last_seen if sess and sess.last_seen else (reg.last_seen if reg else None),
+                "firmware": (sess.firmware if sess else None) or (reg.firmware if reg else None),
+                "state": reg.state if reg else "unknown", "readings": len(series),
+                "alarms_active": sum(1 for on, _w, _n in active.values() if on),
+                "series": [[t, v] for t, v, _r in series],
+                "register": series[-1][2] if series else None})
+        if self.acks_withheld:
+            alarms.append({"device": "gateway", "code": "disk_nearly_full", "active": True, "t": now})
+        f = self.forwarder.stats()
+        return {"site": self.cfg.gateway.site, "now": now, "devices": devices, "backlog": f["backlog"],
+                "alarms": alarms, "utc_offset_minutes": self.cfg.time.utc_offset_minutes,
+                "brokers": [{"url": b.url, "connected": f["connected"] and f["broker"] == b.url}
+                            for b in self.forwarder.config.brokers],
+                "links": [{"link": getattr(l, "port", str(l)), "type": "serial"} for l in self.serial_links]}
+
+    def status(self):
+        return self._snapshot
+
+    # -- life cycle ------------------------------------------------------------------------------------
+    async def run(self):
+        loop = asyncio.get_running_loop()
+        self.stopping = threading.Event()
+        done = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        for link_cfg in self.cfg.links:
+            if link_cfg.type == "serial":
+                link = SerialLink(link_cfg.port, link_cfg.baudrate)
+                self.serial_links.append(link)
+                threading.Thread(target=self._read_serial, args=(link, loop), daemon=True,
+                                 name=f"link {link_cfg.port}").start()
+            else:
+                await loop.create_datagram_endpoint(lambda n=f"udp:{link_cfg.port}": _Udp(self, n),
+                                                    local_addr=(link_cfg.host, link_cfg.port))
+        self.http.start()
+        self.forwarder.start()
+        tasks = [asyncio.create_task(t) for t in (self.commit_loop(), self.disk_guard(), self.downlink_loop(),
+                                                  self.status_loop())]
+        self.notifier.ready(f"{len(self.cfg.links)} links, http {self.cfg.http.host}:{self.http.port}")
+        _log("gateway_started", site=self.cfg.gateway.site, links=len(self.cfg.links), http_port=self.http.port,
+             devices=len(self.registry.list()))
+        await done.wait()
+        _log("gateway_stopping")
+        self.notifier.stopping()
+        for t in tasks:
+            t.cancel()
+        self.stopping.set()
+        self.sessions.flush()
+        await asyncio.to_thread(self.forwarder.stop)
+        self.http.close()
+        for link in self.serial_links:
+            link.close()
+        self.registry.close()
+        self.store.close()
+        return 0
