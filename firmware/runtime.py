@@ -272,10 +272,14 @@ class Runtime:
         await self.housekeeping()
 
 
+current = None
+
+
 def main():
     from hal import open_hal
     hal = open_hal()
-    rt = Runtime(hal)
+    global current
+    rt = current = Runtime(hal)          # reachable from the REPL for a technician's inspection
     gc.collect()
     rt.banner()
     asyncio.run(rt.run())

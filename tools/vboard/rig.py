@@ -28,13 +28,13 @@ BOARD = "esp32-devkitc"
 STATUS_LINE = re.compile(r"prapa device=(\d+) log=(\d+)/(\d+) torn=(\d+) (.*)")
 
 
-def commissioned_flash(tmp_path, meter=None, extra=None, name="flash.img"):
+def commissioned_flash(tmp_path, meter=None, extra=None, name="flash.img", device_id=DEVICE_ID, key=KEY):
     board = boards.load(BOARD)
     flash = tmp_path / name
     prepare_flash(board, "meter", flash)
-    config = {"device_id": DEVICE_ID, "role": "meter", "meter": dict(meter or {})}
+    config = {"device_id": device_id, "role": "meter", "meter": dict(meter or {})}
     config.update(extra or {})
-    image.provision(board, flash, config, KEY)
+    image.provision(board, flash, config, key)
     return flash
 
 
@@ -141,7 +141,8 @@ class Rig:
         import subprocess
         import sys
         self.console.close()
-        r = subprocess.run([sys.executable, "-m", "mpremote", "connect", self.board.console_port, "exec", code],
+        r = subprocess.run([sys.executable, "-m", "mpremote", "connect", self.board.console_port, "resume", "exec",
+                            code],
                            capture_output=True, text=True, timeout=timeout)
         if r.returncode:
             raise RuntimeError(f"mpremote exec failed: {r.stderr.strip()}")
