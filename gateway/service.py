@@ -23,6 +23,8 @@ import signal
 import threading
 import time
 
+import cbor2
+
 from gateway import forward_format as ff
 from gateway.forwarder import Forwarder
 from gateway.metrics import HttpServer, Metrics
@@ -39,6 +41,11 @@ STATUS_EVERY_S = 1.0
 DOWNLINK_RETRY_S = 10.0
 DOWNLINK_MAX_TRIES = 5
 SERIES_POINTS = 96
+# Readings per MQTT message. With Mosquitto's 20 messages in flight this bounds what the forwarder holds
+# in memory (about 5,000 entries) while keeping messages far under managed brokers' size limits.
+FORWARD_MAX_ITEMS = 250
+QUEUED_CHUNKS = 32              # serial reads handed to the loop and not yet ingested (bounds memory)
+GROUP_MAX_ENTRIES = 4000         # a group commit closes at group_commit_ms or this many entries
 
 
 def _log(event, level=logging.INFO, **fields):
@@ -55,7 +62,7 @@ def forwarder_config(cfg):
     table = {"site": cfg.gateway.site, "brokers": [{k: v for k, v in b.items() if v is not None} for b in brokers],
              "client_id": cfg.brokers[0].client_id, "protocol": cfg.forward.protocol, "format": cfg.forward.format,
              "max_payload_bytes": min(cfg.forward.max_payload_bytes, ff.PAYLOAD_MAX_BYTES),
-             "retention_s": cfg.store.retention_days * 86400}
+             "retention_s": cfg.store.retention_days * 86400, "max_items": FORWARD_MAX_ITEMS}
     return ff.ForwarderConfig.from_dict(table, where=f"{cfg.path}: [[brokers]]")
 
 
@@ -101,6 +108,7 @@ class Service:
         self._seen_counts = 0
         self._acked_seen = 0
         self._last_sync = 0.0
+        self._queued = threading.BoundedSemaphore(QUEUED_CHUNKS)
 
     # -- inputs ------------------------------------------------------------------------------
     @staticmethod
@@ -112,9 +120,12 @@ class Service:
         return d.role if d else None
 
     def ingest(self, link, name, data):
+        self._queued.release()
         before = self._frames()
         self.sessions.feed(data, link)
         self._count_frames(name, before)
+        if len(self.sessions.pending) >= GROUP_MAX_ENTRIES:
+            self._commit()
 
     def ingest_datagram(self, name, data, peer):
         before = self._frames()
@@ -139,6 +150,7 @@ class Service:
                 time.sleep(1.0)
                 continue
             if data:
+                self._queued.acquire()        # backpressure: at most QUEUED_CHUNKS reads wait for the loop
                 loop.call_soon_threadsafe(self.ingest, link, link.port, data)
 
     # -- commit and acknowledge ------------------------------------------------------------------
@@ -146,17 +158,25 @@ class Service:
         period = self.cfg.store.group_commit_ms / 1000
         while True:
             await asyncio.sleep(period)
-            if not self.sessions.pending:
-                continue
-            for e in self.sessions.pending:
-                if e.kind == "reading" and e.wall_t is not None:
-                    item = __import__("cbor2").loads(e.payload)
-                    self.series[e.device_id].append((e.wall_t, item.get("value"), item.get("register")))
-            t0 = time.perf_counter()
-            n = self.sessions.flush()
-            self.metrics.commit_latency.observe(time.perf_counter() - t0)
-            self.metrics.readings_committed.inc(n)
-            self.forwarder.kick()
+            self._commit()
+
+    def _commit(self):
+        pending = self.sessions.pending
+        if not pending:
+            return
+        last = {}
+        for e in pending:                      # the newest reading of each device, for the live charts
+            if e.kind == "reading" and e.wall_t is not None:
+                last[e.device_id] = e
+        t0 = time.perf_counter()
+        n = self.sessions.flush()
+        self.metrics.commit_latency.observe(time.perf_counter() - t0)
+        self.metrics.readings_committed.inc(n)
+        self.forwarder.kick()
+        for device_id, e in last.items():
+            item = cbor2.loads(e.payload)
+            if item.get("series") == "interval":
+                self.series[device_id].append((e.wall_t, item.get("value"), item.get("register")))
 
     async def disk_guard(self):
         """Stop acknowledging before the disk is full: boards keep what they have."""

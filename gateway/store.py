@@ -76,6 +76,9 @@ class Store:
         if mode.lower() != "wal":
             raise RuntimeError(f"{self.path}: SQLite refused WAL mode ({mode}); put the store on a local disk")
         self.db.execute("PRAGMA synchronous=FULL")
+        # 512 KiB of page cache per connection (SQLite's default is 2 MiB): the working set is the tail of
+        # the entries table, and a Raspberry Pi's memory is better left to the page cache of the OS.
+        self.db.execute("PRAGMA cache_size=-512")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript(SCHEMA)
 
@@ -89,12 +92,12 @@ class Store:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
+            db.executemany(
+                "INSERT OR IGNORE INTO entries (device_id, boot_id, seq, seq_last, kind, priority, board_t_s,"
+                " wall_t, time_source, payload, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                [(e.device_id, e.boot_id, e.seq, e.seq_last, e.kind, 0 if e.kind == "alarm" else 1, e.board_t_s,
+                  e.wall_t, e.time_source, bytes(e.payload), now) for e in entries])
             for e in entries:
-                db.execute(
-                    "INSERT OR IGNORE INTO entries (device_id, boot_id, seq, seq_last, kind, priority, board_t_s,"
-                    " wall_t, time_source, payload, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    (e.device_id, e.boot_id, e.seq, e.seq_last, e.kind, 0 if e.kind == "alarm" else 1,
-                     e.board_t_s, e.wall_t, e.time_source, bytes(e.payload), now))
                 if e.seq < 0:
                     continue
                 key = (e.device_id, e.boot_id)

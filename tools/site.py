@@ -77,17 +77,6 @@ class Cloud:
         self.client.disconnect()
 
 
-def _gateway_config(workdir, uart_ports, broker_port, http_port):
-    links = "".join(f'[[links]]\ntype = "serial"\nport = "{p}"\n\n' for p in uart_ports)
-    path = workdir / "gateway.toml"
-    path.write_text(
-        f'[gateway]\nsite = "{SITE}"\ndata_dir = "{workdir / "gateway"}"\nlog_level = "info"\n\n{links}'
-        f'[[brokers]]\nurl = "mqtt://127.0.0.1:{broker_port}"\nclient_id = "prapa-{SITE}-gateway"\n\n'
-        f'[store]\nmin_free_mb = 50\n\n[time]\nsync_interval_s = 60\n\n[http]\nlisten = "127.0.0.1:{http_port}"\n')
-    (workdir / "gateway").mkdir(mode=0o700, exist_ok=True)
-    return path
-
-
 def _meter_setup(i):
     """(meter config, world) for board i. Every third has a burst main: 12 L/min without pause,
     a burst alarm after two minutes, so the status page shows an alarm early."""
@@ -97,13 +86,11 @@ def _meter_setup(i):
 
 
 def run(args):
-    import subprocess
-
-    from gateway.registry import Registry
     from tools import boards as board_defs
     from tools import image
     from tools.broker import Broker, free_port
     from tools.errors import UsageError
+    from tools.gateway_process import GatewayProcess, register, write_config
     from tools.vboard.bench import prepare_flash
     from tools.vboard.process import BoardProcess
 
@@ -124,8 +111,7 @@ def run(args):
         broker = Broker(workdir / "broker")
         _log("broker_started", host=broker.host, port=broker.port)
         cloud = Cloud(broker.port)
-        (workdir / "gateway").mkdir(mode=0o700, exist_ok=True)
-        registry = Registry(workdir / "gateway" / "registry.db")
+        keys, names = {}, {}
         for i in range(args.boards):
             device_id = FIRST_DEVICE_ID + i
             name = f"meter-{i + 1:03d}"
@@ -134,25 +120,26 @@ def run(args):
             prepare_flash(board_def, "meter", flash)
             meter, world = _meter_setup(i)
             image.provision(board_def, flash, {"device_id": device_id, "role": "meter", "meter": meter}, key)
-            registry.add(device_id, "meter", key, name=name, board=board_def.name)
+            keys[device_id], names[device_id] = key, name
             vb = BoardProcess(args.board, "meter", flash, speed=args.speed, seed=i, world=world)
             boards.append((name, device_id, vb))
             _log("board_started", device=name, id=f"{device_id:08x}", uart=vb.uart_port, console=vb.console_port)
-        registry.close()
         http_port = free_port()
-        config = _gateway_config(workdir, [vb.uart_port for _n, _d, vb in boards], broker.port, http_port)
-        log = open(workdir / "gateway.log", "w")
-        gateway = subprocess.Popen([sys.executable, "-m", "tools.cli", "gateway", "run", "--config", str(config)],
-                                   stdout=log, stderr=log, cwd=Path(__file__).resolve().parent.parent)
+        config = write_config(workdir, [vb.uart_port for _n, _d, vb in boards], broker.port, site=SITE,
+                              http_port=http_port, extra="\n[store]\nmin_free_mb = 50\n")
+        register(workdir, keys, names=names, board=board_def.name)
+        gateway = GatewayProcess(config, log_path=workdir / "gateway.log").start()
+        gateway.wait_started()
         url = f"http://127.0.0.1:{http_port}/"
-        _log("gateway_started", status_page=url, metrics=url + "metrics", pid=gateway.pid)
+        _log("gateway_started", status_page=url, metrics=url + "metrics", pid=gateway.proc.pid)
         if not args.headless:
             print(f"status page: {url}   (Ctrl-C stops everything)", file=sys.stderr)
             import webbrowser
             threading.Timer(1.5, webbrowser.open, args=(url,)).start()
         while not stopping.is_set() and (not args.duration or time.monotonic() - started < args.duration):
-            if gateway.poll() is not None:
-                raise RuntimeError(f"the gateway stopped (exit {gateway.returncode}); see {workdir / 'gateway.log'}")
+            if gateway.proc.poll() is not None:
+                raise RuntimeError(f"the gateway stopped (exit {gateway.proc.returncode}); "
+                                   f"see {workdir / 'gateway.log'}")
             if not args.headless:
                 _live_view(boards, cloud, workdir, time.monotonic() - started, url)
             stopping.wait(1.0)
@@ -162,12 +149,8 @@ def run(args):
         if gateway is not None and cloud is not None:
             _drain(workdir, cloud, timeout_s=5.0)
             report = _report(boards, cloud, workdir, started)
-        if gateway is not None and gateway.poll() is None:
-            gateway.send_signal(signal.SIGTERM)
-            try:
-                gateway.wait(15)
-            except subprocess.TimeoutExpired:
-                gateway.kill()
+        if gateway is not None:
+            gateway.stop()
         for _n, _d, vb in boards:
             vb.close()
         if cloud is not None:
@@ -184,7 +167,7 @@ def run(args):
 def _stored(workdir):
     """Reading identities the gateway has committed, per device (read-only look at its store)."""
     import sqlite3
-    path = workdir / "gateway" / "store.db"
+    path = workdir / "data" / "store.db"
     if not path.exists():
         return {}
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)

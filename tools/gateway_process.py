@@ -1,0 +1,87 @@
+"""A real gateway service (`prapa gateway run` as a child process): its config, its registry, start and kill.
+
+Used by `prapa site`, the gateway benchmark and the tests."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from gateway.registry import Registry
+from tools.broker import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(folder, uart_ports, broker_port, site="testsite", extra="", http_port=None):
+    """A gateway.toml for serial links on this machine and a local broker; data in folder/data."""
+    folder = Path(folder)
+    links = "".join(f'[[links]]\ntype = "serial"\nport = "{p}"\n\n' for p in uart_ports)
+    text = (f'[gateway]\nsite = "{site}"\ndata_dir = "{folder / "data"}"\nlog_level = "info"\n\n{links}'
+            f'[[brokers]]\nurl = "mqtt://127.0.0.1:{broker_port}"\nclient_id = "prapa-{site}-gw"\n\n'
+            f'[http]\nlisten = "127.0.0.1:{http_port or free_port()}"\n\n[time]\nsync_interval_s = 60\n{extra}')
+    path = folder / "gateway.toml"
+    path.write_text(text)
+    (folder / "data").mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def register(folder, devices, role="meter", names=None, board=None):
+    reg = Registry(Path(folder) / "data" / "registry.db")
+    for device_id, key in devices.items():
+        reg.add(device_id, role, key, name=(names or {}).get(device_id), board=board)
+    reg.close()
+
+
+class GatewayProcess:
+    def __init__(self, config_path, log_path=None):
+        self.config_path = config_path
+        self.log_path = log_path
+        self.proc = None
+        self.log = []
+
+    def start(self):
+        # The environment of deploy/prapa-gateway.service: one malloc arena per thread would let a
+        # burst of frames grow the heap in every thread and keep it (RSS figures on a Pi matter).
+        env = dict(os.environ, MALLOC_ARENA_MAX="2")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "gateway", "run", "--config",
+                                      str(self.config_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        return self
+
+    def _read(self, proc):
+        out = open(self.log_path, "a") if self.log_path else None
+        for line in proc.stderr:
+            self.log.append(line.rstrip())
+            del self.log[:-1000]
+            if out:
+                out.write(line)
+                out.flush()
+
+    def wait_started(self, timeout=20):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any('"gateway_started"' in line for line in self.log):
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited {self.proc.returncode}: {self.log[-5:]}")
+            time.sleep(0.02)
+        raise AssertionError(f"gateway did not start: {self.log[-5:]}")
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode if self.proc else None
