@@ -107,3 +107,150 @@ def test_sigkill_the_gateway_200_times_and_every_acknowledged_reading_reaches_th
         for b in boards.values():
             b.close()
         broker.stop()
+
+
+def _metrics(cfg_path):
+    import re
+    import urllib.request
+    port = re.search(r'listen = "127.0.0.1:(\d+)"', cfg_path.read_text()).group(1)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out, port
+
+
+class _Site:
+    """One commissioned virtual meter, a broker, the gateway service on the meter's link plus a spare
+    pty (for whatever a test wants to throw at the gateway), and a subscriber."""
+
+    def __init__(self, tmp_path, extra="", meter=None):
+        import os
+        import pty
+        import tty
+        self.broker = Broker(tmp_path / "broker")
+        flash = commissioned_flash(tmp_path, meter=meter or {"interval_min": 1})
+        self.board = BoardProcess("esp32-devkitc", "meter", flash, speed=60, world=["flow_meter.forced_lpm=20"])
+        self.spare_master, spare_slave = pty.openpty()
+        tty.setraw(spare_slave)
+        self.spare_slave = spare_slave
+        self.cfg = write_config(tmp_path, [self.board.uart_port, os.ttyname(spare_slave)], self.broker.port,
+                                extra=extra)
+        register(tmp_path, {0x1001: KEY})
+        self.sub = Subscriber(self.broker.port)
+        self.gw = GatewayProcess(self.cfg).start()
+        self.gw.wait_started()
+        self.store_path = tmp_path / "data" / "store.db"
+
+    def wait(self, predicate, timeout, what):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            v = predicate()
+            if v:
+                return v
+            time.sleep(0.2)
+        raise AssertionError(f"timed out waiting for {what}; gateway log {self.gw.log[-5:]}")
+
+    def close(self):
+        import os
+        self.sub.close()
+        self.gw.stop()
+        self.board.close()
+        self.broker.stop()
+        os.close(self.spare_master)
+        os.close(self.spare_slave)
+
+
+def test_garbage_forged_and_unknown_frames_are_counted_and_dropped_and_the_gateway_goes_on(tmp_path):
+    import os
+    from protocol import link, secure
+    from protocol import messages as M
+    from protocol.secure import MemoryCounters
+    site = _Site(tmp_path)
+    try:
+        site.wait(lambda: site.sub.of_kind("reading"), 30, "a first reading")
+        stranger = link.Sender(bytes(16), 0x7777, secure.UPLINK, MemoryCounters(1))       # not in the registry
+        forger = link.Sender(bytes(16), 0x1001, secure.UPLINK, MemoryCounters(10**6))     # right id, wrong key
+        payload = bytearray(b"\xa2\x00\x01\x01\x02")
+        junk = bytes(range(1, 256)) * 8 + b"\x00"
+        for _ in range(5):
+            os.write(site.spare_master, junk)
+            n = stranger.wire_into(M.ALARM, payload, len(payload))
+            os.write(site.spare_master, bytes(stranger.wire[:n]))
+            n = forger.wire_into(M.ALARM, payload, len(payload))
+            os.write(site.spare_master, bytes(forger.wire[:n]))
+        metrics, _ = site.wait(lambda: (lambda m: m if m[0].get(
+            'prapa_frames_rejected_total{reason="auth"}', 0) >= 5 else None)(_metrics(site.cfg)), 20, "refusals")
+        assert metrics['prapa_frames_rejected_total{reason="unknown_device"}'] >= 5
+        assert metrics['prapa_frames_rejected_total{reason="too_long"}'] + \
+            metrics['prapa_frames_rejected_total{reason="noise"}'] + \
+            metrics['prapa_frames_rejected_total{reason="crc"}'] >= 5
+        before = len(site.sub.of_kind("reading"))
+        site.wait(lambda: len(site.sub.of_kind("reading")) > before, 30, "readings after the garbage")
+        assert site.gw.proc.poll() is None
+    finally:
+        site.close()
+
+
+def test_a_nearly_full_disk_stops_acknowledgements_and_the_board_keeps_its_log(tmp_path):
+    site = _Site(tmp_path, extra="\n[store]\nmin_free_mb = 1000000\n")      # a terabyte: never free here
+    try:
+        metrics, _ = site.wait(lambda: (lambda m: m if m[0].get("prapa_acks_withheld") == 1 else None)(
+            _metrics(site.cfg)), 20, "the disk guard")
+        time.sleep(4)                                  # four board minutes of readings arrive and are refused
+        import sqlite3
+        db = sqlite3.connect(site.store_path)
+        assert db.execute("SELECT COUNT(*) FROM entries").fetchone()[0] == 0
+        db.close()
+        assert not site.sub.of_kind("reading")
+        site.gw.stop()
+        site.cfg.write_text(site.cfg.read_text().replace("min_free_mb = 1000000", "min_free_mb = 10"))
+        site.gw = GatewayProcess(site.cfg).start()
+        readings = site.wait(lambda: (lambda r: r if len(r) >= 4 else None)(
+            [r for r in site.sub.of_kind("reading") if r["series"] == "interval"]), 40, "the kept readings")
+        assert readings[0]["seq"] == 1, "the board kept everything from its first reading"
+    finally:
+        site.close()
+
+
+def test_commands_and_config_pushes_wait_for_the_board_and_a_refusal_is_reported(tmp_path):
+    import json
+    import sqlite3
+    import subprocess
+    import sys
+    site = _Site(tmp_path)
+    try:
+        site.wait(lambda: site.sub.of_kind("reading"), 30, "a first reading")
+
+        def prapa(*args):
+            r = subprocess.run([sys.executable, "-m", "tools.cli", "gateway", *args, "--config", str(site.cfg),
+                                "--json"], capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)["queued"]
+
+        def state(qid):
+            db = sqlite3.connect(site.store_path)
+            try:
+                return db.execute("SELECT state, result FROM downlink WHERE id=?", (qid,)).fetchone()
+            finally:
+                db.close()
+
+        ping = prapa("command", "--device", "0x1001", "ping")
+        assert site.wait(lambda: state(ping)[0] == "done", 20, "the ping's answer")
+        assert state(ping)[1].startswith("pong")
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps({"device_id": 0x1001, "role": "meter", "meter": {"interval_min": 7}}))
+        refused = prapa("push-config", "--device", "0x1001", "--file", str(bad))
+        assert site.wait(lambda: state(refused)[0] == "refused", 20, "the refusal")
+        assert "meter.interval_min" in state(refused)[1] and "fix:" in state(refused)[1]
+        good = tmp_path / "good.json"
+        good.write_text(json.dumps({"device_id": 0x1001, "role": "meter", "meter": {"interval_min": 2}}))
+        pushed = prapa("push-config", "--device", "0x1001", "--file", str(good))
+        assert site.wait(lambda: state(pushed)[0] == "done", 20, "the config push")
+        # The board reboots into the new config: a new boot whose readings span two minutes.
+        site.wait(lambda: [r for r in site.sub.of_kind("reading") if r["boot"] == 2 and r["span_s"] == 120],
+                  40, "two-minute readings from boot 2")
+    finally:
+        site.close()
