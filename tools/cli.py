@@ -75,6 +75,9 @@ def build_parser():
     site.add_parser(sub)
     bench.add_parser(sub)
     gateway_cli.add_parser(sub)
+    from tools import commission, monitor
+    commission.add_parser(sub)
+    monitor.add_parser(sub)
     from tools import build, flash
     build.add_parser(sub)
     flash.add_parser(sub)

@@ -1,0 +1,533 @@
+"""prapa commission: give a flashed board its identity, key and role config, and prove it works.
+
+Why it is shaped like this:
+- Everything that can be refused is refused before the board or the registry
+  is touched: the config is validated on the host with the firmware's own
+  schema tables (firmware/config.py and the role module, imported here), so
+  the board can never boot into an idle state the host could have foreseen.
+- The key is made here (secrets), goes to the board through mpremote's raw
+  REPL (library calls: never a process argument, never a file on the host)
+  and to the registry; it is printed nowhere. Files are written as siblings
+  and renamed on the board, so a pulled cable leaves each file old or new.
+- A role plugs in by adding a ROLE_CHECKS entry: the sensor check it asks of
+  the installer, the query it runs on the board, and how to judge the answer.
+
+Exit codes: 0 ok, 1 a step or live check failed (the board is commissioned,
+the output says what to fix), 2 bad input (nothing written anywhere).
+"""
+
+import json
+import os
+import re
+import secrets
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tools.errors import UsageError
+
+FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
+DEVICE_LINE = re.compile(r"prapa device=(\d+) log=\d+/\d+ torn=\d+ ?(.*)")
+IDLE_LINE = re.compile(r"prapa idle: config invalid: (.*)")
+BANNER = re.compile(r"prapa (\S+) board=(\S+) role=(\S+) boot=(\d+) reset=(\S+)")
+BOOT_TIMEOUT_S = 20
+ROUND_TRIP_TIMEOUT_S = 30
+ROUND_TRIP_COUNTERS = 64        # pings every 3 s and a time sync per hello for 30 s need far fewer
+
+
+# -- host-side validation with the firmware's own tables -------------------------------------------
+
+def firmware_roles():
+    return sorted(p.stem for p in (FIRMWARE_DIR / "roles").glob("*.py") if p.stem != "__init__")
+
+
+def firmware_modules(role):
+    """(config module, role module) of firmware/, importable here because they are plain Python.
+
+    The role module says `from micropython import const`; CPython has no such
+    module (the venv's `micropython` is the VM launcher), so a stand-in is
+    lent for the import only."""
+    import types
+    if str(FIRMWARE_DIR) not in sys.path:
+        sys.path.insert(0, str(FIRMWARE_DIR))
+    lent = sys.modules.get("micropython")
+    sys.modules["micropython"] = types.SimpleNamespace(const=lambda x: x)
+    try:
+        import importlib
+        config = importlib.import_module("config")
+        module = importlib.import_module("roles." + role)
+    finally:
+        if lent is None:
+            del sys.modules["micropython"]
+        else:
+            sys.modules["micropython"] = lent
+    if Path(config.__file__).resolve().parent != FIRMWARE_DIR:
+        raise RuntimeError(f"`config` resolved to {config.__file__}, not firmware/config.py")
+    return config, module
+
+
+def parse_device_id(text):
+    try:
+        value = int(str(text), 0)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= 0xFFFFFFFE:
+        raise UsageError("--device-id", f"{text!r} is not a device id",
+                         "give a whole number 1..4294967294 (decimal or 0x...), unique on the gateway")
+    return value
+
+
+def build_config(role, device_id, config_file=None, sets=()):
+    """The board's /config.json as a dict with every default filled in; UsageError names the field."""
+    roles = firmware_roles()
+    if role not in roles:
+        raise UsageError("--role", f"{role!r} has no firmware module", "use one of " + ", ".join(roles))
+    fwconfig, module = firmware_modules(role)
+    raw, origin = {}, "--set"
+    if config_file is not None:
+        origin = f"--config {config_file}"
+        try:
+            raw = json.loads(Path(config_file).read_text())
+        except OSError as e:
+            raise UsageError("--config", f"{config_file}: {e.strerror}", "give the path of a JSON config file")
+        except ValueError as e:
+            raise UsageError("--config", f"{config_file} is not JSON ({e})", "write it as on the board's /config.json")
+        if not isinstance(raw, dict):
+            raise UsageError("--config", f"{config_file} is not a JSON object", 'write {"meter": {...}, ...}')
+        for key, want in (("device_id", device_id), ("role", role)):
+            if key in raw and raw[key] != want:
+                raise UsageError(f"{origin}: {key}", f"{raw[key]!r} differs from --{key.replace('_', '-')} {want}",
+                                 f"leave {key} out of the file or make them agree")
+    for item in sets:
+        name, eq, value = item.partition("=")
+        section, dot, key = name.partition(".")
+        if not eq or not dot or not section or not key:
+            raise UsageError("--set", f"{item!r} is not SECTION.KEY=VALUE", f"e.g. --set {role}.k_factor_l=10")
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass                                  # the schema says what a text value should have been
+        if section in ("device_id", "role") or not isinstance(raw.setdefault(section, {}), dict):
+            raise UsageError(f"--set {name}", f"{section} is not a config section",
+                             "sections: " + ", ".join([role, *fwconfig.RUNTIME_SCHEMA]))
+        raw[section][key] = value
+        origin = "--set"
+    allowed = ("device_id", "role", role, *fwconfig.RUNTIME_SCHEMA)
+    cfg = {"device_id": device_id, "role": role}
+    try:
+        for k in raw:
+            if k not in allowed:
+                raise fwconfig.ConfigError(k, "unknown section", "use one of " + ", ".join(allowed[2:]))
+        for name, schema in fwconfig.RUNTIME_SCHEMA.items():
+            cfg[name] = fwconfig.check_section(name, raw.get(name), schema)
+        cfg[role] = fwconfig.check_section(role, raw.get(role), module.SCHEMA)
+        module.check(cfg[role])
+    except fwconfig.ConfigError as e:
+        field, _, rest = str(e).partition(": ")
+        problem, _, fix = rest.partition("; fix: ")
+        raise UsageError(f"{origin} {field}" if origin == "--set" else f"{origin}: {field}", problem, fix) from None
+    return cfg
+
+
+# -- role checks: what "the sensor reads sensibly" means per role ----------------------------------
+
+class MeterCheck:
+    """Water through the meter moves the board's pulse total.
+
+    Read live from the running app (runtime.current, the role's own status())
+    and checkpointed first, so the test water stays on the register when the
+    board restarts after the query."""
+
+    PREPARE = "rt.role.checkpoint()\n"
+    WAIT_S = 30
+
+    @staticmethod
+    def instructions(section):
+        return (f"open a tap downstream of the meter and let at least {2 * section['k_factor_l']:g} L run "
+                f"({section['k_factor_l']:g} L per pulse)")
+
+    @staticmethod
+    def judge(section, before, after, board):
+        t0, t1 = int(before.get("total_pulses", 0)), int(after.get("total_pulses", 0))
+        if t1 > t0:
+            return True, f"{t1 - t0} pulses = {(t1 - t0) * section['k_factor_l']:g} L seen", ""
+        pin = board.get("role_pins", {}).get("pulse_in", "?")
+        return False, f"no pulse counted (total_pulses stayed {t0})", (
+            f"check that water runs, the meter's pulse cable on GPIO {pin} and ground, and debounce_us "
+            f"({section['debounce_us']}); then run: prapa commission ... again")
+
+
+ROLE_CHECKS = {"meter": MeterCheck}
+STATUS_QUERY = ("import runtime\nrt = runtime.current\nif rt is None or rt.role is None:\n print('app=stopped')\n"
+                "else:\n{prepare} print(' '.join('%s=%s' % kv for kv in sorted(rt.role.status().items())))\n")
+
+
+def parse_status(text):
+    return dict(re.findall(r"(\w+)=(\S+)", text))
+
+
+# -- the board over USB (mpremote as a library) -----------------------------------------------------
+
+class BoardLink:
+    """One console connection at a time; the app is stopped while we talk and restarted by reset()."""
+
+    def __init__(self, port):
+        from mpremote.transport_serial import SerialTransport
+        self.port = port
+        try:
+            # A read timeout, unlike mpremote's default of none: on a pty mpremote reads without
+            # checking for data first, so a board that never answers would hang us for good.
+            self.t = SerialTransport(port, exclusive=True, timeout=1)
+        except Exception as e:       # pyserial and mpremote raise several kinds for busy/vanished ports
+            raise BoardError(f"cannot open {port} ({e})",
+                             "close other programs using it (mpremote, screen, the gateway) and retry") from None
+
+    stopped = False          # the app was interrupted and waits for reset()
+
+    def exec(self, code, soft_reset=True):
+        self.stopped = True
+        try:
+            self.t.enter_raw_repl(soft_reset=soft_reset)
+            out = self.t.exec(code).decode(errors="replace")
+            self.t.exit_raw_repl()
+            return out
+        except Exception as e:
+            raise BoardError(f"the board did not run a command ({e})",
+                             "check the USB cable; is MicroPython with the prapa app flashed? (prapa flash)") from None
+
+    def read_identity(self):
+        out = self.exec("import os, json\nb = json.load(open('board.json'))\nc = None\nk = 0\n"
+                        "try:\n c = json.load(open('config.json')).get('device_id')\nexcept Exception:\n pass\n"
+                        "try:\n k = os.stat('device.key')[6]\nexcept OSError:\n pass\n"
+                        "print(json.dumps({'board': b, 'device_id': c, 'key_bytes': k}))")
+        return json.loads(out.strip().splitlines()[-1])
+
+    def write_atomically(self, files):
+        """Write every (name, bytes) as name.new, then rename them all: each file is old or new after a cut."""
+        self.stopped = True
+        try:
+            for name, data in files:
+                self.t.enter_raw_repl(soft_reset=False)
+                self.t.fs_writefile(name + ".new", data)
+            self.t.exec("import os\n" + "".join(f"os.rename({n + '.new'!r}, {n!r})\n" for n, _ in files))
+            self.t.exit_raw_repl()
+        except Exception as e:
+            raise BoardError(f"writing to the board failed ({type(e).__name__})",
+                             "check the USB cable and run the command again") from None
+
+    def reset_and_watch(self, timeout_s=BOOT_TIMEOUT_S):
+        """Hard-reset the board; return (banner, status line or idle line) from its console."""
+        try:
+            self.t.enter_raw_repl(soft_reset=False)
+            self.t.exec_raw_no_follow("import machine\nmachine.reset()")
+            self.stopped = False
+        except Exception as e:
+            raise BoardError(f"the board did not take the reset ({e})", "press its EN/RST button") from None
+        banner, buf, end = None, b"", time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            buf += self.t.serial.read(max(1, self.t.serial.in_waiting)) if self.t.serial.in_waiting else b""
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace").strip()
+                if BANNER.search(line):
+                    banner = line
+                elif DEVICE_LINE.search(line) or IDLE_LINE.search(line):
+                    return banner, line
+            time.sleep(0.02)
+        return banner, None
+
+    def close(self):
+        """Leave the board running its app, whatever step stopped it."""
+        try:
+            if self.stopped:
+                self.reset_and_watch(timeout_s=0)
+        except BoardError:
+            pass
+        try:
+            self.t.close()
+        except Exception:
+            pass
+
+
+class BoardError(Exception):
+    def __init__(self, problem, fix):
+        super().__init__(problem)
+        self.problem, self.fix = problem, fix
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+class Steps:
+    """Prints each step as it ends (ok/FAIL, seconds, the fix), or one JSON object per step."""
+
+    def __init__(self, as_json):
+        self.as_json, self.t0, self.failed, self.records = as_json, time.monotonic(), False, []
+
+    def run(self, name, fn):
+        t = time.monotonic()
+        if not self.as_json:
+            print(f"  {name} ...", end="", flush=True)
+        try:
+            ok, detail, fix, value = fn()
+        except BoardError as e:
+            ok, detail, fix, value = False, e.problem, e.fix, None
+        self.report(name, ok, detail, fix, time.monotonic() - t, started=True)
+        return value if ok else None
+
+    def report(self, name, ok, detail, fix="", seconds=0.0, started=False):
+        self.failed |= ok is False
+        rec = {"step": name, "ok": ok, "s": round(seconds, 2), "detail": detail}
+        if fix and ok is False:
+            rec["fix"] = fix
+        self.records.append(rec)
+        if self.as_json:
+            print(json.dumps(rec), flush=True)
+        else:
+            status = {True: "ok", False: "FAIL", None: "skipped"}[ok]
+            print("" if started else f"  {name} ...", end="")
+            print(f" {status} ({seconds:.1f} s): {detail}" + (f"\n      fix: {fix}" if fix and ok is False else ""),
+                  flush=True)
+
+    def total_s(self):
+        return time.monotonic() - self.t0
+
+
+def add_parser(sub):
+    p = sub.add_parser("commission", help="give a board its device id, key and config; run live checks",
+                       description=__doc__.split("\n\n")[0] + "\n\nValidates the role config on this machine, "
+                       "writes /config.json and a fresh /device.key over USB, records the device in the gateway "
+                       "registry (--registry) or an export file for `prapa gateway devices import` (--export), "
+                       "then checks live: the console shows the device, the sensor reads, and (with "
+                       "--uart-port) a ping round trip through the gateway's session layer. The key is never "
+                       "printed.")
+    p.add_argument("--port", required=True, help="the board's USB console port (e.g. /dev/ttyUSB0)")
+    p.add_argument("--role", required=True, help="the board's role: " + ", ".join(firmware_roles()))
+    p.add_argument("--device-id", required=True, help="unique id, 1..4294967294 (decimal or 0x...)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", metavar="FILE.json", help="role config as on the board (sections: role, link, ...)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="set one config value, e.g. meter.k_factor_l=10 (repeatable; applied over --config)")
+    dest = p.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--registry", metavar="PATH", help="the gateway's registry.db (when run on the gateway)")
+    dest.add_argument("--export", metavar="FILE", help="write a 0600 export file for: prapa gateway devices import")
+    p.add_argument("--name", help="a name for the device in the registry (e.g. the meter's address)")
+    p.add_argument("--uart-port", metavar="U", help="the board's data link: run a ping round trip through it")
+    p.add_argument("--sensor-wait", type=float, metavar="S",
+                   help="without a terminal or with --yes: seconds the sensor check waits (default 30)")
+    p.add_argument("--yes", action="store_true", help="no questions: replace an existing identity, no prompts")
+    p.add_argument("--json", action="store_true", help="one JSON object per step, then a summary")
+    p.set_defaults(func=cmd_commission)
+
+
+def _check_inputs(args):
+    """Every refusal that needs neither the board nor a write; returns (device_id, cfg)."""
+    device_id = parse_device_id(args.device_id)
+    cfg = build_config(args.role, device_id, args.config, args.set)
+    for flag, port in (("--port", args.port), ("--uart-port", args.uart_port)):
+        if port is not None and not os.path.exists(port):
+            raise UsageError(flag, f"{port}: no such port", "plug the board in and give its port "
+                             "(see: ls /dev/ttyUSB* /dev/ttyACM*, or the virtual board's board_ready event)")
+    if args.registry is not None:
+        if not Path(args.registry).is_file():
+            raise UsageError("--registry", f"no registry at {args.registry}",
+                             "give the gateway's registry.db (data_dir in gateway.toml), or use --export FILE")
+        from gateway.registry import Registry
+        reg = Registry(args.registry)
+        try:
+            if reg.get(device_id) is not None:
+                raise UsageError("--device-id", f"{device_id} is already in {args.registry}",
+                                 "pick a free id (see: prapa gateway devices list); a board keeps its id for life")
+        finally:
+            reg.close()
+    else:
+        out = Path(args.export)
+        if out.exists():
+            raise UsageError("--export", f"{out} exists", "give a new file name; an export holds a key and is "
+                             "never overwritten")
+        if not out.parent.is_dir():
+            raise UsageError("--export", f"no folder {out.parent}", "create it or give another path")
+    if args.sensor_wait is not None and args.sensor_wait < 0:
+        raise UsageError("--sensor-wait", f"{args.sensor_wait} is negative", "give seconds, 0 or more")
+    return device_id, cfg
+
+
+def _confirm(args, question):
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError("--yes", question, "pass --yes to go ahead")
+    if input(f"{question} Replace it? [y/N] ").strip().lower() not in ("y", "yes"):
+        raise UsageError("--yes", "the installer declined", "nothing was written")
+
+
+def cmd_commission(args):
+    device_id, cfg = _check_inputs(args)
+    key = secrets.token_bytes(16)
+    steps = Steps(args.json)
+    if not args.json:
+        print(f"commissioning device {device_id} ({args.role}) on {args.port}")
+    board = _open_board(args.port)
+    if board is None:
+        return 1
+    tmp = tempfile.TemporaryDirectory(prefix="prapa-commission-")
+    reg = None
+    try:
+        ident = steps.run("board answers", lambda: _identity(board, args))
+        if ident is None:
+            return 1
+        if ident["key_bytes"] or ident["device_id"] is not None:
+            _confirm(args, f"{args.port} is already commissioned (device {ident['device_id']}).")
+        files = [("device.key", key), ("config.json", json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode())]
+        if steps.run("config and key written", lambda: (board.write_atomically(files) or True,
+                                                        "config.json, device.key (renamed into place)", "", 1)) is None:
+            return 1
+        from gateway.registry import Registry
+        reg = Registry(args.registry or Path(tmp.name) / "registry.db")
+        reg.add(device_id, args.role, key, name=args.name, board=ident["board"].get("name"))
+        # The round trip's downlink counters are reserved before the export is written, so the
+        # gateway that imports it starts above them: a (key, nonce) pair never repeats.
+        counters = iter(reg.next_downlink_counters(device_id, ROUND_TRIP_COUNTERS))
+        if args.export:
+            reg.export_device(device_id, args.export)
+        steps.report("registry", True, f"device {device_id} in {args.registry}" if args.registry else
+                     f"{args.export} (mode 0600; on the gateway: prapa gateway devices import {args.export} "
+                     "--registry PATH, then delete it)")
+        status = steps.run("console shows the device", lambda: _boot_check(board, device_id))
+        _sensor_step(steps, board, args, cfg, ident["board"], status)
+        _round_trip_step(steps, board, args, device_id, key, counters, tmp.name)
+    finally:
+        board.close()
+        if reg is not None:
+            reg.close()
+        tmp.cleanup()
+    total = steps.total_s()
+    if args.json:
+        print(json.dumps({"device_id": device_id, "role": args.role, "ok": not steps.failed,
+                          "total_s": round(total, 2)}))
+    else:
+        print(f"device {device_id} commissioned in {total:.1f} s" + (": every check passed" if not steps.failed
+                                                                     else ": a check FAILED (see the fix above)"))
+    return 1 if steps.failed else 0
+
+
+def _open_board(port):
+    try:
+        return BoardLink(port)
+    except BoardError as e:
+        print(f"prapa: {port}: {e.problem}; {e.fix}", file=sys.stderr)
+        return None
+
+
+def _identity(board, args):
+    ident = board.read_identity()
+    built_for = ident["board"].get("role")
+    if built_for != args.role:
+        raise UsageError("--role", f"{args.role!r} but the board's image was built for {built_for!r}",
+                         f"use --role {built_for}, or build and flash the {args.role} image (prapa build/flash)")
+    return True, f"{ident['board'].get('name')} ({built_for})", "", ident
+
+
+def _boot_check(board, device_id):
+    banner, line = board.reset_and_watch()
+    if line is None:
+        return False, "no status line on the console after the reset", "check the cable; watch: mpremote repl", None
+    m = IDLE_LINE.search(line)
+    if m:
+        return False, f"board idle: {m.group(1)}", "fix the field named and run prapa commission again", None
+    m = DEVICE_LINE.search(line)
+    if int(m.group(1)) != device_id:
+        return False, f"board says device={m.group(1)}", "the files did not take: run prapa commission again", None
+    return True, line, "", parse_status(m.group(2))
+
+
+def _sensor_step(steps, board, args, cfg, board_def, status):
+    check = ROLE_CHECKS.get(args.role)
+    if check is None or status is None:
+        steps.report("sensor reads", None, "no live check for this role" if check is None else "board not running")
+        return
+    section = cfg[args.role]
+    if not args.json:
+        print(f"  -> {check.instructions(section)}", flush=True)
+    if not args.yes and sys.stdin.isatty():
+        input("     press Enter when it has ")
+    else:
+        _countdown(check.WAIT_S if args.sensor_wait is None else args.sensor_wait, "sensor", args.json)
+    prepare = "".join(" " + line + "\n" for line in getattr(check, "PREPARE", "").splitlines())
+
+    def query():
+        # resume, not soft reset: the app's live state (runtime.current) is what is read
+        after = parse_status(board.exec(STATUS_QUERY.format(prepare=prepare), soft_reset=False))
+        if "app" in after:
+            return False, "the app was not running", "check the console: mpremote connect PORT repl", None
+        ok, detail, fix = check.judge(section, status, after, board_def)
+        return ok, detail, fix, after
+    steps.run("sensor reads", query)
+
+
+def _countdown(seconds, what, quiet):
+    if quiet or seconds < 1:
+        time.sleep(max(0.0, seconds))
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+    with Progress(transient=True, console=Console(stderr=True)) as progress:
+        task = progress.add_task(f"waiting for the {what}", total=seconds)
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(0.2, left))
+            progress.update(task, completed=seconds - max(0.0, left))
+
+
+class _Reserved:
+    """protocol.secure's counters interface over a block the registry has made durable."""
+
+    def __init__(self, counters):
+        self.counters = counters
+
+    def next(self):
+        return next(self.counters)
+
+
+def _round_trip_step(steps, board, args, device_id, key, counters, tmpdir):
+    """The board restarts with the link watched, says hello, and answers a ping with the new key.
+
+    Nothing is acknowledged: the board keeps every reading for the gateway."""
+    if args.uart_port is None:
+        board.reset_and_watch()        # leave the app running after the sensor query stopped it
+        steps.report("gateway round trip", None, "no --uart-port: check the device on the gateway's status page")
+        return
+    from gateway.serial_link import SerialLink
+    from gateway.session import Sessions
+    from gateway.store import Store
+    from protocol import messages as M
+
+    def trip():
+        store, link = Store(Path(tmpdir) / "store.db"), SerialLink(args.uart_port)
+        results = []
+        try:
+            sessions = Sessions(store, lambda d: key if d == device_id else None, link.write,
+                                lambda d: _Reserved(counters))
+            sessions.on_command_result = lambda d, m: results.append(m) if d == device_id else None
+            board.reset_and_watch()
+            end, sent_at, cid = time.monotonic() + ROUND_TRIP_TIMEOUT_S, None, 0
+            while time.monotonic() < end:
+                sessions.feed(link.read())
+                sessions.pending.clear()
+                d = sessions.devices.get(device_id)
+                if d is not None and d.firmware and (sent_at is None or time.monotonic() - sent_at > 3):
+                    cid, sent_at = cid + 1, time.monotonic()
+                    sessions.downlink(device_id, M.COMMAND, M.command(cid, "ping"))
+                for m in results:
+                    if m[0] == cid and m[1] and str(m.get(2, "")).startswith("pong"):
+                        return True, f"hello (firmware {d.firmware}), ping -> {m[2]}", "", True
+            d = sessions.devices.get(device_id)
+            seen = "no hello" if d is None or not d.firmware else "hello but no answer to ping"
+            refused = {r: n for r, n in sessions.counts().items() if n}
+            return False, f"{seen} within {ROUND_TRIP_TIMEOUT_S} s (refused: {refused or 'none'})", (
+                "check the link wiring to --uart-port (TX/RX crossed, ground) and that nothing else holds the port"
+                if not refused else "frames were refused: the board may hold another key; commission again"), None
+        finally:
+            link.close()
+            store.close()
+    steps.run("gateway round trip", trip)
