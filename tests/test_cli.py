@@ -13,9 +13,22 @@ def prapa(*args, timeout=60):
     return subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("args", [[], ["board"], ["board", "run"], ["board", "list"], ["board", "world-params"],
-                                  ["site"], ["bench"], ["bench", "boot"],
-                                  ["bench", "protocol"]])
+def _command_paths():
+    """Every command and subcommand of the real parser, so a new one cannot be missed."""
+    import argparse
+
+    from tools.cli import build_parser
+
+    def walk(parser, path):
+        yield path
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, path + [name])
+    return list(walk(build_parser(), []))
+
+
+@pytest.mark.parametrize("args", _command_paths(), ids=lambda a: " ".join(a) or "prapa")
 def test_every_command_has_help_with_exit_codes(args):
     r = prapa(*args, "--help")
     assert r.returncode == 0
