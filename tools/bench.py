@@ -2,6 +2,8 @@
 
   protocol  wire bytes per meter reading vs SenML-CBOR and JSON; board CPU
             and heap per report (VM); gateway receive rate vs cbor2 + AESCCM.
+  site      seconds to the first reading at the broker; per-board CPU and memory at
+            1x and 100x; how many boards this machine runs
   gateway   readings/s through the gateway service (frames in, PUBACKs out) vs
             bare paho; commit-to-PUBACK latency; the service's peak RSS
   firmware  sampling jitter under load, heap peak, flash wear and life, pulses
@@ -37,8 +39,9 @@ def add_parser(sub):
     boot.add_argument("--boots", type=int, default=20, help="boots to time (default 20)")
     boot.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     boot.set_defaults(func=bench_boot)
-    from tools import bench_firmware, bench_gateway, bench_protocol
+    from tools import bench_firmware, bench_gateway, bench_protocol, bench_site
     bench_protocol.add_parser(bsub, type(p))
+    bench_site.add_parser(bsub, type(p))
     bench_firmware.add_parser(bsub, type(p))
     bench_gateway.add_parser(bsub, type(p))
 
