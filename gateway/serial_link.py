@@ -11,6 +11,8 @@ import serial
 
 
 class SerialLink:
+    framed = True          # frames travel COBS-encoded with an address and a CRC
+
     def __init__(self, port, baudrate=115200, read_timeout_s=0.01):
         self.port = port
         self.serial = serial.Serial(port, baudrate, timeout=read_timeout_s)

@@ -67,7 +67,9 @@ def forwarder_config(cfg):
 
 
 class UdpPeer:
-    """A board on UDP: replies go to the address its last frame came from."""
+    """A board on UDP: replies go to the address its last frame came from, one bare frame a datagram."""
+
+    framed = False
 
     def __init__(self, transport, addr):
         self.transport, self.addr = transport, addr
@@ -105,7 +107,7 @@ class Service:
         self.acks_withheld = False
         self.series = collections.defaultdict(lambda: collections.deque(maxlen=SERIES_POINTS))
         self._snapshot = {"site": cfg.gateway.site, "devices": [], "backlog": 0, "alarms": []}
-        self._seen_counts = 0
+        self._rejected_seen = {}
         self._acked_seen = 0
         self._last_sync = 0.0
         self._queued = threading.BoundedSemaphore(QUEUED_CHUNKS)
@@ -242,9 +244,9 @@ class Service:
     def _update_metrics(self):
         m, f = self.metrics, self.forwarder
         for reason, n in self.sessions.counts().items():
-            child = m.rejections.labels(reason=reason)
-            if n > child._value.get():
-                child.inc(n - child._value.get())
+            if n > self._rejected_seen.get(reason, 0):
+                m.rejections.labels(reason=reason).inc(n - self._rejected_seen.get(reason, 0))
+                self._rejected_seen[reason] = n
         m.backlog.set(f.backlog)
         new = f.acked - self._acked_seen
         self._acked_seen = f.acked

@@ -156,8 +156,12 @@ class Sessions:
             d.sender = link.Sender(key, d.device_id, secure.DOWNLINK, self.downlink_counters(d.device_id),
                                    addr=d.addr)
         d.sender.addr = d.addr
-        payload = cbor2.dumps(message, canonical=True)
-        n = d.sender.wire_into(msg_type, bytearray(payload), len(payload))
+        payload = bytearray(cbor2.dumps(message, canonical=True))
+        if d.link is not None and not getattr(d.link, "framed", True):
+            n = d.sender.frame(msg_type, payload, len(payload))           # a datagram carries one bare frame
+            d.link.write(d.addr, bytes(d.sender.frame_buf[:n]))
+            return
+        n = d.sender.wire_into(msg_type, payload, len(payload))
         (d.link.write if d.link is not None else self.send)(d.addr, bytes(d.sender.wire[:n]))
 
     def _wall(self, d, boot_id, board_t_s, wall_from_board):

@@ -11,12 +11,14 @@ from tools.gateway_process import GatewayProcess, register, write_config  # noqa
 class Subscriber:
     """A QoS 1 subscriber with a persistent session: every item of every message, as it arrives."""
 
-    def __init__(self, port, site="testsite", client_id="test-cloud"):
+    def __init__(self, port, site="testsite", client_id="test-cloud", tls=None):
         self.items = []
         self.messages = 0
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
         self.client.on_message = self._on_message
+        if tls:
+            self.client.tls_set(**tls)
         self.client.connect("127.0.0.1", port)
         self.client.subscribe(f"prapa/v1/{site}/#", qos=1)
         self.client.loop_start()

@@ -254,3 +254,71 @@ def test_commands_and_config_pushes_wait_for_the_board_and_a_refusal_is_reported
                   40, "two-minute readings from boot 2")
     finally:
         site.close()
+
+
+def test_a_board_on_udp_reaches_a_broker_over_mutual_tls_and_gets_its_acks_back(tmp_path):
+    """The gateway's UDP link and its TLS settings from gateway.toml (CA, client certificate)."""
+    import socket
+
+    import cbor2
+
+    from protocol import link, secure
+    from protocol import messages as M
+    from protocol.secure import MemoryCounters
+    from tests.test_gateway_forwarder import make_ca, make_leaf, write_pem
+    from tools.broker import free_port
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca_key, ca = make_ca("prapa test CA")
+    s_key, s_cert = make_leaf(ca_key, ca, "broker", server=True)
+    c_key, c_cert = make_leaf(ca_key, ca, "gateway", server=False)
+    files = {"ca": write_pem(pki / "ca.pem", cert=ca), "cert": write_pem(pki / "gw.pem", cert=c_cert),
+             "key": write_pem(pki / "gw.key", c_key), "s_cert": write_pem(pki / "s.pem", cert=s_cert),
+             "s_key": write_pem(pki / "s.key", s_key)}
+    import os
+    os.chmod(files["key"], 0o600)                      # the gateway refuses a private key others can read
+    broker = Broker(tmp_path / "broker", tls={"cafile": files["ca"], "certfile": files["s_cert"],
+                                               "keyfile": files["s_key"], "require_certificate": True})
+    udp_port = free_port()
+    cfg = write_config(tmp_path, [], broker.port)
+    text = cfg.read_text().replace(f'url = "mqtt://127.0.0.1:{broker.port}"',
+                                   f'url = "mqtts://localhost:{broker.port}"\nca_file = "{files["ca"]}"\n'
+                                   f'cert_file = "{files["cert"]}"\nkey_file = "{files["key"]}"')
+    cfg.write_text(f'[[links]]\ntype = "udp"\nbind = "127.0.0.1:{udp_port}"\n\n' + text)
+    register(tmp_path, {0x1001: KEY})
+    sub = Subscriber(broker.port, tls={"ca_certs": files["ca"], "certfile": files["cert"], "keyfile": files["key"]})
+    gw = GatewayProcess(cfg).start()
+    board = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    board.settimeout(0.2)
+    try:
+        gw.wait_started()
+        sender = link.Sender(KEY, 0x1001, secure.UPLINK, MemoryCounters(1))
+        downlink = []
+        receiver = link.Receiver(secure.DOWNLINK, lambda d: KEY if d == 0x1001 else None,
+                                 lambda d, c, t, m: downlink.append((t, m)), my_addr=1)
+
+        def send(msg_type, message):
+            payload = bytearray(cbor2.dumps(message, canonical=True))
+            n = sender.frame(msg_type, payload, len(payload))
+            board.sendto(bytes(sender.frame_buf[:n]), ("127.0.0.1", udp_port))
+
+        send(M.HELLO, M.hello(1, "0.2.0", "esp32-devkitc", 0, bytes(8), False, 0, board_t_s=100, addr=1))
+        send(M.READINGS, M.readings(1, 1, 900, 900, 0, M.units("L", 0, 1000), [3, 4, 5], 10))
+        end = time.monotonic() + 20
+        while time.monotonic() < end and not any(t == M.ACK for t, _m in downlink):
+            try:
+                receiver.datagram(board.recv(512))
+            except socket.timeout:
+                pass
+        assert (M.ACK, {0: 1, 1: 3}) in downlink, downlink
+        assert any(t == M.TIME_SYNC for t, _m in downlink)
+        end = time.monotonic() + 20
+        while time.monotonic() < end and len(sub.of_kind("reading")) < 3:
+            time.sleep(0.1)
+        got = sorted((r["seq"], r["register"], r["time_source"]) for r in sub.of_kind("reading"))
+        assert got == [(1, 13, "gateway"), (2, 17, "gateway"), (3, 22, "gateway")]
+    finally:
+        board.close()
+        sub.close()
+        gw.stop()
+        broker.stop()
