@@ -10,11 +10,11 @@ or interrupted build never leaves a half-written image behind.
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 from littlefs import LittleFS
 
+from tools import files
 from tools.errors import UsageError
 
 FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
@@ -90,18 +90,7 @@ def _write_firmware(fs, target):
 
 
 def write_atomically(path, data):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    files.write_atomically(path, data)
 
 
 def check_existing(board, path):
