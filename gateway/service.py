@@ -33,6 +33,7 @@ from gateway.sd_notify import Notifier
 from gateway.serial_link import SerialLink
 from gateway.session import Sessions
 from gateway.store import Store
+from protocol import link
 from protocol import messages as M
 
 log = logging.getLogger("prapa.gateway")
@@ -108,6 +109,8 @@ class Service:
         self.series = collections.defaultdict(lambda: collections.deque(maxlen=SERIES_POINTS))
         self._snapshot = {"site": cfg.gateway.site, "devices": [], "backlog": 0, "alarms": []}
         self._rejected_seen = {}
+        for reason in link.REASONS:                    # every reason shows, at 0 until it happens
+            self.metrics.rejections.labels(reason=reason)
         self._acked_seen = 0
         self._last_sync = 0.0
         self._queued = threading.BoundedSemaphore(QUEUED_CHUNKS)

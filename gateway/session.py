@@ -76,7 +76,8 @@ class Sessions:
         self.pending = []              # entries received, not yet committed
         self._link = None
         self.receiver = link.Receiver(secure.UPLINK, key_for, self._on_message, accept_any_addr=True,
-                                      max_devices=4096)
+                                      max_devices=4096, window_for=self._saved_window)
+        self._windows_touched = set()
         self.committed = 0
         self.acks_sent = 0
         self.on_command_result = lambda device_id, message: None
@@ -106,6 +107,7 @@ class Sessions:
         d = self.device(device_id)
         d.last_seen = now
         d.frames += 1
+        self._windows_touched.add(device_id)
         if self._link is not None:
             d.link = self._link
         if msg_type == M.HELLO:
@@ -242,12 +244,25 @@ class Sessions:
                                   source))
 
     # -- commit and acknowledge ---------------------------------------------------------
+    def _saved_window(self, device_id):
+        top, bits = self.store.load_window(device_id, secure.UPLINK)
+        w = secure.ReplayWindow(top)
+        w.bits = bits
+        return w
+
     def flush(self):
-        """Commit what arrived as one transaction, then acknowledge it; return entries committed."""
-        if not self.pending:
+        """Commit what arrived (and the replay windows that accepted it) as one transaction, then
+        acknowledge it; return entries committed."""
+        if not self.pending and not self._windows_touched:
             return 0
         entries, self.pending = self.pending, []
-        acks = self.store.commit(entries, now=self.clock())
+        windows = []
+        for device_id in self._windows_touched:
+            op = self.receiver.openers.get(device_id)
+            if op is not None:
+                windows.append((device_id, secure.UPLINK, op.window.top, op.window.bits))
+        self._windows_touched = set()
+        acks = self.store.commit(entries, now=self.clock(), windows=windows)
         self.committed += len(entries)
         for (device_id, boot_id), upto in acks.items():
             if upto is None or upto < 0:

@@ -85,8 +85,11 @@ class Store:
     def close(self):
         self.db.close()
 
-    def commit(self, entries, now=None):
-        """Store entries in one durable transaction; return {(device, boot): acked_upto} for the boots touched."""
+    def commit(self, entries, now=None, windows=()):
+        """Store entries in one durable transaction; return {(device, boot): acked_upto} for the boots touched.
+
+        windows: (device, direction, top, bits) replay windows saved in the same transaction, so a
+        restarted gateway refuses every frame it had accepted before its last commit."""
         now = time.time() if now is None else now
         touched = {}
         db = self.db
@@ -102,6 +105,8 @@ class Store:
                     continue
                 key = (e.device_id, e.boot_id)
                 touched[key] = min(touched.get(key, e.seq), e.seq)
+            for w in windows:
+                self.save_window(*w)
             acks = {key: self._advance(key, first_seen) for key, first_seen in touched.items()}
             db.execute("COMMIT")
         except BaseException:

@@ -13,12 +13,14 @@ REASONS = framing.Reader.REASONS + secure.REASONS + ("unknown_type", "bad_payloa
 
 class Receiver:
     def __init__(self, direction, key_for, on_message, my_addr=framing.ADDR_GATEWAY, accept_any_addr=False,
-                 max_devices=64):
-        """key_for(device_id) -> 16-byte key or None; on_message(device_id, counter, msg_type, message)."""
+                 max_devices=64, window_for=None):
+        """key_for(device_id) -> 16-byte key or None; on_message(device_id, counter, msg_type, message);
+        window_for(device_id) -> the replay window a restarted receiver resumes from (None: a fresh one)."""
         self.direction = direction
         self.key_for = key_for
         self.on_message = on_message
         self.max_devices = max_devices
+        self.window_for = window_for
         self.openers = {}
         self._refused = {r: 0 for r in REASONS}
         self.accepted = 0
@@ -50,7 +52,7 @@ class Receiver:
             key = self.key_for(device_id)
             if key is None or len(self.openers) >= self.max_devices:
                 return None
-            op = secure.Opener(key, device_id, self.direction)
+            op = secure.Opener(key, device_id, self.direction, self.window_for(device_id) if self.window_for else None)
             self.openers[device_id] = op
         return op
 

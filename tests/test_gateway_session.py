@@ -63,3 +63,18 @@ def test_a_merged_reading_stores_only_what_finer_readings_did_not_cover(tmp_path
     assert [(i["seq"], i.get("seq_last")) for i in stored] == [(1, None), (2, None), (3, 4)]
     assert stored[2]["register_before"] == 110 and stored[2]["value"] == 20 and stored[2]["register"] == 130
     assert store.acked_upto(9, 1) == 4 and acks
+
+
+def test_a_restarted_gateway_refuses_frames_it_accepted_before(tmp_path):
+    s, store, clock, up, sent = rig(tmp_path)
+    captured = []
+    s.feed = (lambda feed: lambda data, link=None: (captured.append(data), feed(data, link)))(s.feed)
+    up(M.HELLO, M.hello(3, "0.2.0", "esp32-devkitc", 0, bytes(8), False, 0, board_t_s=10, addr=1))
+    up(M.READINGS, M.readings(3, 1, 900, 900, 0, M.units("L", 0, 1000), [5], 100))
+    s.flush()
+    again = Sessions(store, lambda d: KEY if d == 9 else None, lambda addr, wire: None,
+                     lambda d: MemoryCounters(0), clock=clock)
+    for frame in captured:
+        again.feed(frame)
+    again.flush()
+    assert again.counts()["replay"] == 2 and again.receiver.accepted == 0
