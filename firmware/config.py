@@ -4,15 +4,19 @@
 # board in its safe idle state with a reason that names the field and the fix.
 #
 # A schema is a tuple of rows (key, kind, default, low, high, hint):
-# kind "int" or "num" (a JSON number, kept as given); default None means
-# required. Ranges are checked, unknown keys are refused.
+# kind "int" or "num" (a JSON number, kept as given), "str" (up to 64
+# characters), or "choice" (low is the tuple of allowed values); default None
+# means required. Ranges are checked, unknown keys are refused.
 import json
 
 CONFIG_PATH = "config.json"
 KEY_PATH = "device.key"
+WIFI_PATH = "wifi.json"      # {"ssid": ..., "password": ...}: a secret, so not in config.json
 
 RUNTIME_SCHEMA = {
     "link": (
+        ("kind", "choice", "uart", ("uart", "udp"), None, "uart (RS-485 or a wire to the gateway) or udp (Wi-Fi)"),
+        ("gateway", "str", "", None, None, "the gateway's UDP link as host:port (with kind udp)"),
         ("addr", "int", 1, 1, 254, "the board's RS-485 address, 1-254"),
         ("sample_ms", "int", 100, 10, 1000, "sampling period in ms, 10-1000"),
         ("health_s", "int", 900, 10, 86400, "seconds between health reports, 10-86400"),
@@ -51,6 +55,13 @@ def check_section(name, given, schema):
             out[key] = default
             continue
         v = given[key]
+        if kind == "choice" or kind == "str":
+            if kind == "choice" and v not in low:
+                raise ConfigError(field, "%r is not allowed" % (v,), "use one of " + ", ".join(low))
+            if not isinstance(v, str) or len(v) > 64:
+                raise ConfigError(field, "%r is not a short text" % (v,), "set " + hint)
+            out[key] = v
+            continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and not isinstance(v, int)):
             raise ConfigError(field, "%r is not %s" % (v, "an integer" if kind == "int" else "a number"),
                               "set " + hint)
@@ -107,6 +118,13 @@ def load(board, role_module, path=CONFIG_PATH):
         cfg[name] = check_section(name, raw.get(name), schema)
     cfg[role] = check_section(role, raw.get(role), module.SCHEMA)
     module.check(cfg[role])
+    link = cfg["link"]
+    if link["kind"] == "udp":
+        host, _, port = link["gateway"].rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("link.gateway", "%r is not host:port" % link["gateway"],
+                              "set the gateway's UDP link, e.g. \"192.168.4.1:5683\"")
+        link["host"], link["port"] = host, int(port)
     try:
         with open(KEY_PATH, "rb") as f:
             key = f.read()
@@ -120,3 +138,13 @@ def load(board, role_module, path=CONFIG_PATH):
 def config_hash(raw_bytes):
     import hashlib
     return hashlib.sha256(raw_bytes).digest()[:8]
+
+
+def wifi():
+    """(ssid, password) for a board on Wi-Fi, or None."""
+    try:
+        with open(WIFI_PATH) as f:
+            w = json.load(f)
+        return w["ssid"], w["password"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

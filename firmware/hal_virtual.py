@@ -161,6 +161,32 @@ class Uart:
         return n
 
 
+class Udp:
+    """The data link as UDP datagrams from the host, where the ESP32 would use Wi-Fi."""
+
+    __slots__ = ("sock", "addr", "dropped_tx")
+
+    def __init__(self, host, port):
+        import socket
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.addr = socket.getaddrinfo(host, port)[0][-1]
+        self.dropped_tx = 0
+
+    def recv_into(self, buf):
+        try:
+            return self.sock.readinto(buf) or 0
+        except OSError:
+            return 0
+
+    def send(self, data):
+        try:
+            return self.sock.sendto(data, self.addr)
+        except OSError:
+            self.dropped_tx += len(data)
+            return 0
+
+
 class Watchdog:
     __slots__ = ("hal", "timeout_ms")
 
@@ -263,6 +289,9 @@ class Hal:
         if self._uart is None:
             self._uart = Uart(_params()["uart_fd"])
         return self._uart
+
+    def udp(self, host, port, wifi=None):
+        return Udp(host, port)
 
     def flash_bdev(self):
         return self._bdev

@@ -83,8 +83,12 @@ class Runtime:
             self.role = role_module(self.cfg["role"]).make(self, self.cfg[self.cfg["role"]])
         if ident:
             from uplink import Uplink
-            addr = self.cfg["link"]["addr"] if self.cfg else 1
-            self.uplink = Uplink(self, ident[0], ident[1], addr)
+            link = self.cfg["link"] if self.cfg else {"kind": "uart", "addr": 1}
+            if link["kind"] == "udp":
+                transport = hal.udp(link["host"], link["port"], config.wifi())
+            else:
+                transport = hal.uart()
+            self.uplink = Uplink(self, ident[0], ident[1], link["addr"], transport, link["kind"] == "udp")
         if self.config_error:
             self.alarm(A_CONFIG_INVALID, 1, 0)
 

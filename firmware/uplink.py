@@ -3,8 +3,9 @@
 # and commands from it.
 #
 # Why it looks like this:
-# - It is an asyncio task polling a non-blocking UART: the sampling timer never
-#   waits for it, and a dead line only costs retries.
+# - It is an asyncio task polling a non-blocking UART (COBS frames with an
+#   address and CRC) or UDP socket (one bare frame a datagram, over Wi-Fi on an
+#   ESP32): the sampling timer never waits for it, and a dead line only costs retries.
 # - One batch is in flight at a time; the gateway's ack (boot, seq) moves the
 #   log's cursor and the next batch goes at once. Without an ack the batch is
 #   resent after a backoff that doubles to BACKOFF_MAX_MS (real time: the
@@ -30,11 +31,13 @@ _PAYLOAD_MAX = const(231)        # 250-byte frame minus header and tag
 
 
 class Uplink:
-    def __init__(self, rt, device_id, key, addr):
+    def __init__(self, rt, device_id, key, addr, transport, datagrams=False):
+        """transport: the HAL's uart() (a byte stream, COBS frames) or udp() (one bare frame a datagram)."""
         self.rt = rt
         self.hal = rt.hal
         self.device_id = device_id
-        self.uart = rt.hal.uart()
+        self.uart = transport
+        self.datagrams = datagrams
         self.addr = addr
         self.sender = link.Sender(key, device_id, secure.UPLINK, FlashCounters())
         self._key = key
@@ -42,6 +45,7 @@ class Uplink:
         self.payload = bytearray(_PAYLOAD_MAX)
         self.recs = [Record() for _ in range(MAX_BATCH)]
         self.rx = bytearray(64)
+        self.dgram = bytearray(256) if datagrams else None
         self.sent = 0
         self.received = 0
         self.retries = 0
@@ -59,6 +63,12 @@ class Uplink:
         return sum(self.receiver.counts.values())
 
     def poll(self):
+        if self.datagrams:
+            n = self.uart.recv_into(self.dgram)
+            while n:
+                self.receiver.datagram(memoryview(self.dgram)[:n])
+                n = self.uart.recv_into(self.dgram)
+            return
         n = self.uart.readinto(self.rx)
         while n:
             self.receiver.feed(self.rx, n)
@@ -85,11 +95,15 @@ class Uplink:
     # -- send --------------------------------------------------------------------------
     def _send(self, msg_type, plen):
         try:
-            wire = self.sender.wire_into(msg_type, self.payload, plen)
+            if self.datagrams:
+                n = self.sender.frame(msg_type, self.payload, plen)
+                self.uart.send(memoryview(self.sender.frame_buf)[:n])
+            else:
+                n = self.sender.wire_into(msg_type, self.payload, plen)
+                self.uart.write(memoryview(self.sender.wire)[:n])
         except OverflowError:
             self.rt.fault("frame counter exhausted")
             return
-        self.uart.write(memoryview(self.sender.wire)[:wire])
         self.sent += 1
 
     def send_dict(self, msg_type, message):

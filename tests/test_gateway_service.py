@@ -320,3 +320,34 @@ def test_a_board_on_udp_reaches_a_broker_over_mutual_tls_and_gets_its_acks_back(
         sub.close()
         gw.stop()
         broker.stop()
+
+
+def test_a_virtual_meter_on_udp_delivers_through_the_gateways_udp_link(tmp_path):
+    """The firmware's UDP transport (Wi-Fi on an ESP32; host UDP on the virtual board)."""
+    from tools.broker import free_port
+    broker = Broker(tmp_path / "broker")
+    udp_port = free_port()
+    flash = commissioned_flash(tmp_path, meter={"interval_min": 1},
+                               extra={"link": {"kind": "udp", "gateway": f"127.0.0.1:{udp_port}"}})
+    board = BoardProcess("esp32-devkitc", "meter", flash, speed=60, world=["flow_meter.forced_lpm=20"])
+    cfg = write_config(tmp_path, [], broker.port)
+    cfg.write_text(f'[[links]]\ntype = "udp"\nbind = "127.0.0.1:{udp_port}"\n\n' + cfg.read_text())
+    register(tmp_path, {0x1001: KEY})
+    sub = Subscriber(broker.port)
+    gw = GatewayProcess(cfg).start()
+    try:
+        gw.wait_started()
+        end = time.monotonic() + 30
+        while time.monotonic() < end and len(sub.of_kind("reading")) < 3:
+            time.sleep(0.2)
+        readings = sorted(sub.of_kind("reading"), key=lambda r: r["seq"])
+        assert len(readings) >= 3, gw.log[-5:]
+        assert readings[0]["seq"] == 1
+        assert readings[-1]["time_source"] == "board", "time sync came back over UDP"
+        assert all(r["time_source"] in ("board", "gateway") for r in readings)
+        check_register_chain(readings[:3])
+    finally:
+        sub.close()
+        gw.stop()
+        board.close()
+        broker.stop()
