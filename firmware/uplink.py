@@ -18,12 +18,14 @@ import asyncio
 
 from micropython import const
 
+import persist
 from flashlog import F_WALL, K_ALARM, Record
 from frame_counter import FlashCounters
 from protocol import cbor, link, secure
 from protocol import messages as M
 
 MAX_BATCH = const(32)
+DOWNLINK_FLOOR = "dl_floor"      # the highest downlink counter acted on, for the next boot's window
 ACK_TIMEOUT_MS = const(1500)
 BACKOFF_MAX_MS = const(15000)
 IDLE_MS = const(200)             # nothing to send: look at the log again after this
@@ -41,7 +43,8 @@ class Uplink:
         self.addr = addr
         self.sender = link.Sender(key, device_id, secure.UPLINK, FlashCounters())
         self._key = key
-        self.receiver = link.Receiver(secure.DOWNLINK, self._key_for, self._on_message, my_addr=addr)
+        self.receiver = link.Receiver(secure.DOWNLINK, self._key_for, self._on_message, my_addr=addr,
+                                      window_for=self._window_from_flash)
         self.payload = bytearray(_PAYLOAD_MAX)
         self.recs = [Record() for _ in range(MAX_BATCH)]
         self.rx = bytearray(64)
@@ -59,6 +62,13 @@ class Uplink:
     def _key_for(self, device_id):
         return self._key if device_id == self.device_id else None
 
+    def _window_from_flash(self, _device_id):
+        """A reboot must not reopen the door to downlink frames already acted on: start above the floor."""
+        w = secure.ReplayWindow(persist.read_int(DOWNLINK_FLOOR, -1))
+        if w.top >= 0:
+            w.bits = (1 << secure.WINDOW) - 1         # everything at or below the floor counts as seen
+        return w
+
     def rejected(self):
         return sum(self.receiver.counts.values())
 
@@ -74,8 +84,13 @@ class Uplink:
             self.receiver.feed(self.rx, n)
             n = self.uart.readinto(self.rx)
 
-    def _on_message(self, _device, _counter, msg_type, m):
+    def _on_message(self, _device, counter, msg_type, m):
         self.received += 1
+        if msg_type in (M.TIME_SYNC, M.CONFIG_PUSH, M.COMMAND):
+            # These change the board; a replay after a reboot could set an old time or config. Their
+            # counter is kept as the floor first (a few writes a day). Acks need not: an old ack only
+            # deletes what was acknowledged already.
+            persist.write_int(DOWNLINK_FLOOR, counter)
         self.backoff_ms = ACK_TIMEOUT_MS          # the gateway is there
         rt = self.rt
         if msg_type == M.ACK:

@@ -93,3 +93,35 @@ def test_sampling_allocates_nothing_through_intervals_midnight_alarms_and_the_ti
     assert int(overruns) > 0 and int(closed) == 7    # nothing serviced the ring: it widened, lost nothing
     assert seen == "010101"          # leak (flow in every interval for leak_h), burst, no-pulse tamper all rose
     assert at_end == "000001"        # after 6 dry hours only the no-pulse alarm is still wanted
+
+
+def test_a_rebooted_board_refuses_a_replayed_time_sync_or_command():
+    """Downlink frames that change the board leave their counter on flash as the next boot's floor."""
+    from protocol import link, secure
+    from protocol import messages as M
+    from protocol.secure import MemoryCounters
+    import cbor2
+    gw = link.Sender(bytes(16), 7, secure.DOWNLINK, MemoryCounters(500), addr=1)
+    frames = []
+    for msg_type, message in ((M.TIME_SYNC, M.time_sync(1_795_000_000_000, 0)), (M.COMMAND, M.command(1, "ping"))):
+        payload = bytearray(cbor2.dumps(message, canonical=True))
+        n = gw.wire_into(msg_type, payload, len(payload))
+        frames.append(bytes(gw.wire[:n]))
+    script = SCRIPT.split("meter = rt.role")[0] + (
+        "u = rt.uplink\n"
+        "u.receiver.feed(%r)\n"
+        "u.receiver.feed(%r)\n"
+        "print(rt.wall_boot > 0, u.received)\n"
+        "del rt, u\n"
+        "import gc\n"
+        "gc.collect()\n"
+        "rt2 = runtime.Runtime(hal)\n"                      # a reboot on the same flash
+        "rt2.uplink.receiver.feed(%r)\n"
+        "rt2.uplink.receiver.feed(%r)\n"
+        "c = rt2.uplink.receiver.counts\n"
+        "print(rt2.wall_boot, rt2.uplink.received, c['replay'] + c['too_old'])\n" % (frames[0], frames[1],
+                                                                                     frames[0], frames[1]))
+    script = script.replace("rt.on_time_sync(1795470000 * 1000 + 3600 * 1000 * 16)", "")
+    first, second = vm.run(script, timeout=120).strip().split("\n")[-2:]
+    assert first == "True 2"
+    assert second == "-1 0 2"
