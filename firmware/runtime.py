@@ -191,7 +191,10 @@ class Runtime:
         data = json.dumps(new).encode()
         persist.write_atomic(config.CONFIG_PATH + ".try", data)
         try:
-            config.load(self.board, role_module, config.CONFIG_PATH + ".try")
+            cfg, _key = config.load(self.board, role_module, config.CONFIG_PATH + ".try")
+            module = role_module(cfg["role"])
+            if self.cfg and hasattr(module, "check_change"):
+                module.check_change(self.cfg[cfg["role"]], cfg[cfg["role"]], self.log.entries())
         except config.ConfigError as e:
             return False, str(e)
         import os

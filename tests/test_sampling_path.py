@@ -125,3 +125,17 @@ def test_a_rebooted_board_refuses_a_replayed_time_sync_or_command():
     first, second = vm.run(script, timeout=120).strip().split("\n")[-2:]
     assert first == "True 2"
     assert second == "-1 0 2"
+
+
+def test_a_new_k_factor_is_refused_while_readings_wait_but_other_changes_are_taken():
+    script = SCRIPT.split("micropython.heap_lock()")[0] + (
+        "run(9000)\n"                                     # 15 board minutes: readings closed
+        "meter.service()\n"
+        "print(rt.log.entries() > 0)\n"
+        "ok, detail = rt.apply_config({'device_id': 7, 'role': 'meter', 'meter': {'k_factor_l': 10}})\n"
+        "print(ok, detail.split(':')[0])\n"
+        "ok, detail = rt.apply_config({'device_id': 7, 'role': 'meter', 'meter': {'interval_min': 5,"
+        " 'leak_h': 2}})\n"
+        "print(ok)\n")
+    lines = vm.run(script, timeout=120).strip().split("\n")[-3:]
+    assert lines == ["True", "False meter.k_factor_l", "True"]

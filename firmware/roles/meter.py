@@ -59,6 +59,16 @@ def check(section):
                           "give litres per pulse with at most 3 decimals")
 
 
+def check_change(old, new, waiting):
+    """Refuse a new K-factor or register while logged readings wait: they hold pulses, and would be
+    reported with the new calibration."""
+    from config import ConfigError
+    for key in ("k_factor_l", "register_l"):
+        if old[key] != new[key] and waiting:
+            raise ConfigError("meter." + key, "cannot change while %d readings wait for the gateway" % waiting,
+                              "push it again once the gateway has them (health: log fill 0)")
+
+
 def _crc(a, b, c):
     return (a * 31 + b * 17 + c * 7 + 0x5A5A) & 0xFFFFFFFF
 
