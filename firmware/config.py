@@ -87,6 +87,16 @@ def identity():
     return None
 
 
+def check_link(link):
+    """A UDP link needs the gateway's host:port; adds host and port to the section."""
+    if link["kind"] == "udp":
+        host, _, port = link["gateway"].rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError("link.gateway", "%r is not host:port" % link["gateway"],
+                              "set the gateway's UDP link, e.g. \"192.168.4.1:5683\"")
+        link["host"], link["port"] = host, int(port)
+
+
 def load(board, role_module, path=CONFIG_PATH):
     """Return (config, key). role_module(name) gives the role's module (SCHEMA, check())."""
     try:
@@ -118,13 +128,7 @@ def load(board, role_module, path=CONFIG_PATH):
         cfg[name] = check_section(name, raw.get(name), schema)
     cfg[role] = check_section(role, raw.get(role), module.SCHEMA)
     module.check(cfg[role])
-    link = cfg["link"]
-    if link["kind"] == "udp":
-        host, _, port = link["gateway"].rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError("link.gateway", "%r is not host:port" % link["gateway"],
-                              "set the gateway's UDP link, e.g. \"192.168.4.1:5683\"")
-        link["host"], link["port"] = host, int(port)
+    check_link(cfg["link"])
     try:
         with open(KEY_PATH, "rb") as f:
             key = f.read()

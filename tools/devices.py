@@ -94,7 +94,7 @@ def cmd_list(args):
 
 
 def cmd_export(args):
-    from tools.commission import parse_device_id
+    from tools.role_config import parse_device_id
     ids = [parse_device_id(i) for i in args.device_ids]
     out = Path(args.out)
     if out.exists():

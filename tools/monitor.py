@@ -178,7 +178,7 @@ def _key_source(args):
         return reg.key_for, reg.close
     if not args.key_file or args.device_id is None:
         raise UsageError("--registry", "no keys given", "pass --registry PATH, or --key-file F with --device-id N")
-    from tools.commission import parse_device_id
+    from tools.role_config import parse_device_id
     device_id = parse_device_id(args.device_id)
     try:
         raw = Path(args.key_file).read_bytes()

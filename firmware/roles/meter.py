@@ -259,9 +259,6 @@ class Meter:
             buf, off, r.boot, r.seq, r.t_end, r.span, self.k_milli, self.register_units(r.reg), rows, n,
             self.scale, self.mult, wall_t0, M.SERIES_DAILY if r.kind == K_DAILY else M.SERIES_INTERVAL, r.count)
 
-    def units(self):
-        return M.units("L", self.scale, self.k_milli)
-
     def register_units(self, reg_pulses):
         return self.register_base + reg_pulses * self.mult
 
