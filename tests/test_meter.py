@@ -18,20 +18,6 @@ def final_register(rig):
     return readings[-1]["register"] if readings else None
 
 
-def wait_settled(rig, value, timeout, quiet_s=4.0):
-    """The value once it has not changed for quiet_s (a loaded machine may leave the VM behind)."""
-    end = time.monotonic() + timeout
-    last, since = object(), time.monotonic()
-    while time.monotonic() < end:
-        v = value()
-        if v != last:
-            last, since = v, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return v
-        time.sleep(0.2)
-    return last
-
-
 def test_intervals_align_to_the_wall_clock_and_add_up_across_the_tick_wrap(tmp_path):
     """The board clock starts one second before ticks_ms wraps at 2**30."""
     rig = Rig(tmp_path, meter={"interval_min": 1}, speed=20, world=["flow_meter.forced_lpm=30"],
@@ -62,10 +48,13 @@ def test_a_hundred_thousand_bouncing_pulses_at_random_rates_are_counted_exactly(
         rig.board.set_world("flow_meter", "forced_lpm", 0)
         time.sleep(0.3)                # the world generates events 50 ms ahead; let those land first
         truth = rig.truth_pulses()
-        settled = wait_settled(rig, lambda: final_register(rig), 90)
+        # A loaded machine can leave the link in backoff for a while: wait for the count, not for quiet.
+        end = time.monotonic() + 150
+        while time.monotonic() < end and final_register(rig) != truth:
+            time.sleep(0.5)
         readings = interval_readings(rig.gateway.entries())
         check_register_chain(readings)
-        assert settled == truth, f"the board counted {settled} of {truth} pulses"
+        assert final_register(rig) == truth, f"the board counted {final_register(rig)} of {truth} pulses"
         assert sum(r["value"] for r in readings) == truth
         health = rig.gateway.health()
         assert health and health[3] >= 0.4 * HEAP_BUDGET, f"heap free minimum {health and health[3]}"
