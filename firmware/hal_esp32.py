@@ -8,6 +8,7 @@ import esp32
 import machine
 from micropython import const
 
+from datagram import Datagrams
 from edge_counter import EdgeCounter
 
 TICKS_PERIOD = const(1 << 30)
@@ -156,45 +157,18 @@ class Periodic:
         self._timer.deinit()
 
 
-class Udp:
-    """The data link over Wi-Fi: one secure frame per datagram to the gateway's UDP link.
-
-    Joining the network is the station interface's own background work: until it
-    has an address, sends are dropped (and counted) like bytes on a dead wire."""
+class Wifi(Datagrams):
+    """Datagrams once the station interface has joined the network (its own background work)."""
 
     def __init__(self, ssid, password, host, port):
         import network
-        import socket
+        super().__init__(host, port)
         self.wlan = network.WLAN(network.STA_IF)
         self.wlan.active(True)
         self.wlan.connect(ssid, password)
-        self.addr = None
-        self.host, self.port = host, port
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setblocking(False)
-        self.dropped_tx = 0
 
-    def _ready(self):
-        if self.addr is None and self.wlan.isconnected():
-            import socket
-            self.addr = socket.getaddrinfo(self.host, self.port)[0][-1]
-        return self.addr is not None
-
-    def recv_into(self, buf):
-        try:
-            return self.sock.readinto(buf) or 0
-        except OSError:
-            return 0
-
-    def send(self, data):
-        if not self._ready():
-            self.dropped_tx += len(data)
-            return 0
-        try:
-            return self.sock.sendto(data, self.addr)
-        except OSError:
-            self.dropped_tx += len(data)
-            return 0
+    def ready(self):
+        return self.wlan.isconnected() and super().ready()
 
 
 class Hal:
@@ -250,7 +224,9 @@ class Hal:
 
     def udp(self, host, port, wifi):
         """wifi: (ssid, password) from the board's /wifi.key, never from its config."""
-        return Udp(wifi[0], wifi[1], host, port)
+        if wifi is None:
+            raise OSError("no Wi-Fi credentials: write /wifi.json as {\"ssid\": ..., \"password\": ...}")
+        return Wifi(wifi[0], wifi[1], host, port)
 
     def flash_bdev(self):
         if self._bdev is None:

@@ -161,32 +161,6 @@ class Uart:
         return n
 
 
-class Udp:
-    """The data link as UDP datagrams from the host, where the ESP32 would use Wi-Fi."""
-
-    __slots__ = ("sock", "addr", "dropped_tx")
-
-    def __init__(self, host, port):
-        import socket
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setblocking(False)
-        self.addr = socket.getaddrinfo(host, port)[0][-1]
-        self.dropped_tx = 0
-
-    def recv_into(self, buf):
-        try:
-            return self.sock.readinto(buf) or 0
-        except OSError:
-            return 0
-
-    def send(self, data):
-        try:
-            return self.sock.sendto(data, self.addr)
-        except OSError:
-            self.dropped_tx += len(data)
-            return 0
-
-
 class Watchdog:
     __slots__ = ("hal", "timeout_ms")
 
@@ -291,7 +265,9 @@ class Hal:
         return self._uart
 
     def udp(self, host, port, wifi=None):
-        return Udp(host, port)
+        """The data link as UDP datagrams from the host, where the ESP32 would use Wi-Fi."""
+        from datagram import Datagrams
+        return Datagrams(host, port)
 
     def flash_bdev(self):
         return self._bdev

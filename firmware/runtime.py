@@ -84,11 +84,16 @@ class Runtime:
         if ident:
             from uplink import Uplink
             link = self.cfg["link"] if self.cfg else {"kind": "uart", "addr": 1}
-            if link["kind"] == "udp":
-                transport = hal.udp(link["host"], link["port"], config.wifi())
-            else:
-                transport = hal.uart()
-            self.uplink = Uplink(self, ident[0], ident[1], link["addr"], transport, link["kind"] == "udp")
+            try:
+                if link["kind"] == "udp":
+                    transport = hal.udp(link["host"], link["port"], config.wifi())
+                else:
+                    transport = hal.uart()
+            except OSError as e:        # no link: the board still counts and logs, and says why
+                transport = None
+                self.fault("link: %s" % e)
+            if transport is not None:
+                self.uplink = Uplink(self, ident[0], ident[1], link["addr"], transport, link["kind"] == "udp")
         if self.config_error:
             self.alarm(A_CONFIG_INVALID, 1, 0)
 

@@ -9,11 +9,18 @@ from tools.vboard.rig import KEY, check_register_chain, commissioned_flash
 from tools.vboard.process import BoardProcess
 
 
-def test_readings_flow_from_a_board_through_the_gateway_to_a_subscriber(tmp_path):
+def _three_readings_through_a_gateway(tmp_path, udp=False):
+    """One virtual meter on a serial pty (or on UDP), the gateway, a broker: the first three readings
+    the subscriber gets, sorted by seq, and the gateway's exit code."""
+    from tools.broker import free_port
     broker = Broker(tmp_path / "broker")
-    flash = commissioned_flash(tmp_path, meter={"interval_min": 1})
+    udp_port = free_port()
+    link = {"link": {"kind": "udp", "gateway": f"127.0.0.1:{udp_port}"}} if udp else None
+    flash = commissioned_flash(tmp_path, meter={"interval_min": 1}, extra=link)
     board = BoardProcess("esp32-devkitc", "meter", flash, speed=60, world=["flow_meter.forced_lpm=20"])
-    cfg = write_config(tmp_path, [board.uart_port], broker.port)
+    cfg = write_config(tmp_path, [] if udp else [board.uart_port], broker.port)
+    if udp:
+        cfg.write_text(f'[[links]]\ntype = "udp"\nbind = "127.0.0.1:{udp_port}"\n\n' + cfg.read_text())
     register(tmp_path, {0x1001: KEY})
     sub = Subscriber(broker.port)
     gw = GatewayProcess(cfg).start()
@@ -22,16 +29,22 @@ def test_readings_flow_from_a_board_through_the_gateway_to_a_subscriber(tmp_path
         end = time.monotonic() + 30
         while time.monotonic() < end and len(sub.of_kind("reading")) < 3:
             time.sleep(0.2)
-        readings = sub.of_kind("reading")
+        readings = sorted(sub.of_kind("reading"), key=lambda r: r["seq"])
         assert len(readings) >= 3, gw.log[-10:]
-        r = readings[-1]
-        assert r["device"] == "00001001" and r["topic"] == "prapa/v1/testsite/00001001/reading"
-        assert {"boot", "seq", "register", "value", "wall_t", "time_source"} <= set(r)
     finally:
         sub.close()
-        assert gw.stop() == 0
+        code = gw.stop()
         board.close()
         broker.stop()
+    return readings, code
+
+
+def test_readings_flow_from_a_board_through_the_gateway_to_a_subscriber(tmp_path):
+    readings, code = _three_readings_through_a_gateway(tmp_path)
+    r = readings[-1]
+    assert r["device"] == "00001001" and r["topic"] == "prapa/v1/testsite/00001001/reading"
+    assert {"boot", "seq", "register", "value", "wall_t", "time_source"} <= set(r)
+    assert code == 0, "the gateway stops cleanly on SIGTERM"
 
 
 def _dedup(items):
@@ -324,30 +337,8 @@ def test_a_board_on_udp_reaches_a_broker_over_mutual_tls_and_gets_its_acks_back(
 
 def test_a_virtual_meter_on_udp_delivers_through_the_gateways_udp_link(tmp_path):
     """The firmware's UDP transport (Wi-Fi on an ESP32; host UDP on the virtual board)."""
-    from tools.broker import free_port
-    broker = Broker(tmp_path / "broker")
-    udp_port = free_port()
-    flash = commissioned_flash(tmp_path, meter={"interval_min": 1},
-                               extra={"link": {"kind": "udp", "gateway": f"127.0.0.1:{udp_port}"}})
-    board = BoardProcess("esp32-devkitc", "meter", flash, speed=60, world=["flow_meter.forced_lpm=20"])
-    cfg = write_config(tmp_path, [], broker.port)
-    cfg.write_text(f'[[links]]\ntype = "udp"\nbind = "127.0.0.1:{udp_port}"\n\n' + cfg.read_text())
-    register(tmp_path, {0x1001: KEY})
-    sub = Subscriber(broker.port)
-    gw = GatewayProcess(cfg).start()
-    try:
-        gw.wait_started()
-        end = time.monotonic() + 30
-        while time.monotonic() < end and len(sub.of_kind("reading")) < 3:
-            time.sleep(0.2)
-        readings = sorted(sub.of_kind("reading"), key=lambda r: r["seq"])
-        assert len(readings) >= 3, gw.log[-5:]
-        assert readings[0]["seq"] == 1
-        assert readings[-1]["time_source"] == "board", "time sync came back over UDP"
-        assert all(r["time_source"] in ("board", "gateway") for r in readings)
-        check_register_chain(readings[:3])
-    finally:
-        sub.close()
-        gw.stop()
-        board.close()
-        broker.stop()
+    readings, _code = _three_readings_through_a_gateway(tmp_path, udp=True)
+    assert readings[0]["seq"] == 1
+    assert readings[-1]["time_source"] == "board", "time sync came back over UDP"
+    assert all(r["time_source"] in ("board", "gateway") for r in readings)
+    check_register_chain(readings[:3])
