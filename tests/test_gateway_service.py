@@ -5,7 +5,7 @@ import time
 
 from tests.gateway_rig import GatewayProcess, Subscriber, register, write_config
 from tools.broker import Broker
-from tools.vboard.rig import KEY, check_register_chain, commissioned_flash
+from tools.vboard.rig import KEY, check_register_chain, commissioned_flash, wait_for
 from tools.vboard.process import BoardProcess
 
 
@@ -158,13 +158,7 @@ class _Site:
         self.store_path = tmp_path / "data" / "store.db"
 
     def wait(self, predicate, timeout, what):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            v = predicate()
-            if v:
-                return v
-            time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}; gateway log {self.gw.log[-5:]}")
+        return wait_for(predicate, timeout, what, f"; gateway log {self.gw.log[-5:]}")
 
     def close(self):
         import os

@@ -152,19 +152,24 @@ class Rig:
         return self.board.status()["world"]["flow_meter"]["pulses"]
 
     def wait(self, predicate, timeout, what):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        return wait_for(predicate, timeout, what)
 
     def close(self):
         self.gateway.close()
         if self.console.running:
             self.console.close()
         self.board.close()
+
+
+def wait_for(predicate, timeout, what, context=""):
+    """predicate()'s first truthy value within timeout seconds, else an AssertionError naming what."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}{context}")
 
 
 def interval_readings(entries):
