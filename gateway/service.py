@@ -104,6 +104,7 @@ class Service:
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics, self.status)
         self.notifier = Notifier()
         self.serial_links = []
+        self.udp_links = []
         self.stopping = None
         self.acks_withheld = False
         self.series = collections.defaultdict(lambda: collections.deque(maxlen=SERIES_POINTS))
@@ -286,7 +287,8 @@ class Service:
                 "alarms": alarms, "utc_offset_minutes": self.cfg.time.utc_offset_minutes,
                 "brokers": [{"url": b.url, "connected": f["connected"] and f["broker"] == b.url}
                             for b in self.forwarder.config.brokers],
-                "links": [{"link": getattr(l, "port", str(l)), "type": "serial"} for l in self.serial_links]}
+                "links": [{"link": s.port, "type": "serial"} for s in self.serial_links] +
+                         [{"link": name, "type": "udp"} for name in self.udp_links]}
 
     def status(self):
         return self._snapshot
@@ -305,8 +307,10 @@ class Service:
                 threading.Thread(target=self._read_serial, args=(link, loop), daemon=True,
                                  name=f"link {link_cfg.port}").start()
             else:
-                await loop.create_datagram_endpoint(lambda n=f"udp:{link_cfg.port}": _Udp(self, n),
+                name = f"udp {link_cfg.host}:{link_cfg.port}"
+                await loop.create_datagram_endpoint(lambda n=name: _Udp(self, n),
                                                     local_addr=(link_cfg.host, link_cfg.port))
+                self.udp_links.append(name)
         self.http.start()
         self.forwarder.start()
         tasks = [asyncio.create_task(t) for t in (self.commit_loop(), self.disk_guard(), self.downlink_loop(),
