@@ -191,11 +191,14 @@ class FlashLog:
         """The gateway holds every record of `boot` up to `seq`: move the cursor, delete whole segments."""
         r = Record()
         moved = 0
+        loaded = -1                     # read each segment once, not once per acknowledged record
         while True:
             self._normalise()
             if self.cursor_seg >= len(self.counts) or self.cursor_rec >= self.counts[self.cursor_seg]:
                 break
-            self._load(self.cursor_seg)
+            if loaded != self.cursor_seg:
+                self._load(self.cursor_seg)
+                loaded = self.cursor_seg
             r.unpack(self.seg, self.cursor_rec * REC)
             if r.boot != boot or r.seq_last() > seq:
                 break

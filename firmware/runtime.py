@@ -67,6 +67,8 @@ class Runtime:
         self.config_error = None
         self.config_hash = b"\x00" * 8
         self.timer = None
+        self.log_full_active = 0
+        self.reboot_at = -1             # up_s at which a requested reboot happens (-1: none)
         try:
             self.cfg, key = config.load(self.board, role_module)
         except config.ConfigError as e:
@@ -175,14 +177,12 @@ class Runtime:
             self.log_full_active = 0
             self.alarm(A_LOG_FULL, 0, log.merged)
 
-    log_full_active = 0
-
     def alarm(self, code, active, detail):
         r = Record()
         r.kind, r.count, r.t_end, r.span, r.value, r.reg = K_ALARM, code, self.up_s, 0, 1 if active else 0, detail
         self.log_record(r)
         if self.uplink is not None:
-            self.uplink._encode_alarm(r)      # ahead of any backlog; again in its turn until acknowledged
+            self.uplink.send_alarm(r)         # ahead of any backlog; again in its turn until acknowledged
 
     def fault(self, what):
         self.faults += 1
@@ -206,8 +206,6 @@ class Runtime:
         os.rename(config.CONFIG_PATH + ".try", config.CONFIG_PATH)
         self.reboot_at = self.up_s + 2
         return True, "stored; rebooting"
-
-    reboot_at = -1
 
     def command(self, name, args):
         if name == "reboot":

@@ -132,7 +132,7 @@ class Uplink:
                                         rt.config_hash, self.synced, rt.reset_cause_index(), rt.up_s,
                                         self.addr))
 
-    def _encode_alarm(self, r):
+    def send_alarm(self, r):
         self.send_dict(M.ALARM, M.alarm(r.boot, r.seq, r.t_end, r.count, r.value, r.reg))
 
     def _wall_t0(self, r):
@@ -151,7 +151,7 @@ class Uplink:
             return False
         first = recs[0]
         if first.kind == K_ALARM:
-            self._encode_alarm(first)
+            self.send_alarm(first)
             return True
         k = 1
         while k < n:

@@ -23,8 +23,6 @@ import signal
 import threading
 import time
 
-import cbor2
-
 from gateway import forward_format as ff
 from gateway.forwarder import Forwarder
 from gateway.metrics import HttpServer, Metrics
@@ -167,22 +165,15 @@ class Service:
             self._commit()
 
     def _commit(self):
-        pending = self.sessions.pending
-        if not pending:
+        if not self.sessions.pending:
             return
-        last = {}
-        for e in pending:                      # the newest reading of each device, for the live charts
-            if e.kind == "reading" and e.wall_t is not None:
-                last[e.device_id] = e
         t0 = time.perf_counter()
         n = self.sessions.flush()
         self.metrics.commit_latency.observe(time.perf_counter() - t0)
         self.metrics.readings_committed.inc(n)
         self.forwarder.kick()
-        for device_id, e in last.items():
-            item = cbor2.loads(e.payload)
-            if item.get("series") == "interval":
-                self.series[device_id].append((e.wall_t, item.get("value"), item.get("register")))
+        for device_id, point in self.sessions.take_latest().items():   # the live charts
+            self.series[device_id].append(point)
 
     async def disk_guard(self):
         """Stop acknowledging before the disk is full: boards keep what they have."""

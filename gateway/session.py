@@ -74,6 +74,7 @@ class Sessions:
         self.role_of = role_of or (lambda device_id: None)
         self.devices = {}
         self.pending = []              # entries received, not yet committed
+        self._latest = {}              # device -> (wall_t, value, register) of its newest interval reading
         self._link = None
         self.receiver = link.Receiver(secure.UPLINK, key_for, self._on_message, accept_any_addr=True,
                                       max_devices=4096, window_for=self._saved_window)
@@ -205,6 +206,8 @@ class Sessions:
                 item = self._trim_merged(d.device_id, boot, item)
                 if item is None:
                     continue
+            if series == M.SERIES_INTERVAL and wall is not None:
+                self._latest[d.device_id] = (wall, item["value"], item.get("register"))
             self.pending.append(Entry(d.device_id, boot, item["seq"], "reading", t_end,
                                       cbor2.dumps(item), wall, source,
                                       item.get("seq_last")))
@@ -272,6 +275,11 @@ class Sessions:
                 self._downlink(d, M.ACK, M.ack(boot_id, upto))
                 self.acks_sent += 1
         return len(entries)
+
+    def take_latest(self):
+        """Each device's newest interval reading since the last call (for live views), then forget them."""
+        latest, self._latest = self._latest, {}
+        return latest
 
     def counts(self):
         return self.receiver.counts

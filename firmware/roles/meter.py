@@ -23,6 +23,7 @@ from micropython import const
 import persist
 from flashlog import K_DAILY, K_READING, Record
 from protocol import messages as M
+from protocol.framing import crc16
 
 NAME = "meter"
 SCHEMA = (
@@ -43,7 +44,7 @@ A_BURST = const(2)
 A_TAMPER = const(3)
 ALARMS = {A_LEAK: "leak", A_BURST: "burst", A_TAMPER: "no_pulse_tamper"}
 CHECKPOINT = "meter.ckpt"
-_CKPT = "<IIII"          # total pulses, register at the start of the open interval, at the start of the day, crc
+_CKPT = "<IIIH"          # total pulses, register at the start of the open interval, at the start of the day, CRC-16
 _RING = const(8)
 _NEVER = const(0x3FFFFFFF)
 
@@ -69,14 +70,11 @@ def check_change(old, new, waiting):
                               "push it again once the gateway has them (health: log fill 0)")
 
 
-def _crc(a, b, c):
-    return (a * 31 + b * 17 + c * 7 + 0x5A5A) & 0xFFFFFFFF
-
-
 class Meter:
     def __init__(self, rt, cfg):
         self.rt = rt
         hal = rt.hal
+        self.ckpt_buf = bytearray(14)
         self.k_milli = int(round(cfg["k_factor_l"] * 1000))
         if self.k_milli % 1000 == 0:
             self.scale, self.mult, self.register_base = 0, self.k_milli // 1000, cfg["register_l"]
@@ -129,9 +127,9 @@ class Meter:
         deleted once acknowledged, and must not be the only place the total lives."""
         total, ibase, dbase = 0, 0, 0
         raw = persist.read(CHECKPOINT)
-        if raw and len(raw) == 16:
+        if raw and len(raw) == 14:
             t, i, d, c = struct.unpack(_CKPT, raw)
-            if c == _crc(t, i, d):
+            if c == crc16(raw, 0, 12):
                 total, ibase, dbase = t, i, d
         saved = (total, ibase, dbase)
         if log.last_reading.kind == K_READING:
@@ -146,9 +144,12 @@ class Meter:
         self.saved_total = self.total
 
     def checkpoint(self):
-        t, i, d = self.total, self.interval_base, self.day_base
-        persist.write_atomic(CHECKPOINT, struct.pack(_CKPT, t, i, d, _crc(t, i, d)))
-        self.saved_total = t
+        buf = self.ckpt_buf
+        struct.pack_into(_CKPT, buf, 0, self.total, self.interval_base, self.day_base, 0)
+        c = crc16(buf, 0, 12)
+        buf[12], buf[13] = c & 255, c >> 8
+        persist.write_atomic(CHECKPOINT, buf)
+        self.saved_total = self.total
 
     # -- time ---------------------------------------------------------------------------
     def on_clock(self, up_s, local_sod):
