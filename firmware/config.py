@@ -30,10 +30,7 @@ RUNTIME_SCHEMA = {
 }
 
 
-class ConfigError(ValueError):
-    def __init__(self, field, problem, fix):
-        super().__init__("%s: %s; fix: %s" % (field, problem, fix))
-        self.field = field
+from protocol.errors import ConfigError  # noqa: E402  (re-exported: roles raise config.ConfigError)
 
 
 def check_section(name, given, schema):

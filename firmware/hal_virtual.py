@@ -1,5 +1,5 @@
 # HAL backend for the virtual board: the MicroPython unix port driven by the
-# world simulator (tools/vboard). Same surface as hal_esp32.py; roles never know
+# world simulator (tools/sim). Same surface as hal_esp32.py; roles never know
 # which one they hold.
 #
 # Why it looks like this:
@@ -33,7 +33,7 @@ RESET_CAUSES = ("power_on", "hard_reset", "watchdog", "soft_reset", "brownout", 
 
 
 def _params():
-    # The ROM (tools/vboard/rom/vboot.py) leaves the bench's parameters here.
+    # The ROM (tools/sim/rom/vboot.py) leaves the bench's parameters here.
     return sys.modules["_vboard"].PARAMS
 
 

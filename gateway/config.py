@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
-from tools.errors import UsageError
+from protocol.errors import UsageError
 
 SITE_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
 CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,23}$")     # what every MQTT 3.1.1 broker must accept

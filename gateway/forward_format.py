@@ -23,7 +23,7 @@ import socket
 
 import cbor2
 
-from tools.errors import UsageError
+from protocol.errors import UsageError
 
 TOPIC_MAX_BYTES = 256            # AWS IoT Core
 TOPIC_MAX_SLASHES = 7            # AWS IoT Core: 8 levels

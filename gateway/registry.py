@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from tools import files
-from tools.errors import UsageError
+from gateway import files
+from protocol.errors import UsageError
 
 ROLES = ("meter", "doser", "drain")
 STATES = ("commissioned", "active", "retired")

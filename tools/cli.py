@@ -8,7 +8,7 @@ import json
 import signal
 import sys
 
-from tools.errors import UsageError
+from protocol.errors import UsageError
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 EPILOG = "exit codes: 0 ok, 1 failure, 2 usage or configuration error"
@@ -98,7 +98,7 @@ def cmd_board_list(args):
 
 
 def cmd_world_params(args):
-    from tools.vboard import world
+    from tools.sim import worlds as world
     models = world.models_for(args.role) if args.role else list(world.MODELS.values())
     for m in models:
         print(f"{m.NAME} (roles: {', '.join(m.ROLES)})")
@@ -109,8 +109,8 @@ def cmd_world_params(args):
 
 def cmd_board_run(args):
     from tools import boards
-    from tools.vboard import world
-    from tools.vboard.bench import Bench, prepare_flash
+    from tools.sim import worlds as world
+    from tools.sim.board import SimBoard, prepare_flash
 
     board = boards.load(args.board)
     board.check_role(args.role)
@@ -122,7 +122,7 @@ def cmd_board_run(args):
         except ValueError:
             raise UsageError("--unique-id", f"{args.unique_id!r} is not 6 bytes of hex", "give 12 hex digits") from None
     created = prepare_flash(board, args.role, args.flash, args.install_app)
-    bench = Bench(board, args.role, args.flash, speed=args.speed, start_ticks_ms=args.start_ticks_ms,
+    bench = SimBoard(board, args.role, args.flash, speed=args.speed, start_ticks_ms=args.start_ticks_ms,
                   world_overrides=overrides, seed=args.seed, control_path=args.control, unique_id=args.unique_id)
     if created:
         bench.log("flash_created", flash=bench.flash_path, bytes=board.vfs_size_bytes)

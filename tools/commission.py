@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.errors import UsageError
+from protocol.errors import UsageError
 from tools.role_config import build_config, firmware_roles, parse_device_id
 
 DEVICE_LINE = re.compile(r"prapa device=(\d+) log=\d+/\d+ torn=\d+ ?(.*)")

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from tools.errors import UsageError
+from protocol.errors import UsageError
 
 
 def add_devices_parser(gateway_subparsers):

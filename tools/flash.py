@@ -27,7 +27,7 @@ from pathlib import Path
 from littlefs import LittleFS, LittleFSError
 
 from tools import boards, build
-from tools.errors import UsageError
+from protocol.errors import UsageError
 
 # Where a MicroPython firmware .bin (bootloader + partition table + app) starts, per chip.
 FIRMWARE_OFFSET = {"esp32": 0x1000, "esp32s2": 0x1000, "esp32s3": 0x0, "esp32c3": 0x0}

@@ -8,7 +8,7 @@ import json
 import logging
 import sys
 
-from tools.errors import UsageError
+from protocol.errors import UsageError
 
 
 def add_parser(sub):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from littlefs import LittleFS
 
-from tools import files
-from tools.errors import UsageError
+from gateway import files
+from protocol.errors import UsageError
 
 FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
 PROTOCOL_DIR = FIRMWARE_DIR.parent / "protocol"

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from tools.errors import UsageError
+from protocol.errors import UsageError
 
 STATS_EVERY_S = 10.0
 ROLES = ("meter", "doser", "drain")

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from tools.errors import UsageError
+from protocol.errors import UsageError
 
 FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
 

@@ -89,10 +89,10 @@ def run(args):
     from tools import boards as board_defs
     from tools import image
     from tools.broker import Broker, free_port
-    from tools.errors import UsageError
+    from protocol.errors import UsageError
     from tools.gateway_process import GatewayProcess, register, write_config
-    from tools.vboard.bench import prepare_flash
-    from tools.vboard.process import BoardProcess
+    from tools.sim.board import prepare_flash
+    from tools.sim.process import BoardProcess
 
     if not 1 <= args.boards <= 64:
         raise UsageError("--boards", f"{args.boards} is out of range", "give 1 to 64 boards")

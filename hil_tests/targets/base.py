@@ -12,7 +12,7 @@ from pathlib import Path
 MPREMOTE = str(Path(sys.executable).with_name("mpremote"))
 
 
-from tools.vboard.process import BoardError  # noqa: E402  (one error type for every target)
+from tools.sim.process import BoardError  # noqa: E402  (one error type for every target)
 
 
 class BoardHandle:

@@ -1,7 +1,7 @@
 """The unix target: virtual boards (`prapa board run`, the firmware on the real MicroPython VM)."""
 
 from hil_tests.targets.base import BoardHandle
-from tools.vboard.process import BoardProcess
+from tools.sim.process import BoardProcess
 
 
 class VirtualBoard(BoardProcess, BoardHandle):

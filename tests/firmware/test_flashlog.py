@@ -1,0 +1,106 @@
+"""The board's flash log on littlefs in the real VM: order, acks, torn records, coarsening."""
+
+from hil_tests.support import vm
+
+RAM_FS = """
+import vfs, os
+class RamBlocks:
+    def __init__(self, n, bs=4096):
+        self.bs, self.n, self.data = bs, n, bytearray(n * bs)
+    def readblocks(self, b, buf, off=0):
+        a = b * self.bs + off
+        buf[:] = self.data[a:a + len(buf)]
+    def writeblocks(self, b, buf, off=None):
+        a = b * self.bs + (off or 0)
+        self.data[a:a + len(buf)] = buf
+    def ioctl(self, op, arg):
+        return {4: self.n, 5: self.bs, 6: 0}.get(op)
+bd = RamBlocks(16)
+vfs.VfsLfs2.mkfs(bd)
+vfs.mount(vfs.VfsLfs2(bd), "/fl")
+os.chdir("/fl")
+from flashlog import FlashLog, Record, K_READING, K_ALARM, REC
+def reading(seq, value, reg, t_end, span=900, boot=3):
+    r = Record()
+    r.kind, r.flags, r.count, r.boot, r.seq, r.t_end, r.span, r.value, r.reg, r.wall_boot = (
+        K_READING, 0, 1, boot, seq, t_end, span, value, reg, 0)
+    return r
+"""
+
+
+def test_records_come_back_in_order_and_acks_delete_whole_segments():
+    out = vm.run(RAM_FS + """
+log = FlashLog(1000)
+reg = 0
+for i in range(150):
+    log.append(reading(i + 1, i % 7, reg, (i + 1) * 900))
+    reg += i % 7
+recs = [Record() for _ in range(200)]
+n = log.read_unacked(recs, 200)
+print(n, [r.seq for r in recs[:n]] == list(range(1, 151)), len(log.counts))
+log.ack(3, 100)
+print(log.entries(), len(os.listdir("log")))
+log.ack(2, 150)                                   # another boot's ack moves nothing
+print(log.entries())
+again = FlashLog(1000)                            # a reboot: the first segment's acked records return
+n = again.read_unacked(recs, 200)
+print(n, recs[0].seq, again.last.seq)
+""")
+    lines = out.split("\n")
+    assert lines[0] == "150 True 3"
+    assert lines[1] == "50 2"              # the first full segment (64) is gone; 100 of 150 acknowledged
+    assert lines[2] == "50"
+    assert lines[3] == "86 65 150"
+
+
+def test_a_torn_or_rotten_record_is_discarded_at_boot_never_misread():
+    out = vm.run(RAM_FS + """
+log = FlashLog(1000)
+for i in range(10):
+    log.append(reading(i + 1, 5, 5 * i, (i + 1) * 900))
+name = "log/%08d" % log.first
+data = bytearray(open(name, "rb").read())
+data[3 * REC + 9] ^= 0x40                         # rot inside record 4
+with open(name, "wb") as f:
+    f.write(data[:9 * REC + 20])                  # and the last record cut short
+again = FlashLog(1000)
+recs = [Record() for _ in range(20)]
+n = again.read_unacked(recs, 20)
+print(again.torn, n, [r.seq for r in recs[:n]])
+print(FlashLog(1000).torn)                        # repaired on flash: the next boot finds nothing torn
+""")
+    first, second = out.split("\n")[:2]
+    assert first == "2 8 [1, 2, 3, 5, 6, 7, 8, 9]"
+    assert second == "0"
+
+
+def test_coarsening_keeps_the_register_chain_exact_and_never_touches_alarms():
+    out = vm.run(RAM_FS + """
+log = FlashLog(100)
+reg = 0
+for i in range(200):
+    if i == 50:
+        a = Record()
+        a.kind, a.flags, a.count, a.boot, a.seq, a.t_end, a.span, a.value, a.reg, a.wall_boot = (
+            K_ALARM, 0, 1, 3, 1000, 45000, 0, 1, 0, 0)
+        log.append(a)
+    log.append(reading(i + 1, (i * 13) % 11, reg, (i + 1) * 900))
+    reg += (i * 13) % 11
+merged = log.coarsen(90)
+recs = [Record() for _ in range(300)]
+n = log.read_unacked(recs, 300)
+total = recs[0].reg
+ok = True
+covered = 0
+for r in recs[:n]:
+    if r.kind == K_ALARM:
+        continue
+    ok = ok and r.reg == total and r.span == 900 * r.count
+    total += r.value
+    covered += r.count
+print(merged, n, total == reg, ok, covered, sum(1 for r in recs[:n] if r.kind == K_ALARM))
+""")
+    merged, n, exact, chain, covered, alarms = out.split()
+    assert int(n) <= 90 and int(merged) == 201 - int(n)
+    assert exact == "True" and chain == "True"
+    assert covered == "200" and alarms == "1"

@@ -1,0 +1,134 @@
+"""The firmware runtime and the meter role on the real VM, against the gateway's session layer.
+
+Every pulse billed once, at the right time, through power cuts (issue 5)."""
+
+import random
+import time
+
+import pytest
+
+from tools.sim.rig import Rig, check_register_chain, interval_readings, power_cut_campaign
+
+HEAP_BUDGET = 112640
+WRAP_MS = 1 << 30
+
+
+def final_register(rig):
+    readings = interval_readings(rig.gateway.entries())
+    return readings[-1]["register"] if readings else None
+
+
+def test_intervals_align_to_the_wall_clock_and_add_up_across_the_tick_wrap(tmp_path):
+    """The board clock starts one second before ticks_ms wraps at 2**30."""
+    rig = Rig(tmp_path, meter={"interval_min": 1}, speed=20, world=["flow_meter.forced_lpm=30"],
+              start_ticks_ms=WRAP_MS - 1000)
+    try:
+        rig.wait(lambda: len(interval_readings(rig.gateway.entries())) >= 4, 40, "four interval readings")
+        readings = interval_readings(rig.gateway.entries())
+        check_register_chain(readings)
+        assert [r["seq"] for r in readings] == list(range(readings[0]["seq"], readings[0]["seq"] + len(readings)))
+        assert all(r["time_source"] == "board" for r in readings)
+        # The first interval is cut short to reach a boundary; every one ends on a wall-clock minute.
+        assert all(r["wall_t"] % 60 == 0 for r in readings)
+        assert all(r["span_s"] == 60 for r in readings[1:])
+        assert all(25 <= r["value"] <= 35 for r in readings[1:])       # 30 L/min at 1 L per pulse
+        assert readings[-1]["register"] <= rig.truth_pulses()
+    finally:
+        rig.close()
+
+
+def test_a_hundred_thousand_bouncing_pulses_at_random_rates_are_counted_exactly(tmp_path):
+    rng = random.Random(5)
+    rig = Rig(tmp_path, meter={"interval_min": 1, "debounce_us": 5000}, speed=100,
+              world=["flow_meter.bounce_max_us=5000", "flow_meter.bounce_flips_max=3"])
+    try:
+        while rig.truth_pulses() < 100_000:
+            rig.board.set_world("flow_meter", "forced_lpm", rng.uniform(60, 3000))   # 1 to 50 pulses/s
+            time.sleep(rng.uniform(0.2, 1.0))
+        rig.board.set_world("flow_meter", "forced_lpm", 0)
+        time.sleep(0.3)                # the world generates events 50 ms ahead; let those land first
+        truth = rig.truth_pulses()
+        # A loaded machine can leave the link in backoff for a while: wait for the count, not for quiet.
+        end = time.monotonic() + 150
+        while time.monotonic() < end and final_register(rig) != truth:
+            time.sleep(0.5)
+        readings = interval_readings(rig.gateway.entries())
+        check_register_chain(readings)
+        assert final_register(rig) == truth, f"the board counted {final_register(rig)} of {truth} pulses"
+        assert sum(r["value"] for r in readings) == truth
+        health = rig.gateway.health()
+        assert health and health[3] >= 0.4 * HEAP_BUDGET, f"heap free minimum {health and health[3]}"
+    finally:
+        rig.close()
+
+
+def test_power_cuts_at_200_random_instants_never_lose_more_than_the_checkpoint_bound(tmp_path):
+    """SIGKILL the board (bench power cut) while it counts, checkpoints, logs and sends; it restarts
+    on the same flash. Flow stops while it boots, so every pulse not counted is a checkpoint loss."""
+    rig = Rig(tmp_path, meter={"interval_min": 1}, speed=100, world=["flow_meter.forced_lpm=6"])  # 0.1 pulse/s
+    try:
+        losses = power_cut_campaign(rig, 210, random.Random(11), flow_lpm=6)
+        assert min(losses) >= 0 and max(losses) <= 10, losses
+        # Everything logged reaches the gateway once: the register chain holds, no identity twice.
+        rig.board.set_world("flow_meter", "forced_lpm", 6)
+        time.sleep(1.5)
+        rig.board.set_world("flow_meter", "forced_lpm", 0)
+        time.sleep(2.0)
+        readings = interval_readings(rig.gateway.entries())
+        check_register_chain(readings)
+        ids = [(r["boot"], r["seq"]) for r in readings]
+        assert len(ids) == len(set(ids)) and len(readings) > 50
+        print(f"\n{len(losses)} cuts, pulses lost per cut: mean {sum(losses) / len(losses):.2f}, max {max(losses)}")
+    finally:
+        rig.close()
+
+
+def test_a_week_without_the_gateway_waits_in_flash_coarsens_and_arrives_in_order(tmp_path):
+    speed = 20_000                                     # a week in half a minute
+    rig = Rig(tmp_path, meter={"interval_min": 15}, speed=speed,
+              extra={"link": {"sample_ms": 1000, "health_s": 3600}, "log": {"max_entries": 200}})
+    try:
+        rig.wait(lambda: rig.gateway.sessions.devices.get(0x1001), 20, "the board's hello")
+        time.sleep(0.5)
+        rig.gateway.unplug()
+        before = len(rig.gateway.entries())
+        time.sleep(7 * 86400 / speed)
+        assert len(rig.gateway.entries()) == before, "nothing may arrive while the gateway is gone"
+        rig.gateway.plug()
+        rig.board.set_world("flow_meter", "forced_lpm", 0)
+        time.sleep(0.3)
+        truth = rig.truth_pulses()
+        rig.wait(lambda: final_register(rig) == truth, 60, f"the backlog to drain up to register {truth}")
+        arrived = rig.gateway.entries(order="id")
+        interval = interval_readings(arrived)
+        assert [(r["boot"], r["seq"]) for r in interval] == sorted((r["boot"], r["seq"]) for r in interval)
+        check_register_chain(interval_readings(rig.gateway.entries()))
+        merged = [r for r in interval if "seq_last" in r]
+        assert merged, "a full log must have merged old intervals"
+        for a, b in zip(interval, interval[1:]):       # merged or not, intervals tile board time
+            assert b["t_board_s"] - b["span_s"] == a["t_board_s"], (a, b)
+        assert max(r["span_s"] for r in merged) > 900 and interval[-1]["t_board_s"] >= 7 * 86400
+        daily = [r for r in arrived if r["series"] == "daily"]
+        assert len(daily) >= 7 and all(r["span_s"] == 86400 for r in daily[1:])
+        assert all((r["wall_t"] + 7 * 3600) % 86400 == 0 for r in daily), "daily readings end at local midnight"
+        for a, b in zip(daily, daily[1:]):
+            assert b["register_before"] == a["register"]
+        alarms = rig.gateway.entries("alarm")
+        assert any(a["name"] == "log_full" and a["active"] for a in alarms)
+        health = rig.gateway.health()
+        assert health[3] >= 0.4 * HEAP_BUDGET, f"heap free minimum {health[3]} of {HEAP_BUDGET}"
+    finally:
+        rig.close()
+
+
+def test_a_board_with_a_bad_config_stays_idle_and_tells_the_gateway_why(tmp_path):
+    rig = Rig(tmp_path, meter={"interval_min": 7})
+    try:
+        i, m = rig.console.wait_for(r"prapa idle: config invalid: (\S+): (.*); fix: (.*)")
+        assert m.group(1) == "meter.interval_min" and "divide" in m.group(2)
+        alarm = rig.wait(lambda: rig.gateway.entries("alarm"), 20, "the config_invalid alarm")[0]
+        assert alarm["name"] == "config_invalid" and alarm["active"]
+        assert rig.board.status()["world"]["flow_meter"]["pulses"] >= 0
+        assert not rig.gateway.entries("reading"), "no role runs without a valid config"
+    finally:
+        rig.close()

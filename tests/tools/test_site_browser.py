@@ -1,0 +1,79 @@
+"""`prapa site`'s live view in a real browser: Debian's headless Chromium driven by Selenium.
+
+The page must list every device, show an alarm and draw a chart from live data;
+a screenshot is kept in artifacts/ (CI uploads that folder)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = Path(os.environ.get("PRAPA_ARTIFACTS", ROOT / "artifacts"))
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def _browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,900"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver "
+                                                           "(./dev setup installs them)")
+def test_the_status_page_shows_devices_an_alarm_and_live_charts(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    report = tmp_path / "report.json"
+    site = subprocess.Popen([sys.executable, "-m", "tools.cli", "site", "--headless", "--boards", "3",
+                             "--duration", "120", "--workdir", str(tmp_path / "site"), "--report", str(report)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = None
+    try:
+        url = None
+        for line in site.stdout:
+            event = json.loads(line)
+            if event["event"] == "gateway_started":
+                url = event["status_page"]
+                break
+        assert url, site.stderr.read()
+        driver = _browser()
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                driver.get(url)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        wait = WebDriverWait(driver, 60, poll_frequency=0.5)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#devices tr[data-device]")) == 3)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.alarm.active"))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "svg.chart polyline")) >= 3)
+        names = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#devices tr[data-device]")]
+        assert all(any(f"meter-00{i}" in n for n in names) for i in (1, 2, 3)), names
+        alarm = driver.find_element(By.CSS_SELECTOR, "tr.alarm.active").text
+        assert "burst" in alarm and "00002003" in alarm, alarm
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert driver.save_screenshot(str(ARTIFACTS / "site-status-page.png"))
+    finally:
+        if driver is not None:
+            driver.quit()
+        site.send_signal(signal.SIGTERM)
+        site.wait(60)
+    data = json.loads(report.read_text())
+    assert all(b["readings_at_broker"] > 0 for b in data["boards"])
+    assert "burst" in data["boards"][2]["alarms"]

@@ -1,0 +1,101 @@
+"""prapa bench: figures, printed as ratios to a baseline measured in the same run.
+
+  protocol  wire bytes per meter reading vs SenML-CBOR and JSON; board CPU
+            and heap per report (VM); gateway receive rate vs cbor2 + AESCCM.
+  site      seconds to the first reading at the broker; per-board CPU and memory at
+            1x and 100x; how many boards this machine runs
+  gateway   readings/s through the gateway service (frames in, PUBACKs out) vs
+            bare paho; commit-to-PUBACK latency; the service's peak RSS
+  firmware  sampling jitter under load, heap peak, flash wear and life, pulses
+            lost per power cut (the meter runtime on a virtual board)
+  boot   power-on to the app's banner on a virtual board, against a bare start
+         of the same MicroPython VM (same heap); heap free after boot as a
+         share of the board's budget.
+"""
+
+import json
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import serial
+
+from tools import boards
+
+BANNER = re.compile(rb"heap_free=(\d+) heap_budget=(\d+)")
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="measure and print figures", description=__doc__)
+    bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK", parser_class=type(p))
+    bsub.required = True
+    boot = bsub.add_parser("boot", help="virtual board boot time and heap after boot",
+                           description="Boot a virtual board N times (power cut and restore) and a bare VM N times.")
+    boot.add_argument("--board", default="esp32-devkitc")
+    boot.add_argument("--role", default="meter")
+    boot.add_argument("--boots", type=int, default=20, help="boots to time (default 20)")
+    boot.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    boot.set_defaults(func=bench_boot)
+    from tools.bench import firmware, gateway, protocol, site
+    for subject in (protocol, site, firmware, gateway):
+        subject.add_parser(bsub, type(p))
+
+
+def _bare_vm_ms(board, n):
+    from tools.sim.board import micropython_exe
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run([micropython_exe(), "-X", board.heapsize_option(), "-c", "print(1)"], check=True,
+                       capture_output=True)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def bench_boot(args):
+    from tools.sim.process import BoardProcess
+    board = boards.load(args.board)
+    board.check_role(args.role)
+    bare = _bare_vm_ms(board, args.boots)
+    boots, shares = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        vb = BoardProcess(args.board, args.role, Path(tmp) / "flash.img")
+        try:
+            console = serial.Serial(vb.console_port, 115200, timeout=0.05)
+            for _ in range(args.boots):
+                console.reset_input_buffer()
+                t0 = time.perf_counter()
+                vb.power_cut()
+                buf, deadline = b"", time.monotonic() + 20
+                while not BANNER.search(buf) and time.monotonic() < deadline:
+                    buf += console.read(512)
+                m = BANNER.search(buf)
+                if not m:
+                    raise RuntimeError(f"no banner within 20 s: {buf[-200:]!r}")
+                boots.append((time.perf_counter() - t0) * 1000)
+                shares.append(int(m.group(1)) / int(m.group(2)))
+            console.close()
+        finally:
+            vb.close()
+    figures = {
+        "board": board.name, "role": args.role, "boots": args.boots,
+        "bare_vm_start_ms_median": round(statistics.median(bare), 1),
+        "board_boot_ms_median": round(statistics.median(boots), 1),
+        "board_boot_ms_max": round(max(boots), 1),
+        "boot_vs_bare_vm_ratio": round(statistics.median(boots) / statistics.median(bare), 2),
+        "heap_free_after_boot_share": round(statistics.median(shares), 3),
+    }
+    print_figures(figures, args.json)
+    return 0
+
+
+def print_figures(figures, as_json):
+    if as_json:
+        print(json.dumps(figures))
+    else:
+        width = max(len(k) for k in figures) + 2
+        for k, v in figures.items():
+            print(f"{k:{width}} {v}")

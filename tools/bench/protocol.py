@@ -1,0 +1,175 @@
+"""prapa bench protocol: wire bytes, board CPU and heap, gateway receive rate.
+
+Every figure is printed beside a baseline measured in the same run.
+"""
+
+import json
+import random
+import time
+
+import cbor2
+from cryptography.hazmat.primitives.ciphers.aead import AESCCM
+
+from protocol import cbor, framing, link, secure
+from protocol import messages as M
+from protocol.examples import DEVICE_ID, KEY
+from tools.sim.board import micropython_exe
+
+INTERVAL_S = 900
+T0_WALL = 1795466400
+
+
+def household_deltas(n, seed=5):
+    rnd = random.Random(seed)
+    return [rnd.choice([0, 0, 0, 0, 2, 5, 9, 14, 22, 30, 41]) for _ in range(n)]
+
+
+def full_frame_readings():
+    """As many 15-minute readings as fit one 250-byte secure frame, and the wire bytes."""
+    n = 1
+    while True:
+        payload = cbor.encode(M.readings(1234, 99999, 86400, INTERVAL_S, 0, M.units("L", 0, 1000),
+                                         household_deltas(n + 1), 1234567))
+        if secure.OVERHEAD + len(payload) > framing.MAX_FRAME:
+            break
+        n += 1
+    payload = cbor.encode(M.readings(1234, 99999, 86400, INTERVAL_S, 0, M.units("L", 0, 1000),
+                                     household_deltas(n), 1234567))
+    sender = link.Sender(KEY, DEVICE_ID, secure.UPLINK, secure.MemoryCounters(1))
+    wire = sender.wire_into(M.READINGS, payload, len(payload))
+    return n, secure.OVERHEAD + len(payload), wire
+
+
+def senml_cbor(deltas, with_base_value):
+    """RFC 8428 SenML-CBOR with integer labels: bn -2, bt -3, bu -4, bv -5, v 2, t 6."""
+    total, records = 1234567, []
+    for i, d in enumerate(deltas):
+        total += d
+        rec = {6: i * INTERVAL_S}
+        rec[2] = total - 1234567 if with_base_value else total
+        if i == 0:
+            rec.update({-2: "urn:dev:mac:0024befffe804ff1:", -3: T0_WALL, -4: "L"})
+            if with_base_value:
+                rec[-5] = 1234567
+        records.append(rec)
+    return len(cbor2.dumps(records))
+
+
+def thingsboard_json(deltas):
+    total, rows = 1234567, []
+    for i, d in enumerate(deltas):
+        total += d
+        rows.append({"ts": (T0_WALL + i * INTERVAL_S) * 1000, "values": {"volume_l": total}})
+    return len(json.dumps(rows, separators=(",", ":")))
+
+
+VM_SCRIPT = """
+import gc, time
+from protocol import cbor, link, secure
+from protocol import messages as M
+from protocol.examples import KEY, DEVICE_ID
+N = %d
+deltas = bytearray([0, 3, 0, 12, 41, 7, 0, 0, 25, 2])
+buf = bytearray(120)
+s = link.Sender(KEY, DEVICE_ID, 0, secure.MemoryCounters(1))
+def hot():
+    n = M.encode_meter_readings_into(buf, 0, 7, 120, 900, 900, 1000, 123456, deltas, 10)
+    return s.wire_into(2, buf, n)
+def general():
+    p = cbor.encode(M.readings(7, 120, 900, 900, 0, M.units("L", 0, 1000), list(deltas), 123456))
+    return s.wire_into(2, p, len(p))
+for name, fn in (("general", general), ("hot", hot)):
+    fn()
+    gc.collect()
+    gc.disable()               # heap bytes per report: 20 reports with the GC off
+    a0 = gc.mem_alloc()
+    for _ in range(20):
+        fn()
+    a1 = gc.mem_alloc()
+    gc.enable()
+    gc.collect()
+    t0 = time.ticks_us()       # time per report: N reports, GC on (as on the board)
+    for _ in range(N):
+        fn()
+    dt = time.ticks_diff(time.ticks_us(), t0)
+    print(name, dt / N, (a1 - a0) / 20)
+"""
+
+
+def board_cpu(reports):
+    import os
+    import subprocess
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, MICROPYPATH=f".frozen:{root}")
+    out = subprocess.run([micropython_exe(), "-X", "heapsize=112640w", "-c", VM_SCRIPT % reports],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    rows = {}
+    for line in out.split("\n"):
+        if line:
+            name, us, alloc = line.split()
+            rows[name] = (float(us), float(alloc))
+    return rows
+
+
+def gateway_rate(frames):
+    sender = link.Sender(KEY, DEVICE_ID, secure.UPLINK, secure.MemoryCounters(1))
+    payload = cbor.encode(M.readings(7, 120, 900, 900, 0, M.units("L", 0, 1000), household_deltas(10), 123456))
+    datagrams = []
+    for _ in range(frames):
+        n = sender.frame(M.READINGS, payload, len(payload))
+        datagrams.append(bytes(sender.frame_buf[:n]))
+    seen = []
+    r = link.Receiver(secure.UPLINK, lambda d: KEY, lambda d, c, t, m: seen.append(c))
+    t0 = time.perf_counter()
+    for d in datagrams:
+        r.datagram(d)
+    ours = frames / (time.perf_counter() - t0)
+    assert len(seen) == frames
+    aead = AESCCM(KEY, tag_length=8)
+    t0 = time.perf_counter()
+    for d in datagrams:
+        h = d[:secure.HEADER_LEN]
+        nonce = bytearray(13)
+        secure.nonce_into(nonce, DEVICE_ID, 0, int.from_bytes(h[6:10], "big"))
+        cbor2.loads(aead.decrypt(bytes(nonce), d[secure.HEADER_LEN:], h))
+    base = frames / (time.perf_counter() - t0)
+    return ours, base
+
+
+def add_parser(bsub, parser_class):
+    p = bsub.add_parser("protocol", help="wire bytes per reading, board CPU and heap per report, gateway rate",
+                        description=__doc__)
+    p.add_argument("--reports", type=int, default=2000, help="reports timed in the VM (default 2000)")
+    p.add_argument("--frames", type=int, default=20000, help="frames for the gateway rate (default 20000)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args):
+    n, frame_len, wire_len = full_frame_readings()
+    deltas = household_deltas(n)
+    senml, senml_bv, tb = senml_cbor(deltas, False), senml_cbor(deltas, True), thingsboard_json(deltas)
+    cpu = board_cpu(args.reports)
+    ours_fps, base_fps = gateway_rate(args.frames)
+    figures = {
+        "readings_per_frame": n, "secure_frame_bytes": frame_len, "uart_wire_bytes": wire_len,
+        "bytes_per_reading_all_in": round(wire_len / n, 2),
+        "senml_cbor_bytes_per_reading": round(senml / n, 2),
+        "senml_cbor_base_value_bytes_per_reading": round(senml_bv / n, 2),
+        "thingsboard_json_bytes_per_reading": round(tb / n, 2),
+        "ratio_vs_senml_cbor": round(wire_len / senml, 3),
+        "ratio_vs_senml_cbor_base_value": round(wire_len / senml_bv, 3),
+        "ratio_vs_thingsboard_json": round(wire_len / tb, 3),
+        "vm_us_per_report_hot_path": round(cpu["hot"][0], 1),
+        "vm_us_per_report_general_path": round(cpu["general"][0], 1),
+        "vm_hot_vs_general_ratio": round(cpu["hot"][0] / cpu["general"][0], 3),
+        "vm_heap_bytes_per_report_hot_path": round(cpu["hot"][1], 1),
+        "vm_heap_bytes_per_report_general_path": round(cpu["general"][1], 1),
+        "gateway_frames_per_s": round(ours_fps),
+        "gateway_baseline_cbor2_aesccm_frames_per_s": round(base_fps),
+        "gateway_vs_baseline_ratio": round(ours_fps / base_fps, 3),
+    }
+    from tools.bench import print_figures
+    print_figures(figures, args.json)
+    return 0

@@ -1,0 +1,406 @@
+"""The bench a virtual board sits on: power, reset, console, link and world.
+
+It runs the firmware in the real MicroPython VM (unix port) with the board's
+heap budget and the board's flash image mounted at /, and emulates what the
+VM alone cannot:
+
+- reboots: the unix port exits on Ctrl-D and on machine.reset(); the bench
+  restarts it on the same flash, printing what an ESP32 prints, and brings a
+  soft reboot from the raw REPL back to the raw REPL (mpremote relies on it);
+- Ctrl-C: the VM's console is a pty that turns 0x03 into SIGINT while the app
+  runs, so KeyboardInterrupt stops it and the REPL comes up;
+- power: a power cut is SIGKILL of the VM (the flash image keeps exactly the
+  blocks written so far); if the bench itself is killed, so is the VM;
+- the watchdog: a board whose firmware stops feeding it is reset;
+- the world: sensor inputs as timestamped records (see firmware/hal_virtual.py).
+
+The UART and console pseudo-terminals live as long as the bench, so their
+paths stay valid across reboots and power cuts, as a USB port does.
+"""
+
+import ctypes
+import re
+import json
+import os
+import pty
+import secrets
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import time
+import tty
+from pathlib import Path
+
+from tools import image
+from tools.sim.worlds import ANALOG, World
+
+ROM_DIR = Path(__file__).resolve().parent / "rom"
+EXIT_HARD_RESET = 90
+EXIT_SOFT_RESET = 91
+TICKS_PERIOD_MS = 1 << 30
+K_LEVEL, K_ANALOG, K_OUTPUT, K_WDT, K_BOOTED = 1, 2, 3, 4, 5
+CONSOLE_HOLD_MAX = 4096
+RECORD = struct.Struct("<BBHiQ")
+RAW_BANNER = b"raw REPL; CTRL-B to exit\r\n"
+FRIENDLY_BANNER = b'Type "help()" for more information.'
+LOOKAHEAD_HOST_S = 0.05
+BARE_LF = re.compile(rb"(?<!\r)\n")
+WATCHDOG_MIN_HOST_S = 1.0
+_PR_SET_PDEATHSIG = 1
+
+
+def micropython_exe():
+    exe = Path(sys.executable).with_name("micropython")
+    return str(exe) if exe.exists() else "micropython"
+
+
+def _raw_pty():
+    """A pty pair with the slave in raw mode (no echo, no line editing)."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    os.set_blocking(master, False)
+    return master, slave
+
+
+def _vm_child_setup(console_fd):
+    def setup():
+        os.setsid()
+        import fcntl
+        fcntl.ioctl(console_fd, termios.TIOCSCTTY, 0)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    return setup
+
+
+class Log:
+    """Structured events, one JSON object per line, to a stream."""
+
+    def __init__(self, stream, board_name):
+        self.stream, self.board_name = stream, board_name
+
+    def __call__(self, event, **fields):
+        rec = {"ts": round(time.time(), 3), "board": self.board_name, "event": event, **fields}
+        self.stream.write(json.dumps(rec) + "\n")
+        self.stream.flush()
+
+
+class SimBoard:
+    def __init__(self, board, role, flash_path, *, speed=1, start_ticks_ms=0, world_overrides=None,
+                 seed=0, control_path=None, unique_id=None, log=None):
+        self.board, self.role, self.flash_path = board, role, str(Path(flash_path).resolve())
+        self.speed, self.start_ticks_ms = int(speed), int(start_ticks_ms) % TICKS_PERIOD_MS
+        self.unique_id = unique_id or secrets.token_hex(6)
+        self.log = log or Log(sys.stdout, board.name)
+        self.world = World(role, board.role_pins[role], world_overrides, seed)
+        self.world_epoch = time.monotonic_ns() // 1000
+        self.board_epoch = self.world_epoch
+        self.control_path = control_path
+        self.sel = selectors.DefaultSelector()
+        self.uart_master, self.uart_slave = _raw_pty()
+        self.console_master, self.console_slave = _raw_pty()
+        self.vm = None
+        self.vm_booted = False
+        self.console_hold = b""
+        self.vm_console = None      # our end of the VM's stdio pty
+        self.vm_world_out = None    # we write world records here
+        self.vm_world_in = None     # the VM writes outputs and watchdog feeds here
+        self.pending = bytearray()  # world records not yet written to the VM
+        self.repl_mode = "friendly"
+        self.inject_raw_repl = False
+        self.tail = b""
+        self.wdt_timeout_s = None
+        self.wdt_fed = 0.0
+        self.resets = {"power_on": 0, "hard_reset": 0, "soft_reset": 0, "watchdog": 0, "panic": 0}
+        self.running = True
+        self._ctl = None
+
+    # -- paths a person or a test uses ---------------------------------------
+    @property
+    def uart_path(self):
+        return os.ttyname(self.uart_slave)
+
+    @property
+    def console_path(self):
+        return os.ttyname(self.console_slave)
+
+    # -- the VM --------------------------------------------------------------
+    def _board_us(self, world_us):
+        return world_us - (self.board_epoch - self.world_epoch) * self.speed
+
+    def _world_now_us(self):
+        return (time.monotonic_ns() // 1000 - self.world_epoch) * self.speed
+
+    def power_on(self, cause="power_on", run_main=True):
+        if cause in ("power_on", "hard_reset", "watchdog", "panic"):
+            self.board_epoch = time.monotonic_ns() // 1000
+        self.resets[cause] += 1
+        master, slave = pty.openpty()
+        tty.setraw(slave)
+        attrs = termios.tcgetattr(slave)
+        attrs[3] |= termios.ISIG                    # 0x03 from the console -> SIGINT, as on a board
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        os.set_blocking(master, False)
+        to_vm_r, to_vm_w = os.pipe()
+        from_vm_r, from_vm_w = os.pipe()
+        os.set_blocking(to_vm_w, False)
+        os.set_blocking(from_vm_r, False)
+        uart_fd = os.dup(self.uart_master)
+        params = {
+            "flash_path": self.flash_path, "block_size": self.board.block_size,
+            "block_count": self.board.vfs_block_count, "run_main": run_main, "speed": self.speed,
+            "epoch_us": self.board_epoch, "start_ticks_ms": self.start_ticks_ms,
+            "reset_cause": "panic" if cause == "panic" else cause, "unique_id": self.unique_id,
+            "world_in_fd": to_vm_r, "world_out_fd": from_vm_w, "uart_fd": uart_fd,
+        }
+        env = dict(os.environ, PRAPA_VBOARD=json.dumps(params), MICROPYPATH=str(ROM_DIR))
+        self.vm = subprocess.Popen(
+            [micropython_exe(), "-X", self.board.heapsize_option(), "-i", str(ROM_DIR / "vboot.py")],
+            stdin=slave, stdout=slave, stderr=slave, env=env, cwd=str(ROM_DIR),
+            pass_fds=(to_vm_r, from_vm_w, uart_fd), preexec_fn=_vm_child_setup(slave))
+        for fd in (slave, to_vm_r, from_vm_w, uart_fd):
+            os.close(fd)
+        self.vm_console, self.vm_world_out, self.vm_world_in = master, to_vm_w, from_vm_r
+        self.sel.register(master, selectors.EVENT_READ, self._on_vm_console)
+        self.sel.register(from_vm_r, selectors.EVENT_READ, self._on_vm_world)
+        self.inject_raw_repl = not run_main
+        self.vm_booted = False
+        self.console_hold = b""
+        self.tail = b""
+        self.wdt_timeout_s = None
+        self.pending = bytearray()
+        t0 = self._board_us(self._world_now_us())
+        for gpio, level in sorted(self.world.levels().items()):
+            self.pending += RECORD.pack(K_LEVEL, gpio, 0, level, max(0, t0))
+        self.log("vm_started", pid=self.vm.pid, reset_cause=cause, run_main=run_main)
+
+    def _teardown_vm(self):
+        if self.vm is None:
+            return
+        for fd in (self.vm_console, self.vm_world_in):
+            try:
+                self.sel.unregister(fd)
+            except (KeyError, ValueError):
+                pass
+        if self.vm.poll() is None:
+            self.vm.kill()
+        self.vm.wait()
+        for fd in (self.vm_console, self.vm_world_out, self.vm_world_in):
+            os.close(fd)
+        self.vm = None
+
+    def power_cut(self, then_on=True):
+        self.log("power_cut")
+        self._teardown_vm()
+        if then_on:
+            self.power_on("power_on")
+
+    def _on_vm_exit(self):
+        code = self.vm.wait()
+        self._teardown_vm()
+        if not self.running:
+            return
+        if code == EXIT_HARD_RESET:
+            self._console_write(b"\r\nrst:0xc (SW_CPU_RESET),boot:0x13 (SPI_FAST_FLASH_BOOT)\r\n")
+            self.log("reset", kind="hard_reset")
+            self.power_on("hard_reset")
+        elif code is not None and code < 0:
+            self._console_write(b"\r\nGuru Meditation Error: VM ended by signal %d\r\n" % -code)
+            self.log("reset", kind="panic", signal=-code)
+            self.power_on("panic")
+        else:
+            self._console_write(b"MPY: soft reboot\r\n")
+            self.log("reset", kind="soft_reset", exit_code=code, repl=self.repl_mode)
+            self.power_on("soft_reset", run_main=self.repl_mode != "raw")
+
+    # -- console ---------------------------------------------------------------
+    def _console_write(self, data):
+        try:
+            os.write(self.console_master, data)
+        except (BlockingIOError, OSError):
+            pass   # nobody reading the console: output is lost, as on a UART
+
+    def _on_console(self):
+        try:
+            data = os.read(self.console_master, 4096)
+        except (BlockingIOError, OSError):
+            return
+        if self.vm is None or self.inject_raw_repl:
+            return
+        if not self.vm_booted:
+            # Held until MicroPython runs: a Ctrl-C now would kill its host process.
+            self.console_hold = (self.console_hold + data)[-CONSOLE_HOLD_MAX:]
+            return
+        self._to_vm_console(data)
+
+    def _to_vm_console(self, data):
+        try:
+            os.write(self.vm_console, data)
+        except (BlockingIOError, OSError):
+            pass
+
+    def _on_vm_console(self):
+        try:
+            data = os.read(self.vm_console, 4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._on_vm_exit()
+            return
+        data = self._crlf(data)
+        self._console_write(data)
+        window = self.tail + data
+        raw_at, friendly_at = window.rfind(RAW_BANNER), window.rfind(FRIENDLY_BANNER)
+        if raw_at > friendly_at:
+            self.repl_mode = "raw"
+        elif friendly_at > raw_at:
+            self.repl_mode = "friendly"
+        if self.inject_raw_repl and window.endswith(b">>> "):
+            self.inject_raw_repl = False
+            os.write(self.vm_console, b"\x01")
+        self.tail = window[-64:]
+
+    def _crlf(self, data):
+        """A bare "\n" from print() becomes "\r\n", as an ESP32's console prints it;
+        the REPL's own "\r\n" stays as it is (a tty's ONLCR would double it)."""
+        out = BARE_LF.sub(b"\r\n", data)
+        if data.startswith(b"\n") and self.tail.endswith(b"\r"):
+            out = out[1:]
+        return out
+
+    # -- world -------------------------------------------------------------------
+    def _on_vm_world(self):
+        try:
+            data = os.read(self.vm_world_in, RECORD.size * 256)
+        except (BlockingIOError, OSError):
+            return
+        for off in range(0, len(data) - RECORD.size + 1, RECORD.size):
+            kind, gpio, _r, value, t_us = RECORD.unpack_from(data, off)
+            if kind == K_BOOTED:
+                self.vm_booted = True
+                if self.console_hold:
+                    self._to_vm_console(self.console_hold)
+                    self.console_hold = b""
+            elif kind == K_WDT:
+                self.wdt_timeout_s = max(value / 1000 / self.speed, WATCHDOG_MIN_HOST_S)
+                self.wdt_fed = time.monotonic()
+            elif kind == K_OUTPUT:
+                self.world.on_output(t_us + (self.board_epoch - self.world_epoch) * self.speed, gpio, value)
+
+    def _step_world(self):
+        horizon = self._world_now_us() + int(LOOKAHEAD_HOST_S * 1e6) * self.speed
+        for t_us, gpio, kind, value in self.world.events_until(horizon):
+            if self.vm is None:
+                continue
+            rec_kind = K_ANALOG if kind == ANALOG else K_LEVEL
+            self.pending += RECORD.pack(rec_kind, gpio, 0, int(value), max(0, self._board_us(t_us)))
+        if self.vm is None or not self.pending:
+            return
+        try:
+            # Whole records only: a pipe write of up to PIPE_BUF bytes is all or nothing.
+            n = os.write(self.vm_world_out, self.pending[:4096 - 4096 % RECORD.size])
+        except (BlockingIOError, BrokenPipeError, OSError):
+            n = 0
+        del self.pending[:n]
+
+    def _check_watchdog(self):
+        if self.vm is not None and self.wdt_timeout_s and time.monotonic() - self.wdt_fed > self.wdt_timeout_s:
+            self.log("reset", kind="watchdog", timeout_s=self.wdt_timeout_s)
+            self._console_write(b"\r\nE (wdt) Task watchdog got triggered: board reset\r\n")
+            self._teardown_vm()
+            self.power_on("watchdog")
+
+    # -- control socket -------------------------------------------------------------
+    def _open_control(self):
+        if not self.control_path:
+            return
+        try:
+            os.unlink(self.control_path)
+        except FileNotFoundError:
+            pass
+        self._ctl = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._ctl.bind(self.control_path)
+        self._ctl.listen(4)
+        self._ctl.setblocking(False)
+        self.sel.register(self._ctl, selectors.EVENT_READ, self._on_control_accept)
+
+    def _on_control_accept(self):
+        conn, _ = self._ctl.accept()
+        conn.setblocking(True)
+        conn.settimeout(2)
+        try:
+            request = json.loads(conn.makefile("r").readline() or "{}")
+            reply = self.handle(request)
+        except (ValueError, OSError) as exc:
+            reply = {"ok": False, "error": str(exc)}
+        try:
+            conn.sendall((json.dumps(reply) + "\n").encode())
+        except OSError:
+            pass
+        conn.close()
+
+    def handle(self, request):
+        cmd = request.get("cmd")
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "power_cut":
+            truth = self.world.truth(self._world_now_us())   # as the power went: what a board could have counted
+            self.power_cut()
+            return {"ok": True, "world": truth}
+        if cmd == "set":
+            ok = self.world.set_param(request.get("model"), request.get("param"), request.get("value"))
+            return {"ok": ok} if ok else {"ok": False, "error": "no such model parameter"}
+        if cmd == "stop":
+            self.running = False
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown command {cmd!r}: use status, power_cut, set or stop"}
+
+    def status(self):
+        return {"board": self.board.name, "role": self.role, "uart": self.uart_path, "console": self.console_path,
+                "flash": self.flash_path, "vm_pid": self.vm.pid if self.vm else None, "repl": self.repl_mode,
+                "resets": dict(self.resets), "speed": self.speed, "unique_id": self.unique_id,
+                "world": self.world.truth(self._world_now_us())}
+
+    # -- the loop --------------------------------------------------------------------
+    def run(self):
+        self.sel.register(self.console_master, selectors.EVENT_READ, self._on_console)
+        self._open_control()
+        self.power_on("power_on")
+        self.log("board_ready", uart=self.uart_path, console=self.console_path, control=self.control_path,
+                 flash=self.flash_path, heap=self.board.heapsize_option(), speed=self.speed,
+                 start_ticks_ms=self.start_ticks_ms, pid=os.getpid())
+        try:
+            while self.running:
+                for key, _ in self.sel.select(timeout=0.002):
+                    key.data()
+                if self.vm is not None and self.vm.poll() is not None:
+                    self._on_vm_exit()
+                self._step_world()
+                self._check_watchdog()
+        finally:
+            self.running = False
+            self._teardown_vm()
+            if self._ctl is not None:
+                self._ctl.close()
+                try:
+                    os.unlink(self.control_path)
+                except FileNotFoundError:
+                    pass
+            self.log("board_stopped")
+
+
+def prepare_flash(board, role, flash_path, install_app=False):
+    """Create the image if missing (or refresh its app); refuse one of the wrong size."""
+    path = Path(flash_path)
+    if path.exists():
+        image.check_existing(board, path)
+        if install_app:
+            image.install_app(board, role, path)
+        return False
+    image.write_atomically(path, image.build(board, role, "virtual"))
+    return True
