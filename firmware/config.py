@@ -2,70 +2,16 @@
 # push) plus /device.key (16 raw bytes, never printed). Validated at boot
 # against the runtime's schema and the role's; an invalid config leaves the
 # board in its safe idle state with a reason that names the field and the fix.
-#
-# A schema is a tuple of rows (key, kind, default, low, high, hint):
-# kind "int" or "num" (a JSON number, kept as given), "str" (up to 64
-# characters), or "choice" (low is the tuple of allowed values); default None
-# means required. Ranges are checked, unknown keys are refused.
+# The checks themselves are protocol/config.py's (the runtime's schema) and the
+# role spec's (protocol/roles/<role>.py), the same code the host runs.
 import json
+
+from protocol.config import check
+from protocol.errors import ConfigError
 
 CONFIG_PATH = "config.json"
 KEY_PATH = "device.key"
 WIFI_PATH = "wifi.json"      # {"ssid": ..., "password": ...}: a secret, so not in config.json
-
-RUNTIME_SCHEMA = {
-    "link": (
-        ("kind", "choice", "uart", ("uart", "udp"), None, "uart (RS-485 or a wire to the gateway) or udp (Wi-Fi)"),
-        ("gateway", "str", "", None, None, "the gateway's UDP link as host:port (with kind udp)"),
-        ("addr", "int", 1, 1, 254, "the board's RS-485 address, 1-254"),
-        ("sample_ms", "int", 100, 10, 1000, "sampling period in ms, 10-1000"),
-        ("health_s", "int", 900, 10, 86400, "seconds between health reports, 10-86400"),
-    ),
-    "time": (
-        ("utc_offset_min", "int", 420, -720, 840, "local time offset from UTC in minutes (Thailand: 420)"),
-    ),
-    "log": (
-        ("max_entries", "int", 0, 0, 1000000, "flash-log entries before coarsening (0: sized from the board)"),
-    ),
-}
-
-
-from protocol.errors import ConfigError  # noqa: E402  (re-exported: roles raise config.ConfigError)
-
-
-def check_section(name, given, schema):
-    """Return the section with defaults filled in; raise ConfigError on the first bad key."""
-    if given is None:
-        given = {}
-    if not isinstance(given, dict):
-        raise ConfigError(name, "must be an object", "write %s as {\"key\": value, ...}" % name)
-    known = [row[0] for row in schema]
-    for k in given:
-        if k not in known:
-            raise ConfigError("%s.%s" % (name, k), "unknown key", "use one of " + ", ".join(known))
-    out = {}
-    for key, kind, default, low, high, hint in schema:
-        field = "%s.%s" % (name, key)
-        if key not in given:
-            if default is None:
-                raise ConfigError(field, "missing", "set " + hint)
-            out[key] = default
-            continue
-        v = given[key]
-        if kind == "choice" or kind == "str":
-            if kind == "choice" and v not in low:
-                raise ConfigError(field, "%r is not allowed" % (v,), "use one of " + ", ".join(low))
-            if not isinstance(v, str) or len(v) > 64:
-                raise ConfigError(field, "%r is not a short text" % (v,), "set " + hint)
-            out[key] = v
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and not isinstance(v, int)):
-            raise ConfigError(field, "%r is not %s" % (v, "an integer" if kind == "int" else "a number"),
-                              "set " + hint)
-        if v < low or v > high:
-            raise ConfigError(field, "%r is out of range %r..%r" % (v, low, high), "set " + hint)
-        out[key] = v
-    return out
 
 
 def identity():
@@ -84,18 +30,9 @@ def identity():
     return None
 
 
-def check_link(link):
-    """A UDP link needs the gateway's host:port; adds host and port to the section."""
-    if link["kind"] == "udp":
-        host, _, port = link["gateway"].rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError("link.gateway", "%r is not host:port" % link["gateway"],
-                              "set the gateway's UDP link, e.g. \"192.168.4.1:5683\"")
-        link["host"], link["port"] = host, int(port)
-
-
-def load(board, role_module, path=CONFIG_PATH):
-    """Return (config, key). role_module(name) gives the role's module (SCHEMA, check())."""
+def load(board, path=CONFIG_PATH):
+    """Return (config, key): the file checked by protocol.config against the runtime's and the role's
+    schema tables."""
     try:
         with open(path) as f:
             raw = json.load(f)
@@ -103,29 +40,7 @@ def load(board, role_module, path=CONFIG_PATH):
         raise ConfigError(CONFIG_PATH, "not on the board", "commission it: prapa commission --port ...")
     except ValueError:
         raise ConfigError(CONFIG_PATH, "is not valid JSON", "rewrite it with prapa commission")
-    if not isinstance(raw, dict):
-        raise ConfigError(CONFIG_PATH, "is not a JSON object", "rewrite it with prapa commission")
-    dev = raw.get("device_id")
-    if dev is None:
-        raise ConfigError("device_id", "missing: the board is not commissioned",
-                          "commission it: prapa commission --port ... --device-id N")
-    if isinstance(dev, bool) or not isinstance(dev, int) or not 1 <= dev <= 0xFFFFFFFE:
-        raise ConfigError("device_id", "%r is not a device id" % (dev,), "set an integer 1..4294967294")
-    role = raw.get("role")
-    if role != board["role"]:
-        raise ConfigError("role", "%r but the image was built for %r" % (role, board["role"]),
-                          "build and flash the image for role %s" % role)
-    module = role_module(role)
-    allowed = ("device_id", "role", role) + tuple(RUNTIME_SCHEMA)
-    for k in raw:
-        if k not in allowed:
-            raise ConfigError(k, "unknown key", "use one of " + ", ".join(allowed))
-    cfg = {"device_id": dev, "role": role}
-    for name, schema in RUNTIME_SCHEMA.items():
-        cfg[name] = check_section(name, raw.get(name), schema)
-    cfg[role] = check_section(role, raw.get(role), module.SCHEMA)
-    module.check(cfg[role])
-    check_link(cfg["link"])
+    cfg = check(raw, board["role"])
     try:
         with open(KEY_PATH, "rb") as f:
             key = f.read()

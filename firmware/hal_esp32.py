@@ -14,7 +14,6 @@ from edge_counter import EdgeCounter
 TICKS_PERIOD = const(1 << 30)
 _PCNT_FILTER_MAX_US = const(12)
 
-RESET_CAUSES = ("power_on", "hard_reset", "watchdog", "soft_reset", "brownout", "deepsleep")
 _CAUSE = {
     machine.PWRON_RESET: "power_on",
     machine.HARD_RESET: "hard_reset",

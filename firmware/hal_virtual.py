@@ -16,20 +16,16 @@ import sys
 import time
 from micropython import const
 
+from _vboard import K_ANALOG, K_LEVEL, K_OUTPUT, K_WDT  # the ROM's table of the world pipe
+from _vboard import RECORD_BYTES as _REC
 from edge_counter import EdgeCounter
 
 TICKS_PERIOD = const(1 << 30)
 _TICKS_MASK = const((1 << 30) - 1)
 _TICKS_HALF = const(1 << 29)
-_REC = const(16)
-K_LEVEL = const(1)      # world -> board: digital input level
-K_ANALOG = const(2)     # world -> board: analog input, microvolts
-K_OUTPUT = const(3)     # board -> world: digital output level
-K_WDT = const(4)        # board -> bench: watchdog fed, value = timeout ms
 _GPIO_COUNT = const(49)
 _HOST_WORD_BYTES = 8 if sys.maxsize > 0xFFFFFFFF else 4
 
-RESET_CAUSES = ("power_on", "hard_reset", "watchdog", "soft_reset", "brownout", "deepsleep")
 
 
 def _params():

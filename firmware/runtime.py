@@ -25,11 +25,10 @@ import config
 import persist
 from flashlog import F_WALL, K_ALARM, REC, FlashLog, Record
 from protocol import messages as M
+from protocol import roles
+from protocol.messages import A_CONFIG_INVALID, A_LOG_FULL
 
 FW_VERSION = "0.2.0"
-A_LOG_FULL = const(100)
-A_CONFIG_INVALID = const(101)
-A_FAULT = const(102)
 WATCHDOG_MS = const(30000)
 HOUSEKEEPING_MS = const(500)
 ROLE_SERVICE_MS = const(50)      # real ms; the role's rings hold 8 closes, so this is never the bottleneck
@@ -38,8 +37,21 @@ _LOG_SHARE = const(2)            # the log may use 1/_LOG_SHARE of the vfs parti
 
 
 def role_module(name):
+    """The role's board logic (firmware/roles/<name>.py): make(hal, cfg_section, sink) -> role."""
     __import__("roles." + name)
     return sys.modules["roles." + name]
+
+
+class RecordSink:
+    """All a role may ask of the runtime: append a record (the runtime gives it its identity,
+    time base and a place in the flash log), raise or clear an alarm, and the newest reading and
+    daily record logged (what a role recovers its totals from after a cut)."""
+
+    def __init__(self, rt):
+        self.append = rt.log_record
+        self.alarm = rt.alarm
+        self.last_reading = rt.log.last_reading
+        self.last_daily = rt.log.last_daily
 
 
 class Runtime:
@@ -70,7 +82,7 @@ class Runtime:
         self.log_full_active = 0
         self.reboot_at = -1             # up_s at which a requested reboot happens (-1: none)
         try:
-            self.cfg, key = config.load(self.board, role_module)
+            self.cfg, key = config.load(self.board)
         except config.ConfigError as e:
             self.config_error = str(e)
             ident = config.identity()
@@ -82,7 +94,7 @@ class Runtime:
             self.board["vfs_size_bytes"] // _LOG_SHARE // REC
         self.log = FlashLog(capacity)
         if self.cfg:
-            self.role = role_module(self.cfg["role"]).make(self, self.cfg[self.cfg["role"]])
+            self.role = role_module(self.cfg["role"]).make(hal, self.cfg[self.cfg["role"]], RecordSink(self))
         if ident:
             from uplink import Uplink
             link = self.cfg["link"] if self.cfg else {"kind": "uart", "addr": 1}
@@ -101,7 +113,7 @@ class Runtime:
 
     # -- identity for messages -------------------------------------------------------
     def role_index(self):
-        return M.ROLES.index(self.board["role"])
+        return roles.code(self.board["role"])
 
     def reset_cause_index(self):
         return M.RESET_CAUSES.index(self.reset_cause) if self.reset_cause in M.RESET_CAUSES else 0
@@ -196,10 +208,10 @@ class Runtime:
         data = json.dumps(new).encode()
         persist.write_atomic(config.CONFIG_PATH + ".try", data)
         try:
-            cfg, _key = config.load(self.board, role_module, config.CONFIG_PATH + ".try")
-            module = role_module(cfg["role"])
-            if self.cfg and hasattr(module, "check_change"):
-                module.check_change(self.cfg[cfg["role"]], cfg[cfg["role"]], self.log.entries())
+            cfg, _key = config.load(self.board, config.CONFIG_PATH + ".try")
+            spec = roles.spec(cfg["role"])
+            if self.cfg and hasattr(spec, "check_change"):
+                spec.check_change(self.cfg[cfg["role"]], cfg[cfg["role"]], self.log.entries())
         except config.ConfigError as e:
             return False, str(e)
         import os

@@ -24,7 +24,6 @@ the session, and with it the replay-request subscription, across reconnects.
 
 import asyncio
 import collections
-import json
 import logging
 import random
 import select
@@ -33,12 +32,14 @@ import sqlite3
 import ssl
 import threading
 import time
+from functools import partial
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from gateway import forward_format as ff
+from gateway.logs import log_event
 from gateway.store import Store
 
 log = logging.getLogger("prapa.gateway.forwarder")
@@ -46,9 +47,7 @@ UNSUPPORTED_PROTOCOL_VERSION = 0x84
 BACKLOG_EVERY_S = 2.0
 
 
-def _log(level, event, **fields):
-    """One JSON object per line; callers pass no secrets (a password or key never reaches here)."""
-    log.log(level, json.dumps({"event": event, **fields}, default=str))
+_log = partial(log_event, log)   # _log(level, event, exc_info=False, **fields): one JSON object per line
 
 
 class Forwarder:
@@ -121,11 +120,10 @@ class Forwarder:
     # -- the forwarder thread --------------------------------------------------------------------
 
     def _run(self):
-        store = Store(self.store_path)
         # Only this connection, which writes nothing but forwarded marks and prunes: a mark lost in a power
         # cut means one resend with the same identity, so it need not pay an fsync per PUBACK turn. The
         # ingest side's commits stay FULL; an unsynced WAL tail can only lose frames after the last fsync.
-        store.db.execute("PRAGMA synchronous=NORMAL")
+        store = Store(self.store_path, durable=False)
         self._next_prune = self._next_backlog = 0.0
         try:
             index, attempt = 0, 0
@@ -415,7 +413,7 @@ class Forwarder:
         now = time.monotonic()
         if now >= self._next_backlog:
             self._next_backlog = now + BACKLOG_EVERY_S
-            self.backlog = store.db.execute("SELECT COUNT(*) FROM entries WHERE forwarded_at IS NULL").fetchone()[0]
+            self.backlog = store.count(forwarded=False)
         if now >= self._next_prune:
             self._next_prune = now + self.config.prune_every_s
             try:

@@ -20,17 +20,17 @@ import json
 import logging
 import math
 import threading
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from gateway import status_page
+from gateway.logs import log_event
 
 log = logging.getLogger("prapa.gateway.http")
 
-def _log(level, event, exc_info=False, **fields):
-    """One JSON object per line (the forwarder's convention); callers never pass a key or a password."""
-    log.log(level, json.dumps({"event": event, **fields}, default=str), exc_info=exc_info)
+_log = partial(log_event, log)   # _log(level, event, exc_info=False, **fields): one JSON object per line
 
 
 COMMIT_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)

@@ -13,6 +13,8 @@ The file holds AES keys, so it is created mode 0600 (SQLite gives its -wal and
 -shm files the same mode) and tightened back to 0600 if found looser. Keys
 never appear in a repr, a log record or an error message; only export files
 carry them, written 0600.
+
+registry.db: its SQL lives here, as the store's lives in store.py.
 """
 
 import json
@@ -24,12 +26,14 @@ import stat
 import threading
 import time
 from pathlib import Path
+from functools import partial
 from typing import NamedTuple
 
 from gateway import files
+from gateway.logs import log_event
 from protocol.errors import UsageError
+from protocol.roles import ROLES
 
-ROLES = ("meter", "doser", "drain")
 STATES = ("commissioned", "active", "retired")
 KEY_BYTES = 16
 COUNTER_MAX = 0xFFFFFFFF          # frame counters are u32 in the header
@@ -40,9 +44,7 @@ BOARD_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 log = logging.getLogger("prapa.gateway.registry")
 
-def _log(level, event, exc_info=False, **fields):
-    """One JSON object per line (the forwarder's convention); callers never pass a key or a password."""
-    log.log(level, json.dumps({"event": event, **fields}, default=str), exc_info=exc_info)
+_log = partial(log_event, log)   # _log(level, event, exc_info=False, **fields): one JSON object per line
 
 
 SCHEMA = """

@@ -12,16 +12,16 @@ so the same code runs in tests and on a laptop. A failed send is logged and
 returns False: losing a status line must never stop the service.
 """
 
-import json
 import logging
 import os
 import socket
+from functools import partial
+
+from gateway.logs import log_event
 
 log = logging.getLogger("prapa.gateway.sd_notify")
 
-def _log(level, event, exc_info=False, **fields):
-    """One JSON object per line (the forwarder's convention); callers never pass a key or a password."""
-    log.log(level, json.dumps({"event": event, **fields}, default=str), exc_info=exc_info)
+_log = partial(log_event, log)   # _log(level, event, exc_info=False, **fields): one JSON object per line
 
 
 

@@ -25,13 +25,14 @@ import time
 
 from gateway import forward_format as ff
 from gateway.forwarder import Forwarder
+from gateway.logs import log_event
 from gateway.metrics import HttpServer, Metrics
 from gateway.registry import DownlinkCounters, Registry
 from gateway.sd_notify import Notifier
 from gateway.serial_link import SerialLink
 from gateway.session import Sessions
 from gateway.store import Store
-from protocol import link
+from protocol import link, roles
 from protocol import messages as M
 
 log = logging.getLogger("prapa.gateway")
@@ -48,7 +49,7 @@ GROUP_MAX_ENTRIES = 4000         # a group commit closes at group_commit_ms or t
 
 
 def _log(event, level=logging.INFO, **fields):
-    log.log(level, json.dumps({"event": event, **fields}, default=str))
+    log_event(log, level, event, **fields)
 
 
 def forwarder_config(cfg):
@@ -86,6 +87,24 @@ class _Udp(asyncio.DatagramProtocol):
 
     def datagram_received(self, data, addr):
         self.service.ingest_datagram(self.name, data, UdpPeer(self.transport, addr))
+
+
+def read_link(link, stopping, deliver, on_error=None, retry_s=1.0):
+    """Pump one serial link until the event stopping is set (pyserial blocks: run it on a thread of its own).
+
+    deliver(data) gets every read that brought bytes; a failed read goes to on_error(exc), then the
+    loop rests retry_s and reads again (a USB adapter unplugged and plugged back comes back by itself).
+    The service runs one per port; gateway/harness.py runs one for its single link."""
+    while not stopping.is_set():
+        try:
+            data = link.read()
+        except OSError as e:
+            if on_error is not None:
+                on_error(e)
+            time.sleep(retry_s)
+            continue
+        if data:
+            deliver(data)
 
 
 class Service:
@@ -146,16 +165,11 @@ class Service:
 
     def _read_serial(self, link, loop):
         """One thread per port: pyserial blocks; the data goes to the loop thread."""
-        while not self.stopping.is_set():
-            try:
-                data = link.read()
-            except OSError as e:
-                _log("link_error", logging.ERROR, port=link.port, error=str(e))
-                time.sleep(1.0)
-                continue
-            if data:
-                self._queued.acquire()        # backpressure: at most QUEUED_CHUNKS reads wait for the loop
-                loop.call_soon_threadsafe(self.ingest, link, link.port, data)
+        def deliver(data):
+            self._queued.acquire()        # backpressure: at most QUEUED_CHUNKS reads wait for the loop
+            loop.call_soon_threadsafe(self.ingest, link, link.port, data)
+        read_link(link, self.stopping, deliver,
+                  lambda e: _log("link_error", logging.ERROR, port=link.port, error=str(e)), retry_s=1.0)
 
     # -- commit and acknowledge ------------------------------------------------------------------
     async def commit_loop(self):
@@ -262,14 +276,15 @@ class Service:
             for code, (on, wall, name) in active.items():
                 alarms.append({"device": f"{device_id:08x}", "code": name, "active": on, "t": wall})
             series = list(self.series.get(device_id, ()))
+            role = (reg.role if reg else None) or (sess.role if sess else None)
             devices.append({
                 "id": f"{device_id:08x}", "name": (reg.name if reg else None) or f"{device_id:08x}",
-                "role": (reg.role if reg else None) or (sess.role if sess else None),
+                "role": role,
                 "last_seen": sess.last_seen if sess and sess.last_seen else (reg.last_seen if reg else None),
                 "firmware": (sess.firmware if sess else None) or (reg.firmware if reg else None),
                 "state": reg.state if reg else "unknown", "readings": len(series),
                 "alarms_active": sum(1 for on, _w, _n in active.values() if on),
-                "series": [[t, v] for t, v, _r in series],
+                "series": [[t, v] for t, v, _r in series], "chart": roles.attr(role, "CHART") if role else None,
                 "register": series[-1][2] if series else None})
         if self.acks_withheld:
             alarms.append({"device": "gateway", "code": "disk_nearly_full", "active": True, "t": now})

@@ -16,27 +16,26 @@ stored, as one entry whose value is the register difference, so the stored
 series never counts a litre twice.
 """
 
+import functools
 import logging
 import time
 
 import cbor2
 
 from gateway.store import Entry
-from protocol import link, secure
+from protocol import link, roles, secure
 from protocol import messages as M
 
 log = logging.getLogger("prapa.gateway.session")
 
-ALARM_NAMES = {
-    "meter": {1: "leak", 2: "burst", 3: "no_pulse_tamper"},
-    "*": {100: "log_full", 101: "config_invalid", 102: "fault"},
-}
 SERIES = {M.SERIES_INTERVAL: "interval", M.SERIES_DAILY: "daily"}
 TIME_SYNC_MIN_INTERVAL_S = 1.0
 
 
-def alarm_name(role, code):
-    return ALARM_NAMES.get(role, {}).get(code) or ALARM_NAMES["*"].get(code) or f"code_{code}"
+@functools.lru_cache(maxsize=64)
+def has_register(role_name):
+    """Readings of this role carry an exact register (its spec says REGISTER)."""
+    return bool(roles.attr(role_name, "REGISTER", False))
 
 
 class Device:
@@ -131,7 +130,7 @@ class Sessions:
 
     def _hello(self, d, m, now):
         d.boot_id, d.firmware, d.board = m[0], m[1], m[2]
-        d.role = M.ROLES[m[3]] if m[3] < len(M.ROLES) else str(m[3])
+        d.role = roles.name_of(m[3])
         if 8 in m:
             d.addr = m[8]
         if 7 in m:
@@ -180,13 +179,14 @@ class Sessions:
             return
         boot, seq0, t0, span, role, units, rows = m[0], m[1], m[2], m[3], m[4], m[5], m[6]
         self._note_boot(d, boot)
-        role_name = M.ROLES[role] if role < len(M.ROLES) else str(role)
+        role_name = roles.name_of(role)
         d.role = d.role or role_name
         series, step = m.get(9, M.SERIES_INTERVAL), m.get(10, 1)
         register = m.get(7)
         wall0 = m.get(8)
         if wall0 is None and boot == d.boot_id:
             self._time_sync(d, now)
+        chained = register is not None and has_register(role_name)
         for i, row in enumerate(rows):
             seq, seq_last, t_end = seq0 + i * step, seq0 + (i + 1) * step - 1, t0 + i * span
             wall, source = self._wall(d, boot, t_end, None if wall0 is None else wall0 + i * span)
@@ -195,7 +195,7 @@ class Sessions:
                     "time_source": source, "unit": units.get(0), "scale": units.get(1, 0)}
             if 2 in units:
                 item["k_factor_milli"] = units[2]
-            if role == M.ROLE_METER and register is not None:
+            if chained:
                 item["register_before"], item["value"] = register, row
                 register += row
                 item["register"] = register
@@ -238,7 +238,7 @@ class Sessions:
         boot, seq, t_s, code, active = m[0], m[1], m[2], m[3], m[4]
         self._note_boot(d, boot)
         wall, source = self._wall(d, boot, t_s, None)
-        name = alarm_name(d.role, code)
+        name = roles.alarm_name(d.role, code)
         d.alarms[code] = (bool(active), wall, name)
         item = {"device": f"{d.device_id:08x}", "boot": boot, "seq": seq, "kind": "alarm", "role": d.role,
                 "code": code, "name": name, "active": bool(active), "detail": m.get(5, 0), "t_board_s": t_s,

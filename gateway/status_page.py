@@ -11,7 +11,8 @@ slipped through could not run anyway.
 Input is the plain dict the service builds (Unix seconds throughout):
   {"site", "now", "backlog", "utc_offset_minutes" (optional, default 420),
    "devices": [{"id", "name", "role", "last_seen", "firmware", "state",
-                "readings", "alarms_active", "series": [[t, value], ...]}],
+                "readings", "alarms_active", "series": [[t, value], ...],
+                "chart": what the series shows (the role spec's CHART) or None: no chart}],
    "alarms": [{"device", "code", "active", "t"}],
    "brokers": [{...}], "links": [{...}]}   (brokers and links: any flat keys)
 Stable hooks for tests: #devices tr[data-device], .alarm, svg.chart, #backlog.
@@ -26,7 +27,7 @@ from html import escape
 CHART_W, CHART_H = 120, 28
 DEVICE_COLUMNS = (("id", "Device"), ("name", "Name"), ("role", "Role"), ("state", "State"),
                   ("last_seen", "Last seen"), ("firmware", "Firmware"), ("readings", "Readings"),
-                  ("alarms_active", "Alarms"), ("series", "Flow"))
+                  ("alarms_active", "Alarms"), ("series", "Trend"))
 
 SCRIPT = r"""
 (function () {
@@ -92,13 +93,14 @@ SCRIPT = r"""
       tr.appendChild(timeCell("last-seen", d.last_seen, s.now, off));
       ["firmware", "readings"].forEach(k => tr.appendChild(el("td", k, shown(d[k]))));
       tr.appendChild(el("td", "alarms-active" + (d.alarms_active ? " alarming" : ""), shown(d.alarms_active)));
-      const flow = el("td", "flow");
-      if (d.role === "meter") {
-        flow.appendChild(chart(d.series));
+      const trend = el("td", "trend");
+      if (d.chart) {
+        trend.title = d.chart;
+        trend.appendChild(chart(d.series));
         const last = (d.series || []).length ? d.series[d.series.length - 1][1] : null;
-        flow.appendChild(el("span", "flow-now", Number.isFinite(last) ? String(Math.round(last * 100) / 100) : shown(null)));
+        trend.appendChild(el("span", "trend-now", Number.isFinite(last) ? String(Math.round(last * 100) / 100) : shown(null)));
       }
-      tr.appendChild(flow); return tr;
+      tr.appendChild(trend); return tr;
     }));
     fill("alarms", (s.alarms || []).map(a => {
       const tr = el("tr", "alarm " + (a.active ? "active" : "cleared"));
@@ -133,7 +135,7 @@ th{background:#eef3f6}.stale header p{color:#a33}
 tr.alarm.active td{background:#fde2e1}td.alarming{color:#b00;font-weight:bold}
 tr.down td{color:#a33}tr.up td{color:#175}
 svg.chart{vertical-align:middle}svg.chart polyline{fill:none;stroke:#1769aa;stroke-width:1.5}
-.flow-now{margin-left:.4rem;font-variant-numeric:tabular-nums}.flow,.last-seen,.t{white-space:nowrap}
+.trend-now{margin-left:.4rem;font-variant-numeric:tabular-nums}.trend,.last-seen,.t{white-space:nowrap}
 """
 
 
@@ -170,7 +172,7 @@ def _age(t, now):
 
 
 def chart_svg(series):
-    """A sparkline of [[t, value], ...] scaled to its own range: the shape of the flow, not its scale."""
+    """A sparkline of [[t, value], ...] scaled to its own range: the shape of the readings, not their scale."""
     points = [p for p in series or () if isinstance(p, (list, tuple)) and len(p) == 2
               and _number(p[0]) and _number(p[1])]
     line = ""
@@ -193,12 +195,13 @@ def _device_row(d, now, offset):
     cells += [f'<td class="{k}">{_e(d.get(k))}</td>' for k in ("firmware", "readings")]
     alarming = " alarming" if d.get("alarms_active") else ""
     cells.append(f'<td class="alarms-active{alarming}">{_e(d.get("alarms_active"))}</td>')
-    flow = ""
-    if d.get("role") == "meter":
+    trend, title = "", ""
+    if d.get("chart"):
+        title = f' title="{_e(d.get("chart"))}"'
         series = d.get("series") or []
         last = series[-1][1] if series and isinstance(series[-1], (list, tuple)) and len(series[-1]) == 2 else None
-        flow = chart_svg(series) + f'<span class="flow-now">{f"{round(last, 2):g}" if _number(last) else _e(None)}</span>'
-    cells.append(f'<td class="flow">{flow}</td>')
+        trend = chart_svg(series) + f'<span class="trend-now">{f"{round(last, 2):g}" if _number(last) else _e(None)}</span>'
+    cells.append(f'<td class="trend"{title}>{trend}</td>')
     cls = f'role-{_e(d.get("role"))} state-{_e(d.get("state"))}'
     return f'<tr class="{cls}" data-device="{_e(d.get("id"))}">{"".join(cells)}</tr>'
 

@@ -13,10 +13,17 @@ Identity is (device_id, boot_id, seq): a board numbers every entry of its
 flash log in one sequence per boot, so a resent entry is recognised and kept
 once. A board is acknowledged "up to seq" for a boot: the highest seq such
 that everything from the first seq this gateway saw for that boot is stored.
+
+All SQL on store.db (entries, acks, downlink, replay_windows) lives in this module: the
+service, the forwarder, the CLI, the simulator, benchmarks and tests go through Store's
+methods, and open a live service's store with readonly=True to look at it.
 """
 
 import sqlite3
 import time
+from pathlib import Path
+
+import cbor2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -68,14 +75,31 @@ class Entry:
         self.seq_last = seq_last
 
 
+# Orders of Store.entries(): "seq" (device, boot, seq: the boards' own order), "id" (as they arrived here).
+ENTRY_ORDERS = {"seq": "device_id, boot_id, seq", "id": "id"}
+
+
 class Store:
-    def __init__(self, path):
+    """store.db on one connection.
+
+    readonly: look at an existing store (a live service's, from another process): no schema, no
+    writes; SQLite refuses any. timeout: seconds to wait for another connection's write lock.
+    durable=False: this connection's commits skip the fsync (synchronous=NORMAL), for a connection
+    that writes only what may be lost in a power cut and redone (the forwarder's forwarded marks
+    and prunes); entries are always committed by a durable connection."""
+
+    def __init__(self, path, *, readonly=False, durable=True, timeout=5.0):
         self.path = str(path)
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if readonly:
+            self.db = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True, timeout=timeout,
+                                      isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA cache_size=-512")
+            return
+        self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
         mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise RuntimeError(f"{self.path}: SQLite refused WAL mode ({mode}); put the store on a local disk")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
         # 512 KiB of page cache per connection (SQLite's default is 2 MiB): the working set is the tail of
         # the entries table, and a Raspberry Pi's memory is better left to the page cache of the OS.
         self.db.execute("PRAGMA cache_size=-512")
@@ -166,6 +190,37 @@ class Store:
             "SELECT id, device_id, boot_id, seq, kind, board_t_s, wall_t, time_source, payload FROM entries"
             " WHERE device_id=? AND COALESCE(wall_t, received_at) >= ? ORDER BY boot_id, seq LIMIT ?",
             (device_id, t, -1 if limit is None else limit)).fetchall()
+
+    # -- reading the store: status, the CLI, the simulator, benchmarks, tests ----------------------
+    def count(self, kind=None, forwarded=None):
+        """How many entries are stored: of one kind or all; forwarded=True/False: only those PUBACKed/pending."""
+        sql, args = "SELECT COUNT(*) FROM entries WHERE 1", []
+        if kind is not None:
+            sql, args = sql + " AND kind=?", args + [kind]
+        if forwarded is not None:
+            sql += " AND forwarded_at IS NOT NULL" if forwarded else " AND forwarded_at IS NULL"
+        return self.db.execute(sql, args).fetchone()[0]
+
+    def count_by_device(self, kind=None):
+        """{device_id: entries stored}, of one kind or all."""
+        if kind is None:
+            rows = self.db.execute("SELECT device_id, COUNT(*) FROM entries GROUP BY device_id")
+        else:
+            rows = self.db.execute("SELECT device_id, COUNT(*) FROM entries WHERE kind=? GROUP BY device_id", (kind,))
+        return dict(rows.fetchall())
+
+    def entries(self, kind=None, order="seq"):
+        """The items of stored entries (their CBOR payloads, decoded), of one kind or all, in `order`:
+        "seq" (device, boot, seq) or "id" (as they arrived)."""
+        sql = "SELECT payload FROM entries" + (" WHERE kind=?" if kind is not None else "")
+        rows = self.db.execute(f"{sql} ORDER BY {ENTRY_ORDERS[order]}", () if kind is None else (kind,))
+        return [cbor2.loads(r[0]) for r in rows.fetchall()]
+
+    def forward_latencies(self, received_since=None):
+        """Seconds from commit to PUBACK of every forwarded entry (received at or after `received_since`)."""
+        return [r[0] for r in self.db.execute(
+            "SELECT forwarded_at - received_at FROM entries WHERE forwarded_at IS NOT NULL AND received_at >= ?",
+            (float("-inf") if received_since is None else received_since,))]
 
     def prune(self, retention_s, now=None):
         """Delete forwarded entries older than the retention window; never an unforwarded one."""

@@ -1,10 +1,10 @@
 """The board as a technician meets it: it boots, talks on its link, takes
 mpremote on its console, keeps its flash through resets and power cuts."""
 
-import re
 import time
 
-BANNER = re.compile(rb"prapa (\S+) board=(\S+) role=(\S+) boot=(\d+) reset=(\S+) heap_free=(\d+) heap_budget=(\d+)")
+from gateway.harness import OneLinkGateway
+from tools.console import BANNER_BYTES, IDLE_BYTES, parse_banner, parse_idle
 
 
 def stop_app(dut, tries=4):
@@ -25,23 +25,22 @@ def test_board_boots_into_the_app_and_prints_its_banner(board, console):
     with console() as dut:
         stop_app(dut)
         dut.write(b"import machine; machine.reset()\r")
-        m = dut.expect(BANNER, timeout=15)
-    assert m.group(2).decode() == board.board.name
-    assert m.group(3).decode() == board.role
-    assert m.group(5) == b"hard_reset"
-    free, budget = int(m.group(6)), int(m.group(7))
-    assert budget == board.board.heap_budget_bytes
-    assert 0 < free < budget
+        banner = parse_banner(dut.expect(BANNER_BYTES, timeout=15).group(0))
+    assert banner["board"] == board.board.name
+    assert banner["role"] == board.role
+    assert banner["reset"] == "hard_reset"
+    assert banner["heap_budget"] == board.board.heap_budget_bytes
+    assert 0 < banner["heap_free"] < banner["heap_budget"]
 
 
 def test_an_uncommissioned_board_stays_idle_and_says_why(board, console):
     with console() as dut:
         stop_app(dut)
         dut.write(b"import machine; machine.reset()\r")
-        dut.expect(BANNER, timeout=15)
-        m = dut.expect(re.compile(rb"prapa idle: config invalid: (\S+): ([^;]+); fix: ([^\r\n]+)"), timeout=10)
-    assert m.group(1) == b"device_id"
-    assert b"commission" in m.group(3)
+        dut.expect(BANNER_BYTES, timeout=15)
+        idle = parse_idle(dut.expect(IDLE_BYTES, timeout=10).group(0))
+    assert idle["field"] == "device_id"
+    assert "commission" in idle["fix"]
 
 
 def test_a_commissioned_board_says_hello_and_answers_over_the_secure_link(board, link, tmp_path):
@@ -51,35 +50,15 @@ def test_a_commissioned_board_says_hello_and_answers_over_the_secure_link(board,
     board.exec("import json\n"
                "f = open('config.json', 'w'); f.write(json.dumps({'device_id': 4242, 'role': %r})); f.close()\n"
                "f = open('device.key', 'wb'); f.write(%r); f.close()\n" % (board.role, key))
-    from gateway.session import Sessions
-    from gateway.store import Store
-    from protocol import messages as M
-    from protocol.secure import MemoryCounters
-    store = Store(tmp_path / "gw.db")
-    sessions = Sessions(store, lambda d: key if d == 4242 else None, lambda _addr, wire: link.write(wire),
-                        lambda d: MemoryCounters(0))
     link.reset_input_buffer()
-    board.hard_reset()
-
-    def pump_until(predicate, timeout):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            sessions.feed(link.read(256))
-            sessions.flush()
-            if predicate():
-                return True
-        return False
-
-    assert pump_until(lambda: 4242 in sessions.devices and sessions.devices[4242].firmware, 15), \
-        f"no hello from the board; link refusals: {dict((k, v) for k, v in sessions.counts().items() if v)}"
-    dev = sessions.devices[4242]
-    assert dev.role == board.role and dev.board == board.board.name
-    results = []
-    sessions.on_command_result = lambda device_id, m: results.append(m)
-    sessions.downlink(4242, M.COMMAND, M.command(7, "ping"))
-    assert pump_until(lambda: results, 10), "no command_result"
-    assert results[0][0] == 7 and results[0][1] is True and results[0][2].startswith("pong")
-    store.close()
+    with OneLinkGateway(link, tmp_path / "gw.db", {4242: key}) as gateway:
+        board.hard_reset()
+        dev = gateway.wait_hello(4242, 15)
+        assert dev, f"no hello from the board; link refusals: {gateway.refused()}"
+        assert dev.role == board.role and dev.board == board.board.name
+        result = gateway.command(4242, "ping", timeout=10, resend_s=10)
+        assert result, "no command_result"
+        assert result[1] is True and result[2].startswith("pong")
 
 
 def test_mpremote_exec_cp_and_soft_reset_work_on_the_console(board, tmp_path):
@@ -115,8 +94,8 @@ def test_watchdog_resets_firmware_that_stops_feeding_it(board, console):
         stop_app(dut)
         dut.write(b"from hal import open_hal; w = open_hal().watchdog(1000)\r")
         dut.write(b"while True: pass\r\r")
-        m = dut.expect(BANNER, timeout=20)
-    assert m.group(5) == b"watchdog"
+        banner = parse_banner(dut.expect(BANNER_BYTES, timeout=20).group(0))
+    assert banner["reset"] == "watchdog"
 
 
 def test_debounced_pulse_count_is_exact_through_contact_bounce(board, needs_world):

@@ -18,5 +18,14 @@ class UsageError(ValueError):
         self.where, self.problem, self.fix = where, problem, fix
         super().__init__("%s: %s; fix: %s" % (where, problem, fix))
 
+
+class BoardError(UsageError):
+    """A board (or its port) that does not answer or misbehaves: a failure, exit 1, not bad input.
+
+    where is the port or the board; the fix says what to check (the cable, the app, the port's owner)."""
+
+    exit_code = 1
+
+
 # A config's key is its "where": the board's schema checks read best with this name.
 ConfigError = UsageError

@@ -1,17 +1,18 @@
 """One example of every message, as the spec shows them and the tests check them."""
 
 from protocol import messages as M
+from protocol import roles
 
 KEY = bytes(range(16))
 DEVICE_ID = 0x00001001
 
 EXAMPLES = [
-    (M.HELLO, M.hello(7, "0.1.0", "esp32-devkitc", M.ROLE_METER, bytes.fromhex("5e2a9c01d4f3b7a8"), False, 0)),
-    (M.READINGS, M.readings(7, 120, 900, 900, M.ROLE_METER, M.units("L", 0, 1000),
+    (M.HELLO, M.hello(7, "0.1.0", "esp32-devkitc", roles.code("meter"), bytes.fromhex("5e2a9c01d4f3b7a8"), False, 0)),
+    (M.READINGS, M.readings(7, 120, 900, 900, roles.code("meter"), M.units("L", 0, 1000),
                             [3, 0, 0, 12, 41, 7, 0, 0, 25, 2], register=123456)),
-    (M.READINGS, M.readings(3, 10, 60, 60, M.ROLE_DOSER, M.units("mL", -1),
+    (M.READINGS, M.readings(3, 10, 60, 60, roles.code("doser"), M.units("mL", -1),
                             [[12, 96, 1250, 35, 1], [13, 104, 1310, 34, 1]])),
-    (M.READINGS, M.readings(5, 44, 300, 300, M.ROLE_DRAIN, M.units("mm", 0), [[420, 3, 12], [455, 7, 20]],
+    (M.READINGS, M.readings(5, 44, 300, 300, roles.code("drain"), M.units("mm", 0), [[420, 3, 12], [455, 7, 20]],
                             wall_t0=1795466400)),
     (M.ALARM, M.alarm(7, 131, 86400, 1, True, 24)),
     (M.HEALTH, M.health(7, 3600, 61234, 58012, 9, 0, 130, 128, 2, 12, 41)),

@@ -3,8 +3,9 @@
 # Every reading has a stable identity (device, boot_id, seq) and its board
 # time; a readings batch carries seq_first and t0_s, and reading i is
 # (seq_first + i, t0_s + i * interval_s). Units and calibration travel once
-# per batch. Meter totals are an exact register plus per-interval deltas, so
-# the cumulative total survives any loss of a frame's neighbours.
+# per batch. A role whose spec says REGISTER (the meter) sends an exact register
+# plus per-interval deltas, so the cumulative total survives any loss of a
+# frame's neighbours. Roles are numbered by protocol/roles ROLES.
 from protocol._compat import const
 
 from protocol import cbor
@@ -20,9 +21,14 @@ COMMAND = const(8)
 COMMAND_RESULT = const(9)
 NAMES = {1: "hello", 2: "readings", 3: "alarm", 4: "health", 5: "ack", 6: "time_sync", 7: "config_push",
          8: "command", 9: "command_result"}
-ROLE_METER, ROLE_DOSER, ROLE_DRAIN = 0, 1, 2
-ROLES = ("meter", "doser", "drain")
+# Reset causes by their number on the wire (hello key 6, health key 5): the one table.
 RESET_CAUSES = ("power_on", "hard_reset", "watchdog", "soft_reset", "brownout", "deepsleep", "panic")
+# Alarm codes 100+ are the runtime's, the same for every role; 1..99 belong to the role's spec
+# (protocol/roles/<role>.py ALARMS).
+A_LOG_FULL = const(100)
+A_CONFIG_INVALID = const(101)
+A_FAULT = const(102)
+RUNTIME_ALARMS = {A_LOG_FULL: "log_full", A_CONFIG_INVALID: "config_invalid", A_FAULT: "fault"}
 
 
 class MessageError(ValueError):
@@ -97,53 +103,6 @@ def command(command_id, name, args=None):
 
 def command_result(command_id, ok, detail=""):
     return {0: command_id, 1: bool(ok), 2: detail}
-
-
-def encode_meter_readings_into(buf, off, boot_id, seq_first, t0_s, interval_s, k_factor_milli, register,
-                               deltas, n, scale=0, mult=1, wall_t0=-1, series=SERIES_INTERVAL, seq_step=1):
-    """The meter's hot path: the same bytes as encode(readings(...)) with no allocation
-    (unless register or wall_t0 exceed a small int). Rows are deltas[i] * mult.
-
-    Keys are written in ascending order, which is the deterministic order.
-    """
-    put_head, put_int = cbor.put_head, cbor.put_int
-    off = put_head(buf, off, 5, 8 + (wall_t0 >= 0) + (series != SERIES_INTERVAL) + (seq_step != 1))
-    off = put_head(buf, off, 0, 0)
-    off = put_int(buf, off, boot_id)
-    off = put_head(buf, off, 0, 1)
-    off = put_int(buf, off, seq_first)
-    off = put_head(buf, off, 0, 2)
-    off = put_int(buf, off, t0_s)
-    off = put_head(buf, off, 0, 3)
-    off = put_int(buf, off, interval_s)
-    off = put_head(buf, off, 0, 4)
-    off = put_int(buf, off, ROLE_METER)
-    off = put_head(buf, off, 0, 5)
-    off = put_head(buf, off, 5, 3)              # {0: "L", 1: 0, 2: k_factor_milli}
-    off = put_head(buf, off, 0, 0)
-    off = put_head(buf, off, 3, 1)
-    buf[off] = 0x4C                             # "L"
-    off += 1
-    off = put_head(buf, off, 0, 1)
-    off = put_int(buf, off, scale)
-    off = put_head(buf, off, 0, 2)
-    off = put_int(buf, off, k_factor_milli)
-    off = put_head(buf, off, 0, 6)
-    off = put_head(buf, off, 4, n)
-    for i in range(n):
-        off = put_int(buf, off, deltas[i] * mult)
-    off = put_head(buf, off, 0, 7)
-    off = put_int(buf, off, register)
-    if wall_t0 >= 0:
-        off = put_head(buf, off, 0, 8)
-        off = put_int(buf, off, wall_t0)
-    if series != SERIES_INTERVAL:
-        off = put_head(buf, off, 0, 9)
-        off = put_int(buf, off, series)
-    if seq_step != 1:
-        off = put_head(buf, off, 0, 10)
-        off = put_int(buf, off, seq_step)
-    return off
 
 
 _REQUIRED = {HELLO: (0, 1, 2, 3, 4, 5, 6), READINGS: (0, 1, 2, 3, 4, 5, 6), ALARM: (0, 1, 2, 3, 4),

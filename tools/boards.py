@@ -10,15 +10,11 @@ import tomllib
 from pathlib import Path
 from types import MappingProxyType
 
+from protocol import roles as role_specs
 from protocol.errors import UsageError
+from protocol.roles import ROLES
 
 BOARDS_DIR = Path(__file__).resolve().parent.parent / "boards"
-ROLES = ("meter", "doser", "drain")
-ROLE_PINS = {
-    "meter": ("pulse_in",),
-    "doser": ("stroke_out", "pump_enable", "flow_pulse_in", "residual_adc", "tank_low_in"),
-    "drain": ("level_adc", "rain_pulse_in"),
-}
 GPIO_MAX = 48
 FLASH_SIZES = tuple(mib << 20 for mib in (2, 4, 8, 16, 32))
 
@@ -159,7 +155,7 @@ def _validate(path, data):
         table = roles.get(role)
         if not isinstance(table, dict):
             raise UsageError(f"{path}: roles.{role}", "missing", f"add a [roles.{role}] table with its pins")
-        for pin in ROLE_PINS[role]:
+        for pin in role_specs.attr(role, "PINS", ()):      # a reserved role (no spec yet): pins unchecked
             _check_gpio(path, f"roles.{role}.{pin}", table.get(pin))
         role_pins[role] = MappingProxyType(dict(table))
     pins = data.get("pins", {})

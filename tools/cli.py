@@ -48,7 +48,7 @@ def build_parser():
                           "Prints one JSON object per event on stdout; the first, board_ready, names the ptys. "
                           "SIGUSR1 cuts the power and restores it; SIGTERM or Ctrl-C stops the board.")
     run.add_argument("--board", required=True, help="board name from boards/ (see: prapa board list) or a .toml path")
-    run.add_argument("--role", required=True, help="meter, doser or drain (must fit the board)")
+    run.add_argument("--role", required=True, help="the role the board serves (protocol/roles: one of the roles the board fits)")
     run.add_argument("--flash", required=True, metavar="FILE", help="flash image of the board's vfs partition")
     run.add_argument("--install-app", action="store_true",
                      help="copy the current firmware into an existing image (its data stays)")
@@ -60,6 +60,9 @@ def build_parser():
     run.add_argument("--seed", type=int, default=0, help="seed of the world's randomness (default 0)")
     run.add_argument("--control", metavar="SOCKET", help="unix socket for the bench's JSON control commands")
     run.add_argument("--unique-id", metavar="HEX", help="the board's 6-byte unique id (default: random)")
+    run.add_argument("--vm", metavar="unix32|unix64",
+                     help="the MicroPython VM: unix32 (32-bit, single floats, like an ESP32; built by "
+                     "python -m tools.sim.vm build) or unix64 (the PyPI VM) (default: $PRAPA_VM, else unix64)")
     run.set_defaults(func=cmd_board_run)
 
     lst = bsub.add_parser("list", help="list board definitions", description="List the board definitions in boards/.")
@@ -111,6 +114,7 @@ def cmd_board_run(args):
     from tools import boards
     from tools.sim import worlds as world
     from tools.sim.board import SimBoard, prepare_flash
+    from tools.sim import vm as vms
 
     board = boards.load(args.board)
     board.check_role(args.role)
@@ -121,9 +125,11 @@ def cmd_board_run(args):
                 raise ValueError
         except ValueError:
             raise UsageError("--unique-id", f"{args.unique_id!r} is not 6 bytes of hex", "give 12 hex digits") from None
+    vms.micropython_exe(args.vm)        # an unknown or unbuilt VM is refused before the flash is made
     created = prepare_flash(board, args.role, args.flash, args.install_app)
     bench = SimBoard(board, args.role, args.flash, speed=args.speed, start_ticks_ms=args.start_ticks_ms,
-                  world_overrides=overrides, seed=args.seed, control_path=args.control, unique_id=args.unique_id)
+                  world_overrides=overrides, seed=args.seed, control_path=args.control, unique_id=args.unique_id,
+                  vm=args.vm)
     if created:
         bench.log("flash_created", flash=bench.flash_path, bytes=board.vfs_size_bytes)
 
@@ -144,9 +150,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except UsageError as exc:
+    except UsageError as exc:          # BoardError too: its exit_code is 1 (a failure, not bad input)
         print(f"prapa: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_FAILURE
 

@@ -2,15 +2,16 @@
 
 Why it is shaped like this:
 - Everything that can be refused is refused before the board or the registry
-  is touched: the config is validated on the host with the firmware's own
-  schema tables (firmware/config.py and the role module, imported here), so
-  the board can never boot into an idle state the host could have foreseen.
+  is touched: the config is validated on the host with the board's own
+  checks (protocol/config.py and the role's spec), so the board can never
+  boot into an idle state the host could have foreseen.
 - The key is made here (secrets), goes to the board through mpremote's raw
   REPL (library calls: never a process argument, never a file on the host)
   and to the registry; it is printed nowhere. Files are written as siblings
   and renamed on the board, so a pulled cable leaves each file old or new.
-- A role plugs in by adding a ROLE_CHECKS entry: the sensor check it asks of
-  the installer, the query it runs on the board, and how to judge the answer.
+- The live sensor check is declared in the role's spec (protocol/roles/):
+  the status counter that must rise, what to ask of the installer, how to
+  judge the rise. Nothing here names a role.
 
 Exit codes: 0 ok, 1 a step or live check failed (the board is commissioned,
 the output says what to fix), 2 bad input (nothing written anywhere).
@@ -18,59 +19,26 @@ the output says what to fix), 2 bad input (nothing written anywhere).
 
 import json
 import os
-import re
 import secrets
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from protocol.errors import UsageError
-from tools.role_config import build_config, firmware_roles, parse_device_id
+from protocol import roles
+from protocol.errors import BoardError, UsageError
+from tools.console import ConsoleReader, parse_banner, parse_idle, parse_key_values
+from tools.console import parse_status as parse_status_line
+from tools.role_config import build_config, parse_device_id
 
-DEVICE_LINE = re.compile(r"prapa device=(\d+) log=\d+/\d+ torn=\d+ ?(.*)")
-IDLE_LINE = re.compile(r"prapa idle: config invalid: (.*)")
-BANNER = re.compile(r"prapa (\S+) board=(\S+) role=(\S+) boot=(\d+) reset=(\S+)")
 BOOT_TIMEOUT_S = 20
 ROUND_TRIP_TIMEOUT_S = 30
 ROUND_TRIP_COUNTERS = 64        # pings every 3 s and a time sync per hello for 30 s need far fewer
 
 
-# -- role checks: what "the sensor reads sensibly" means per role ----------------------------------
-
-class MeterCheck:
-    """Water through the meter moves the board's pulse total.
-
-    Read live from the running app (runtime.current, the role's own status())
-    and checkpointed first, so the test water stays on the register when the
-    board restarts after the query."""
-
-    PREPARE = "rt.role.checkpoint()\n"
-    WAIT_S = 30
-
-    @staticmethod
-    def instructions(section):
-        return (f"open a tap downstream of the meter and let at least {2 * section['k_factor_l']:g} L run "
-                f"({section['k_factor_l']:g} L per pulse)")
-
-    @staticmethod
-    def judge(section, before, after, board):
-        t0, t1 = int(before.get("total_pulses", 0)), int(after.get("total_pulses", 0))
-        if t1 > t0:
-            return True, f"{t1 - t0} pulses = {(t1 - t0) * section['k_factor_l']:g} L seen", ""
-        pin = board.get("role_pins", {}).get("pulse_in", "?")
-        return False, f"no pulse counted (total_pulses stayed {t0})", (
-            f"check that water runs, the meter's pulse cable on GPIO {pin} and ground, and debounce_us "
-            f"({section['debounce_us']}); then run: prapa commission ... again")
-
-
-ROLE_CHECKS = {"meter": MeterCheck}
+# -- the role's sensor check: declared in its spec (COMMISSION_*), run here for every role ----------
 STATUS_QUERY = ("import runtime\nrt = runtime.current\nif rt is None or rt.role is None:\n print('app=stopped')\n"
                 "else:\n{prepare} print(' '.join('%s=%s' % kv for kv in sorted(rt.role.status().items())))\n")
-
-
-def parse_status(text):
-    return dict(re.findall(r"(\w+)=(\S+)", text))
 
 
 # -- the board over USB (mpremote as a library) -----------------------------------------------------
@@ -86,7 +54,7 @@ class BoardLink:
             # checking for data first, so a board that never answers would hang us for good.
             self.t = SerialTransport(port, exclusive=True, timeout=1)
         except Exception as e:       # pyserial and mpremote raise several kinds for busy/vanished ports
-            raise BoardError(f"cannot open {port} ({e})",
+            raise BoardError(port, f"cannot open it ({e})",
                              "close other programs using it (mpremote, screen, the gateway) and retry") from None
 
     stopped = False          # the app was interrupted and waits for reset()
@@ -99,7 +67,7 @@ class BoardLink:
             self.t.exit_raw_repl()
             return out
         except Exception as e:
-            raise BoardError(f"the board did not run a command ({e})",
+            raise BoardError(self.port, f"the board did not run a command ({e})",
                              "check the USB cable; is MicroPython with the prapa app flashed? (prapa flash)") from None
 
     def read_identity(self):
@@ -119,29 +87,24 @@ class BoardLink:
             self.t.exec("import os\n" + "".join(f"os.rename({n + '.new'!r}, {n!r})\n" for n, _ in files))
             self.t.exit_raw_repl()
         except Exception as e:
-            raise BoardError(f"writing to the board failed ({type(e).__name__})",
+            raise BoardError(self.port, f"writing to the board failed ({type(e).__name__})",
                              "check the USB cable and run the command again") from None
 
     def reset_and_watch(self, timeout_s=BOOT_TIMEOUT_S):
-        """Hard-reset the board; return (banner, status line or idle line) from its console."""
+        """Hard-reset the board; return (banner, status line or idle line) from its console (None: not seen)."""
         try:
             self.t.enter_raw_repl(soft_reset=False)
             self.t.exec_raw_no_follow("import machine\nmachine.reset()")
             self.stopped = False
         except Exception as e:
-            raise BoardError(f"the board did not take the reset ({e})", "press its EN/RST button") from None
-        banner, buf, end = None, b"", time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            buf += self.t.serial.read(max(1, self.t.serial.in_waiting)) if self.t.serial.in_waiting else b""
-            *lines, buf = buf.split(b"\n")
-            for raw in lines:
-                line = raw.decode(errors="replace").strip()
-                if BANNER.search(line):
-                    banner = line
-                elif DEVICE_LINE.search(line) or IDLE_LINE.search(line):
-                    return banner, line
-            time.sleep(0.02)
-        return banner, None
+            raise BoardError(self.port, f"the board did not take the reset ({e})", "press its EN/RST button") from None
+        console = ConsoleReader(self.t.serial, follow=False)     # reads only here: mpremote keeps the port
+        try:
+            i, _ = console.wait_for(lambda line: parse_status_line(line) or parse_idle(line), timeout=timeout_s)
+        except BoardError:
+            i = None
+        banner = console.search(parse_banner, before=i)
+        return (console.lines[banner[0]] if banner else None), (None if i is None else console.lines[i])
 
     def close(self):
         """Leave the board running its app, whatever step stopped it."""
@@ -154,12 +117,6 @@ class BoardLink:
             self.t.close()
         except Exception:
             pass
-
-
-class BoardError(Exception):
-    def __init__(self, problem, fix):
-        super().__init__(problem)
-        self.problem, self.fix = problem, fix
 
 
 # -- the command ------------------------------------------------------------------------------------
@@ -208,16 +165,16 @@ def add_parser(sub):
                        "--uart-port) a ping round trip through the gateway's session layer. The key is never "
                        "printed.")
     p.add_argument("--port", required=True, help="the board's USB console port (e.g. /dev/ttyUSB0)")
-    p.add_argument("--role", required=True, help="the board's role: " + ", ".join(firmware_roles()))
+    p.add_argument("--role", required=True, help="the board's role: " + ", ".join(roles.available()))
     p.add_argument("--device-id", required=True, help="unique id, 1..4294967294 (decimal or 0x...)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", metavar="FILE.json", help="role config as on the board (sections: role, link, ...)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="set one config value, e.g. meter.k_factor_l=10 (repeatable; applied over --config)")
+                   help="set one config value, e.g. link.addr=3 or ROLE.KEY=VALUE (repeatable; applied over --config)")
     dest = p.add_mutually_exclusive_group(required=True)
     dest.add_argument("--registry", metavar="PATH", help="the gateway's registry.db (when run on the gateway)")
     dest.add_argument("--export", metavar="FILE", help="write a 0600 export file for: prapa gateway devices import")
-    p.add_argument("--name", help="a name for the device in the registry (e.g. the meter's address)")
+    p.add_argument("--name", help="a name for the device in the registry (e.g. its street address)")
     p.add_argument("--uart-port", metavar="U", help="the board's data link: run a ping round trip through it")
     p.add_argument("--sensor-wait", type=float, metavar="S",
                    help="without a terminal or with --yes: seconds the sensor check waits (default 30)")
@@ -273,9 +230,7 @@ def cmd_commission(args):
     steps = Steps(args.json)
     if not args.json:
         print(f"commissioning device {device_id} ({args.role}) on {args.port}")
-    board = _open_board(args.port)
-    if board is None:
-        return 1
+    board = BoardLink(args.port)         # a BoardError here: prapa prints it, exit 1
     tmp = tempfile.TemporaryDirectory(prefix="prapa-commission-")
     reg = None
     try:
@@ -317,14 +272,6 @@ def cmd_commission(args):
     return 1 if steps.failed else 0
 
 
-def _open_board(port):
-    try:
-        return BoardLink(port)
-    except BoardError as e:
-        print(f"prapa: {port}: {e.problem}; {e.fix}", file=sys.stderr)
-        return None
-
-
 def _identity(board, args):
     ident = board.read_identity()
     built_for = ident["board"].get("role")
@@ -338,35 +285,45 @@ def _boot_check(board, device_id):
     banner, line = board.reset_and_watch()
     if line is None:
         return False, "no status line on the console after the reset", "check the cable; watch: mpremote repl", None
-    m = IDLE_LINE.search(line)
-    if m:
-        return False, f"board idle: {m.group(1)}", "fix the field named and run prapa commission again", None
-    m = DEVICE_LINE.search(line)
-    if int(m.group(1)) != device_id:
-        return False, f"board says device={m.group(1)}", "the files did not take: run prapa commission again", None
-    return True, line, "", parse_status(m.group(2))
+    idle = parse_idle(line)
+    if idle:
+        return False, f"board idle: {idle['field']}: {idle['problem']}", (
+            f"{idle['fix']}; then run prapa commission again"), None
+    status = parse_status_line(line)
+    if status["device_id"] != device_id:
+        return False, f"board says device={status['device_id']}", (
+            "the files did not take: run prapa commission again"), None
+    return True, line, "", status
 
 
 def _sensor_step(steps, board, args, cfg, board_def, status):
-    check = ROLE_CHECKS.get(args.role)
-    if check is None or status is None:
-        steps.report("sensor reads", None, "no live check for this role" if check is None else "board not running")
+    """The spec names a status counter that must rise while the installer works the sensor, what to
+    ask of them, and how to judge the rise; the role's prepare method (e.g. a checkpoint) runs on the
+    board before the count is read."""
+    spec = roles.spec(args.role)
+    counter = getattr(spec, "COMMISSION_COUNTER", None)
+    if counter is None or status is None:
+        steps.report("sensor reads", None, "no live check for this role" if counter is None else "board not running")
         return
     section = cfg[args.role]
     if not args.json:
-        print(f"  -> {check.instructions(section)}", flush=True)
+        print(f"  -> {spec.commission_ask(section)}", flush=True)
     if not args.yes and sys.stdin.isatty():
         input("     press Enter when it has ")
     else:
-        _countdown(check.WAIT_S if args.sensor_wait is None else args.sensor_wait, "sensor", args.json)
-    prepare = "".join(" " + line + "\n" for line in getattr(check, "PREPARE", "").splitlines())
+        _countdown(spec.COMMISSION_WAIT_S if args.sensor_wait is None else args.sensor_wait, "sensor", args.json)
+    method = getattr(spec, "COMMISSION_PREPARE", None)
+    prepare = f" rt.role.{method}()\n" if method else ""
 
     def query():
         # resume, not soft reset: the app's live state (runtime.current) is what is read
-        after = parse_status(board.exec(STATUS_QUERY.format(prepare=prepare), soft_reset=False))
+        after = parse_key_values(board.exec(STATUS_QUERY.format(prepare=prepare), soft_reset=False))
         if "app" in after:
             return False, "the app was not running", "check the console: mpremote connect PORT repl", None
-        ok, detail, fix = check.judge(section, status, after, board_def)
+        before_n, after_n = int(status.get(counter, 0)), int(after.get(counter, 0))
+        ok, detail, fix = spec.commission_judge(section, after_n - before_n, board_def.get("role_pins", {}))
+        if not ok:
+            detail = f"{detail} ({counter} stayed {before_n})"
         return ok, detail, fix, after
     steps.run("sensor reads", query)
 
@@ -403,37 +360,25 @@ def _round_trip_step(steps, board, args, device_id, key, counters, tmpdir):
         board.reset_and_watch()        # leave the app running after the sensor query stopped it
         steps.report("gateway round trip", None, "no --uart-port: check the device on the gateway's status page")
         return
-    from gateway.serial_link import SerialLink
-    from gateway.session import Sessions
-    from gateway.store import Store
-    from protocol import messages as M
+    from gateway.harness import OneLinkGateway
 
     def trip():
-        store, link = Store(Path(tmpdir) / "store.db"), SerialLink(args.uart_port)
-        results = []
-        try:
-            sessions = Sessions(store, lambda d: key if d == device_id else None, link.write,
-                                lambda d: _Reserved(counters))
-            sessions.on_command_result = lambda d, m: results.append(m) if d == device_id else None
+        try:   # acknowledge=False: readings are verified and dropped, the board keeps them for the gateway
+            gateway = OneLinkGateway(args.uart_port, Path(tmpdir) / "store.db", {device_id: key},
+                                     counters=lambda d: _Reserved(counters), acknowledge=False)
+        except OSError as e:
+            raise BoardError(args.uart_port, f"cannot open the data link ({e})",
+                             "close other programs using it (the gateway service, prapa monitor) and retry") from None
+        with gateway:
             board.reset_and_watch()
-            end, sent_at, cid = time.monotonic() + ROUND_TRIP_TIMEOUT_S, None, 0
-            while time.monotonic() < end:
-                sessions.feed(link.read())
-                sessions.pending.clear()
-                d = sessions.devices.get(device_id)
-                if d is not None and d.firmware and (sent_at is None or time.monotonic() - sent_at > 3):
-                    cid, sent_at = cid + 1, time.monotonic()
-                    sessions.downlink(device_id, M.COMMAND, M.command(cid, "ping"))
-                for m in results:
-                    if m[0] == cid and m[1] and str(m.get(2, "")).startswith("pong"):
-                        return True, f"hello (firmware {d.firmware}), ping -> {m[2]}", "", True
-            d = sessions.devices.get(device_id)
-            seen = "no hello" if d is None or not d.firmware else "hello but no answer to ping"
-            refused = {r: n for r, n in sessions.counts().items() if n}
+            end = time.monotonic() + ROUND_TRIP_TIMEOUT_S
+            d = gateway.wait_hello(device_id, ROUND_TRIP_TIMEOUT_S)
+            pong = d and gateway.ping(device_id, timeout=max(0.0, end - time.monotonic()), resend_s=3)
+            if pong:
+                return True, f"hello (firmware {d.firmware}), ping -> {pong}", "", True
+            seen = "no hello" if d is None else "hello but no answer to ping"
+            refused = gateway.refused()
             return False, f"{seen} within {ROUND_TRIP_TIMEOUT_S} s (refused: {refused or 'none'})", (
                 "check the link wiring to --uart-port (TX/RX crossed, ground) and that nothing else holds the port"
                 if not refused else "frames were refused: the board may hold another key; commission again"), None
-        finally:
-            link.close()
-            store.close()
     steps.run("gateway round trip", trip)

@@ -21,13 +21,11 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
-from littlefs import LittleFS, LittleFSError
-
 from tools import boards, build
-from protocol.errors import UsageError
+from tools.console import BANNER, ConsoleReader
+from protocol.errors import BoardError, UsageError
 
 # Where a MicroPython firmware .bin (bootloader + partition table + app) starts, per chip.
 FIRMWARE_OFFSET = {"esp32": 0x1000, "esp32s2": 0x1000, "esp32s3": 0x0, "esp32c3": 0x0}
@@ -35,7 +33,6 @@ ESP_IMAGE_MAGIC = 0xE9
 # sys.implementation._mpy >> 10 for each mpy-cross -march (MicroPython py/persistentcode.h).
 MPY_ARCH = {"x64": 2, "xtensa": 8, "xtensawin": 9, "rv32imc": 10}
 MPY_VERSION, MPY_SUB_VERSION = 6, 3          # what mpy-cross 1.29 emits
-BANNER = re.compile(rb"prapa \S+ board=\S+ role=\S+ boot=\d+[^\r\n]*")
 BOOT_TIMEOUT_S = 20
 
 
@@ -49,7 +46,7 @@ def add_parser(sub):
         description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[2:4]))
     p.add_argument("--port", required=True, help="the board's USB serial port, e.g. /dev/ttyUSB0")
     p.add_argument("--board", required=True, help="board name from boards/ (see: prapa board list) or a .toml path")
-    p.add_argument("--role", required=True, help="meter, doser or drain (must fit the board)")
+    p.add_argument("--role", required=True, help="the role the board serves (protocol/roles: one of the roles the board fits)")
     p.add_argument("--firmware", metavar="BIN", help="MicroPython firmware .bin for the chip (from micropython.org); "
                    "written at 0x1000 (esp32) or 0x0 (esp32s3). Without it only the image is written")
     p.add_argument("--image", metavar="IMG", help="image from prapa build (default: built now, idle until commissioned)")
@@ -146,6 +143,7 @@ def check_image(board, role, path):
     if len(data) != board.vfs_size_bytes or len(data) % board.block_size:
         raise UsageError("--image", f"{path} is {len(data)} bytes, not board {board.name}'s "
                          f"{board.vfs_size_bytes}-byte vfs partition", f"build it with: prapa build --board {board.name}")
+    from littlefs import LittleFS, LittleFSError          # the tools extra
     fs = LittleFS(block_size=board.block_size, block_count=len(data) // board.block_size, mount=False)
     fs.context.buffer = bytearray(data)
     try:
@@ -356,11 +354,9 @@ def _twin(path):
 
 
 def _wait_banner(ser):
-    end, seen = time.monotonic() + BOOT_TIMEOUT_S, b""
-    ser.timeout = 0.2
-    while time.monotonic() < end:
-        seen = (seen + ser.read(4096))[-4096:]
-        m = BANNER.search(seen)
-        if m:
-            return m.group(0).decode(errors="replace")
-    return None
+    """The app's banner (from "prapa" on) on mpremote's port after the reset, or None within BOOT_TIMEOUT_S."""
+    try:
+        _i, m = ConsoleReader(ser, follow=False).wait_for(BANNER, timeout=BOOT_TIMEOUT_S)
+    except BoardError:
+        return None
+    return m.group(0)

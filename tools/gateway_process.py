@@ -2,7 +2,6 @@
 
 Used by `prapa site`, the gateway benchmark and the tests."""
 
-import json
 import os
 import signal
 import subprocess
@@ -30,10 +29,11 @@ def write_config(folder, uart_ports, broker_port, site="testsite", extra="", htt
     return path
 
 
-def register(folder, devices, role="meter", names=None, board=None):
+def register(folder, devices, role="meter", names=None, board=None, roles=None):
+    """Add devices ({device_id: key}) to the folder's registry; roles ({device_id: role}) or one role."""
     reg = Registry(Path(folder) / "data" / "registry.db")
     for device_id, key in devices.items():
-        reg.add(device_id, role, key, name=(names or {}).get(device_id), board=board)
+        reg.add(device_id, (roles or {}).get(device_id, role), key, name=(names or {}).get(device_id), board=board)
     reg.close()
 
 

@@ -12,15 +12,15 @@ import json
 import os
 from pathlib import Path
 
-from littlefs import LittleFS
-
 from gateway import files
 from protocol.errors import UsageError
 
+# firmware/ and protocol/ sit next to tools/ both in a checkout and in an installed wheel
+# (pyproject.toml ships firmware/, boards/ and deploy/ as top-level folders of site-packages).
 FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
 PROTOCOL_DIR = FIRMWARE_DIR.parent / "protocol"
-# protocol/ modules a board never runs: the CPython stand-in for cryptolib, the spec's examples.
-PROTOCOL_HOST_ONLY = {"_cryptolib_cpython.py", "examples.py"}
+# protocol/ modules a board never runs: the CPython stand-in for cryptolib, the spec's examples, field names.
+PROTOCOL_HOST_ONLY = {"_cryptolib_cpython.py", "examples.py", "names.py"}
 # Files at the top of the partition; everything else goes to /lib.
 TOP_LEVEL = ("boot.py", "main.py")
 # Per target, the HAL backends the image does NOT carry.
@@ -35,14 +35,25 @@ def firmware_files(target):
         if src.name in EXCLUDE[target] or "__pycache__" in rel:
             continue
         out.append((rel if rel in TOP_LEVEL else f"lib/{rel}", src))
-    for src in sorted(PROTOCOL_DIR.glob("*.py")):
-        if src.name not in PROTOCOL_HOST_ONLY:
-            out.append((f"lib/protocol/{src.name}", src))
+    for src in sorted(PROTOCOL_DIR.rglob("*.py")):
+        rel = src.relative_to(PROTOCOL_DIR).as_posix()
+        if src.name not in PROTOCOL_HOST_ONLY and "__pycache__" not in rel:
+            out.append((f"lib/protocol/{rel}", src))
     return out
 
 
+def _littlefs():
+    """littlefs-python comes with the tools extra: a gateway-only install has no images to make."""
+    try:
+        import littlefs
+    except ModuleNotFoundError:
+        raise UsageError("prapa", "littlefs-python is not installed (prapa without its tools extra)",
+                         "pip install 'prapa[tools]'") from None
+    return littlefs
+
+
 def _new_fs(board):
-    return LittleFS(block_size=board.block_size, block_count=board.vfs_block_count, mount=True)
+    return _littlefs().LittleFS(block_size=board.block_size, block_count=board.vfs_block_count, mount=True)
 
 
 def build(board, role, target="virtual", config=None):
@@ -105,7 +116,7 @@ def check_existing(board, path):
 
 def mount(board, path):
     """Open an image read-only from the host (tests and tools look inside boards)."""
-    fs = LittleFS(block_size=board.block_size, block_count=board.vfs_block_count, mount=False)
+    fs = _littlefs().LittleFS(block_size=board.block_size, block_count=board.vfs_block_count, mount=False)
     fs.context.buffer = bytearray(Path(path).read_bytes())
     fs.mount()
     return fs

@@ -1,7 +1,7 @@
 """prapa site: a whole simulated site on this machine, the stack's main job.
 
 A real Mosquitto, the gateway service (`prapa gateway run`, as on a Pi), and
-virtual boards of every role that exists (meters now) running the firmware on
+virtual boards of every role that exists (one of each in turn) running the firmware on
 the real MicroPython VM with the world simulator, commissioned with their own
 keys. The gateway's status page (devices, alarms, backlog, live charts) is
 printed as a URL and opened in a browser unless --headless; the terminal shows
@@ -14,6 +14,7 @@ Ctrl-C (or SIGTERM, or --duration) stops everything and leaves nothing running;
 import argparse
 import json
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -28,7 +29,7 @@ FIRST_DEVICE_ID = 0x2001
 def add_parser(sub):
     p = sub.add_parser("site", help="run a simulated site: broker, gateway, virtual boards, live view",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--boards", type=int, default=3, help="number of virtual meters (default 3)")
+    p.add_argument("--boards", type=int, default=3, help="number of virtual boards, one of each role in turn (default 3)")
     p.add_argument("--speed", type=int, default=60,
                    help="board time runs this many times faster (default 60: an hour a minute)")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: until Ctrl-C)")
@@ -36,11 +37,14 @@ def add_parser(sub):
     p.add_argument("--report", metavar="FILE", help="write a JSON report of every board on exit")
     p.add_argument("--board", default="esp32-devkitc", help="board definition of the virtual boards")
     p.add_argument("--workdir", metavar="DIR", help="keep the site's files here (default: a new temp folder)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the temp folder when the site stops (default: removed, unless the site failed)")
     p.set_defaults(func=run)
 
 
 def _log(event, **fields):
-    print(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}), flush=True)
+    from gateway.logs import json_line
+    print(json_line(event, stamp=True, **fields), flush=True)
 
 
 class Cloud:
@@ -77,28 +81,46 @@ class Cloud:
         self.client.disconnect()
 
 
-def _meter_setup(i):
-    """(meter config, world) for board i. Every third has a burst main: 12 L/min without pause,
-    a burst alarm after two minutes, so the status page shows an alarm early."""
-    if i % 3 == 2:
-        return {"interval_min": 1, "burst_lpm": 5, "burst_min": 2}, ["flow_meter.forced_lpm=12"]
-    return {"interval_min": 1}, [f"flow_meter.daily_litres={600 + 300 * i}"]
+def site_roles(board_def):
+    """The roles a site runs: every role with a spec, a world model, and room on this board."""
+    from protocol import roles
+    from tools.sim import worlds
+    return [r for r in roles.available() if worlds.site_board_for(r) and r in board_def.roles_fit]
 
 
 def run(args):
+    """The site in --workdir, or in a new temp folder removed when the site stops: kept with --keep,
+    or when the site failed (its logs say why), and then printed."""
+    from protocol.errors import UsageError
+    tmp = None if args.workdir else tempfile.mkdtemp(prefix="prapa-site-")
+    workdir = Path(args.workdir or tmp).resolve()
+    keep = bool(args.workdir or args.keep)
+    try:
+        return _run(args, workdir)
+    except Exception as exc:
+        keep = keep or not isinstance(exc, UsageError)
+        raise
+    finally:
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif workdir.exists():
+            print(f"prapa site: its files are in {workdir}", file=sys.stderr)
+
+
+def _run(args, workdir):
     from tools import boards as board_defs
     from tools import image
     from tools.broker import Broker, free_port
     from protocol.errors import UsageError
     from tools.gateway_process import GatewayProcess, register, write_config
     from tools.sim.board import prepare_flash
+    from tools.sim import worlds
     from tools.sim.process import BoardProcess
 
     if not 1 <= args.boards <= 64:
         raise UsageError("--boards", f"{args.boards} is out of range", "give 1 to 64 boards")
     if not 1 <= args.speed <= 1000:
         raise UsageError("--speed", f"{args.speed} is out of range", "give 1 to 1000")
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="prapa-site-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     board_def = board_defs.load(args.board)
@@ -111,23 +133,28 @@ def run(args):
         broker = Broker(workdir / "broker")
         _log("broker_started", host=broker.host, port=broker.port)
         cloud = Cloud(broker.port)
-        keys, names = {}, {}
+        keys, names, device_roles = {}, {}, {}
+        kinds = site_roles(board_def)
+        if not kinds:
+            raise UsageError("--board", f"no role with a world model fits {board_def.name}", "pick another board")
         for i in range(args.boards):
+            role = kinds[i % len(kinds)]
+            n = i // len(kinds)                      # the n-th board of its role
             device_id = FIRST_DEVICE_ID + i
-            name = f"meter-{i + 1:03d}"
+            name = f"{role}-{n + 1:03d}"
             key = secrets.token_bytes(16)
             flash = workdir / f"{name}.img"
-            prepare_flash(board_def, "meter", flash)
-            meter, world = _meter_setup(i)
-            image.provision(board_def, flash, {"device_id": device_id, "role": "meter", "meter": meter}, key)
-            keys[device_id], names[device_id] = key, name
-            vb = BoardProcess(args.board, "meter", flash, speed=args.speed, seed=i, world=world)
+            prepare_flash(board_def, role, flash)
+            section, world = worlds.site_board_for(role)(n)
+            image.provision(board_def, flash, {"device_id": device_id, "role": role, role: section}, key)
+            keys[device_id], names[device_id], device_roles[device_id] = key, name, role
+            vb = BoardProcess(args.board, role, flash, speed=args.speed, seed=i, world=world)
             boards.append((name, device_id, vb))
             _log("board_started", device=name, id=f"{device_id:08x}", uart=vb.uart_port, console=vb.console_port)
         http_port = free_port()
         config = write_config(workdir, [vb.uart_port for _n, _d, vb in boards], broker.port, site=SITE,
                               http_port=http_port, extra="\n[store]\nmin_free_mb = 50\n")
-        register(workdir, keys, names=names, board=board_def.name)
+        register(workdir, keys, names=names, board=board_def.name, roles=device_roles)
         gateway = GatewayProcess(config, log_path=workdir / "gateway.log").start()
         gateway.wait_started()
         url = f"http://127.0.0.1:{http_port}/"
@@ -167,17 +194,19 @@ def run(args):
 def _stored(workdir):
     """Reading identities the gateway has committed, per device (read-only look at its store)."""
     import sqlite3
+
+    from gateway.store import Store
     path = workdir / "data" / "store.db"
     if not path.exists():
         return {}
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    store = Store(path, readonly=True, timeout=5)
     try:
-        rows = db.execute("SELECT device_id, COUNT(*) FROM entries WHERE kind='reading' GROUP BY device_id").fetchall()
+        counts = store.count_by_device(kind="reading")
     except sqlite3.Error:
-        rows = []
+        counts = {}
     finally:
-        db.close()
-    return {f"{d:08x}": n for d, n in rows}
+        store.close()
+    return {f"{d:08x}": n for d, n in counts.items()}
 
 
 def _drain(workdir, cloud, timeout_s):
@@ -197,11 +226,11 @@ def _report(boards, cloud, workdir, started):
     with cloud.lock:
         for name, device_id, vb in boards:
             hexid = f"{device_id:08x}"
-            truth = vb.status()["world"]["flow_meter"] if vb.proc.poll() is None else {}
-            rows.append({"id": name, "device_id": hexid, "role": "meter", "readings_made": made.get(hexid, 0),
+            truth = vb.status()["world"] if vb.proc.poll() is None else {}
+            rows.append({"id": name, "device_id": hexid, "role": vb.role, "readings_made": made.get(hexid, 0),
                          "readings_at_broker": len(cloud.readings.get(hexid, ())),
                          "alarms": sorted(a for a, on in cloud.alarms.get(hexid, {}).items() if on),
-                         "pulses_true": truth.get("pulses")})
+                         "world_truth": truth})
         first = None if cloud.first_at is None else round(cloud.first_at - started, 2)
     totals = {"boards": len(rows), "readings_made": sum(r["readings_made"] for r in rows),
               "readings_at_broker": sum(r["readings_at_broker"] for r in rows),

@@ -1,6 +1,12 @@
-# The water-meter role: every pulse of the meter's reed switch or open-collector
-# output becomes part of an exact register, interval readings aligned to the
-# wall clock, a daily reading at local midnight, and alarms.
+# The water meter's board logic: every pulse of the meter's reed switch or
+# open-collector output becomes part of an exact register, interval readings
+# aligned to the wall clock, a daily reading at local midnight, and alarms.
+# What the role is (config schema, alarm codes, wire encoding) is declared in
+# its spec, protocol/roles/meter.py; this module only does the work.
+#
+# It sees the HAL, its config section and a record sink (append a record,
+# raise an alarm, the newest records logged), never the runtime: board time
+# comes in as the up_s of sample() and on_clock().
 #
 # Why it looks like this:
 # - Counting is the HAL's (PCNT or pin IRQs through the shared debounce), so no
@@ -24,56 +30,18 @@ import persist
 from flashlog import K_DAILY, K_READING, Record
 from protocol import messages as M
 from protocol.framing import crc16
+from protocol.roles import meter as spec
+from protocol.roles.meter import A_BURST, A_LEAK, A_TAMPER, ALARMS
 
-NAME = "meter"
-SCHEMA = (
-    ("k_factor_l", "num", 1, 0.001, 1000, "litres per pulse from the meter's data plate (e.g. 1, 10, 0.1)"),
-    ("register_l", "int", 0, 0, 999999999, "the meter's dial reading in whole litres at commissioning"),
-    ("interval_min", "int", 15, 1, 60, "minutes per interval reading, a divisor of 60"),
-    ("checkpoint_pulses", "int", 10, 1, 10000, "pulses between checkpoints to flash (default 10)"),
-    ("checkpoint_s", "int", 60, 1, 3600, "seconds of flow between checkpoints to flash (default 60)"),
-    ("debounce_us", "int", 5500, 0, 9000, "contact-bounce filter in us; above 5000 for reed switches, "
-                                           "below 10000 for 50 Hz"),
-    ("burst_lpm", "num", 0, 0, 100000, "flow in L/min that counts as a burst (0: off)"),
-    ("burst_min", "int", 30, 1, 1440, "minutes above burst_lpm before the burst alarm"),
-    ("leak_h", "int", 24, 1, 720, "hours of flow in every interval before the leak alarm"),
-    ("no_pulse_h", "int", 0, 0, 8760, "hours without a pulse before the tamper alarm (0: off)"),
-)
-A_LEAK = const(1)
-A_BURST = const(2)
-A_TAMPER = const(3)
-ALARMS = {A_LEAK: "leak", A_BURST: "burst", A_TAMPER: "no_pulse_tamper"}
 CHECKPOINT = "meter.ckpt"
 _CKPT = "<IIIH"          # total pulses, register at the start of the open interval, at the start of the day, CRC-16
 _RING = const(8)
 _NEVER = const(0x3FFFFFFF)
 
 
-def check(section):
-    from config import ConfigError
-    if 60 % section["interval_min"]:
-        raise ConfigError("meter.interval_min", "%d does not divide an hour" % section["interval_min"],
-                          "use 1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30 or 60")
-    k = section["k_factor_l"] * 1000
-    if abs(k - round(k)) > 1e-6:
-        raise ConfigError("meter.k_factor_l", "%r is finer than a millilitre" % section["k_factor_l"],
-                          "give litres per pulse with at most 3 decimals")
-
-
-def check_change(old, new, waiting):
-    """Refuse a new K-factor or register while logged readings wait: they hold pulses, and would be
-    reported with the new calibration."""
-    from config import ConfigError
-    for key in ("k_factor_l", "register_l"):
-        if old[key] != new[key] and waiting:
-            raise ConfigError("meter." + key, "cannot change while %d readings wait for the gateway" % waiting,
-                              "push it again once the gateway has them (health: log fill 0)")
-
-
 class Meter:
-    def __init__(self, rt, cfg):
-        self.rt = rt
-        hal = rt.hal
+    def __init__(self, hal, cfg, sink):
+        self.sink = sink
         self.ckpt_buf = bytearray(14)
         self.k_milli = int(round(cfg["k_factor_l"] * 1000))
         if self.k_milli % 1000 == 0:
@@ -91,7 +59,7 @@ class Meter:
         self.no_pulse_s = cfg["no_pulse_h"] * 3600
         self.counter = hal.counter(hal.board["role_pins"]["pulse_in"], active_level=0,
                                    filter_us=cfg["debounce_us"])
-        self._recover(rt.log)
+        self._recover(sink)
         self.last_count = self.counter.count()
         # Hard-timer state: small ints only.
         self.unsaved = self.total - self.saved_total   # pulses not in the checkpoint yet
@@ -120,7 +88,7 @@ class Meter:
         self.rows = [0] * 128
 
     # -- boot -------------------------------------------------------------------------
-    def _recover(self, log):
+    def _recover(self, sink):
         """The checkpoint, or the newest reading logged when a cut came between the two writes.
 
         Whatever the log adds is checkpointed at once: the log's records are
@@ -132,10 +100,10 @@ class Meter:
             if c == crc16(raw, 0, 12):
                 total, ibase, dbase = t, i, d
         saved = (total, ibase, dbase)
-        if log.last_reading.kind == K_READING:
-            ibase = max(ibase, log.last_reading.reg + log.last_reading.value)
-        if log.last_daily.kind == K_DAILY:
-            dbase = max(dbase, log.last_daily.reg + log.last_daily.value)
+        if sink.last_reading.kind == K_READING:
+            ibase = max(ibase, sink.last_reading.reg + sink.last_reading.value)
+        if sink.last_daily.kind == K_DAILY:
+            dbase = max(dbase, sink.last_daily.reg + sink.last_daily.value)
         self.total = max(total, ibase)
         self.interval_base = ibase
         self.day_base = dbase if dbase <= self.total else ibase
@@ -231,13 +199,13 @@ class Meter:
     # -- asyncio: flash work ------------------------------------------------------------
     def service(self):
         """Log what the timer closed, checkpoint when due, raise or clear alarms. Never called from an IRQ."""
-        rt = self.rt
+        sink = self.sink
         while self.tail != self.head:
             t = self.tail
             r = self.rec
             r.kind, r.count, r.t_end, r.span = self.ring_kind[t], 1, self.ring_end[t], self.ring_span[t]
             r.value, r.reg = self.ring_pulses[t], self.ring_reg[t]
-            rt.log_record(r)
+            sink.append(r)
             self.tail = (t + 1) % _RING
             self.ckpt_due = 1
         if self.ckpt_due:
@@ -247,7 +215,7 @@ class Meter:
         for code in ALARMS:
             if self.want[code] != self.active[code]:
                 self.active[code] = self.want[code]
-                rt.alarm(code, self.active[code], self.total)
+                sink.alarm(code, self.active[code], self.total)
 
     # -- reports ----------------------------------------------------------------------------
     def encode_batch(self, buf, off, recs, n, wall_t0):
@@ -256,7 +224,7 @@ class Meter:
         for i in range(n):
             rows[i] = recs[i].value
         r = recs[0]
-        return M.encode_meter_readings_into(
+        return spec.encode_readings_into(
             buf, off, r.boot, r.seq, r.t_end, r.span, self.k_milli, self.register_units(r.reg), rows, n,
             self.scale, self.mult, wall_t0, M.SERIES_DAILY if r.kind == K_DAILY else M.SERIES_INTERVAL, r.count)
 

@@ -1,20 +1,51 @@
-"""Run code in the real MicroPython VM (the board's interpreter) from a CPython test."""
+"""Run code in the real MicroPython VM (the board's interpreter) from a CPython test.
 
+Modules are imported as a board imports them: firmware and protocol compiled
+to .mpy by the same mpy-cross call `prapa build` makes (a board never compiles
+its app from source, which would need far more heap than running it), laid out
+as on the board's /lib. The compiled tree is made once per test process and
+removed when it exits. Source on the path behind it serves only what a board
+never carries (protocol/examples.py)."""
+
+import atexit
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
+from tools import image
+from tools.build import compile_module
 from tools.sim.board import micropython_exe
 
 ROOT = Path(__file__).resolve().parents[2]
 MICROPYTHON = micropython_exe()
-# As on the board: firmware modules at the root, protocol/ under /lib.
-MICROPYPATH = f".frozen:{ROOT / 'firmware'}:{ROOT}"
+_compiled = None
+
+
+def compiled_lib():
+    """A folder laid out like the board's /lib: every module the virtual image carries, as .mpy."""
+    global _compiled
+    if _compiled is None:
+        lib = Path(tempfile.mkdtemp(prefix="prapa-vm-lib-"))
+        atexit.register(shutil.rmtree, lib, True)
+        for flash_path, src in image.firmware_files("virtual"):
+            if flash_path in image.TOP_LEVEL:
+                continue
+            out = lib / (flash_path[len("lib/"):-3] + ".mpy")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(compile_module(src, flash_path, "x64"))
+        _compiled = lib
+    return _compiled
+
+
+def micropypath():
+    return f".frozen:{compiled_lib()}:{ROOT / 'firmware'}:{ROOT}"
 
 
 def run(script, stdin="", heap="112640w", timeout=120):
     """Run script with firmware/ and protocol/ importable as on the board; return stdout."""
-    env = dict(os.environ, MICROPYPATH=MICROPYPATH)
+    env = dict(os.environ, MICROPYPATH=micropypath())
     r = subprocess.run([MICROPYTHON, "-X", f"heapsize={heap}", "-c", script], input=stdin, capture_output=True,
                        text=True, env=env, timeout=timeout)
     if r.returncode != 0:

@@ -9,10 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from protocol.errors import BoardError  # noqa: F401  (the one board error, re-exported for every target)
+
 MPREMOTE = str(Path(sys.executable).with_name("mpremote"))
-
-
-from tools.sim.process import BoardError  # noqa: E402  (one error type for every target)
 
 
 class BoardHandle:
@@ -33,13 +32,16 @@ class BoardHandle:
         args = (["resume"] if resume else []) + ["exec", code]
         r = self.mpremote(*args, timeout=timeout)
         if r.returncode != 0:
-            raise BoardError(f"mpremote exec failed ({r.returncode}): {r.stdout}{r.stderr}")
+            raise BoardError(self.console_port, f"mpremote exec failed ({r.returncode}): {r.stdout}{r.stderr}",
+                             f"is the board's console free and its REPL answering? (mpremote connect "
+                             f"{self.console_port} repl)")
         return r.stdout
 
     def hard_reset(self):
         r = self.mpremote("reset")
         if r.returncode != 0:
-            raise BoardError(f"mpremote reset failed: {r.stderr}")
+            raise BoardError(self.console_port, f"mpremote reset failed: {r.stderr}",
+                             "press the board's EN/RST button; check the USB cable")
 
     def power_cut(self):
         raise NotImplementedError(f"target {self.target} has no power switch")

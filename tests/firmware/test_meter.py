@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from tools.sim.rig import Rig, check_register_chain, interval_readings, power_cut_campaign
+from hil_tests.support.checks import check_register_chain, interval_readings
+from tools.rigs.board import Rig
+from tools.rigs.power_cut import power_cut_campaign
 
 HEAP_BUDGET = 112640
 WRAP_MS = 1 << 30
@@ -20,7 +22,7 @@ def final_register(rig):
 
 def test_intervals_align_to_the_wall_clock_and_add_up_across_the_tick_wrap(tmp_path):
     """The board clock starts one second before ticks_ms wraps at 2**30."""
-    rig = Rig(tmp_path, meter={"interval_min": 1}, speed=20, world=["flow_meter.forced_lpm=30"],
+    rig = Rig(tmp_path, "meter", {"interval_min": 1}, speed=20, world=["flow_meter.forced_lpm=30"],
               start_ticks_ms=WRAP_MS - 1000)
     try:
         rig.wait(lambda: len(interval_readings(rig.gateway.entries())) >= 4, 40, "four interval readings")
@@ -32,22 +34,22 @@ def test_intervals_align_to_the_wall_clock_and_add_up_across_the_tick_wrap(tmp_p
         assert all(r["wall_t"] % 60 == 0 for r in readings)
         assert all(r["span_s"] == 60 for r in readings[1:])
         assert all(25 <= r["value"] <= 35 for r in readings[1:])       # 30 L/min at 1 L per pulse
-        assert readings[-1]["register"] <= rig.truth_pulses()
+        assert readings[-1]["register"] <= rig.truth_count()
     finally:
         rig.close()
 
 
 def test_a_hundred_thousand_bouncing_pulses_at_random_rates_are_counted_exactly(tmp_path):
     rng = random.Random(5)
-    rig = Rig(tmp_path, meter={"interval_min": 1, "debounce_us": 5000}, speed=100,
+    rig = Rig(tmp_path, "meter", {"interval_min": 1, "debounce_us": 5000}, speed=100,
               world=["flow_meter.bounce_max_us=5000", "flow_meter.bounce_flips_max=3"])
     try:
-        while rig.truth_pulses() < 100_000:
+        while rig.truth_count() < 100_000:
             rig.board.set_world("flow_meter", "forced_lpm", rng.uniform(60, 3000))   # 1 to 50 pulses/s
             time.sleep(rng.uniform(0.2, 1.0))
         rig.board.set_world("flow_meter", "forced_lpm", 0)
         time.sleep(0.3)                # the world generates events 50 ms ahead; let those land first
-        truth = rig.truth_pulses()
+        truth = rig.truth_count()
         # A loaded machine can leave the link in backoff for a while: wait for the count, not for quiet.
         end = time.monotonic() + 150
         while time.monotonic() < end and final_register(rig) != truth:
@@ -65,9 +67,9 @@ def test_a_hundred_thousand_bouncing_pulses_at_random_rates_are_counted_exactly(
 def test_power_cuts_at_200_random_instants_never_lose_more_than_the_checkpoint_bound(tmp_path):
     """SIGKILL the board (bench power cut) while it counts, checkpoints, logs and sends; it restarts
     on the same flash. Flow stops while it boots, so every pulse not counted is a checkpoint loss."""
-    rig = Rig(tmp_path, meter={"interval_min": 1}, speed=100, world=["flow_meter.forced_lpm=6"])  # 0.1 pulse/s
+    rig = Rig(tmp_path, "meter", {"interval_min": 1}, speed=100, world=["flow_meter.forced_lpm=6"])  # 0.1 pulse/s
     try:
-        losses = power_cut_campaign(rig, 210, random.Random(11), flow_lpm=6)
+        losses = power_cut_campaign(rig, 210, random.Random(11), busy=6)
         assert min(losses) >= 0 and max(losses) <= 10, losses
         # Everything logged reaches the gateway once: the register chain holds, no identity twice.
         rig.board.set_world("flow_meter", "forced_lpm", 6)
@@ -85,7 +87,7 @@ def test_power_cuts_at_200_random_instants_never_lose_more_than_the_checkpoint_b
 
 def test_a_week_without_the_gateway_waits_in_flash_coarsens_and_arrives_in_order(tmp_path):
     speed = 20_000                                     # a week in half a minute
-    rig = Rig(tmp_path, meter={"interval_min": 15}, speed=speed,
+    rig = Rig(tmp_path, "meter", {"interval_min": 15}, speed=speed,
               extra={"link": {"sample_ms": 1000, "health_s": 3600}, "log": {"max_entries": 200}})
     try:
         rig.wait(lambda: rig.gateway.sessions.devices.get(0x1001), 20, "the board's hello")
@@ -97,7 +99,7 @@ def test_a_week_without_the_gateway_waits_in_flash_coarsens_and_arrives_in_order
         rig.gateway.plug()
         rig.board.set_world("flow_meter", "forced_lpm", 0)
         time.sleep(0.3)
-        truth = rig.truth_pulses()
+        truth = rig.truth_count()
         rig.wait(lambda: final_register(rig) == truth, 60, f"the backlog to drain up to register {truth}")
         arrived = rig.gateway.entries(order="id")
         interval = interval_readings(arrived)
@@ -122,7 +124,7 @@ def test_a_week_without_the_gateway_waits_in_flash_coarsens_and_arrives_in_order
 
 
 def test_a_board_with_a_bad_config_stays_idle_and_tells_the_gateway_why(tmp_path):
-    rig = Rig(tmp_path, meter={"interval_min": 7})
+    rig = Rig(tmp_path, "meter", {"interval_min": 7})
     try:
         i, m = rig.console.wait_for(r"prapa idle: config invalid: (\S+): (.*); fix: (.*)")
         assert m.group(1) == "meter.interval_min" and "divide" in m.group(2)

@@ -24,7 +24,7 @@ def status():
             {"id": 4097, "name": EVIL, "role": "meter", "last_seen": 1_749_999_990.0, "firmware": "0.3.1",
              "state": "active", "readings": 1200, "alarms_active": 1,
              "series": [[1_749_999_000.0, 1.5], [1_749_999_300.0, 2.5], [1_749_999_600.0, 0.5],
-                        [1_749_999_900.0, float("nan")]]},
+                        [1_749_999_900.0, float("nan")]], "chart": "L per interval <i>"},
             {"id": 4098, "name": "Plant pump", "role": "doser", "last_seen": None, "firmware": None,
              "state": "commissioned", "readings": 0, "alarms_active": 0, "series": []},
         ],
@@ -142,7 +142,7 @@ def test_the_page_has_the_hooks_a_browser_test_uses(server):
     assert device_rows == ["4097", "4098"]
     assert len(page.find("tr", cls="alarm")) == 2 and len(page.find("tr", cls="active")) == 1
     charts = page.find("svg", cls="chart")
-    assert len(charts) == 1                             # meters only
+    assert len(charts) == 1                             # only roles whose spec declares a chart
     line = page.find("polyline")[0]["points"].split()
     assert len(line) == 3                               # the NaN sample is left out
     assert page.find("b", id="backlog") and page.find("table", id="devices") and page.find("table", id="brokers")
@@ -198,7 +198,7 @@ def test_in_a_real_browser_the_page_polls_and_redraws_with_escaped_text(tmp_path
             s["backlog"] = 7
             s["devices"].append({"id": 5000, "name": "added by poll <i>", "role": "meter", "last_seen": None,
                                  "firmware": None, "state": "commissioned", "readings": 0, "alarms_active": 0,
-                                 "series": [[1.0, 1.0], [2.0, None], [3.0, 2.0]]})
+                                 "series": [[1.0, 1.0], [2.0, None], [3.0, 2.0]], "chart": "L per interval"})
         return s
 
     srv = HttpServer("127.0.0.1", 0, Metrics(), changing).start()

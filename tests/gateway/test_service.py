@@ -5,7 +5,8 @@ import time
 
 from hil_tests.support.cloud import GatewayProcess, Subscriber, register, write_config
 from tools.broker import Broker
-from tools.sim.rig import KEY, check_register_chain, commissioned_flash, wait_for
+from hil_tests.support.checks import check_register_chain
+from tools.rigs.board import KEY, commissioned_flash, wait_for
 from tools.sim.process import BoardProcess
 
 
@@ -16,7 +17,7 @@ def _three_readings_through_a_gateway(tmp_path, udp=False):
     broker = Broker(tmp_path / "broker")
     udp_port = free_port()
     link = {"link": {"kind": "udp", "gateway": f"127.0.0.1:{udp_port}"}} if udp else None
-    flash = commissioned_flash(tmp_path, meter={"interval_min": 1}, extra=link)
+    flash = commissioned_flash(tmp_path, "meter", {"interval_min": 1}, extra=link)
     board = BoardProcess("esp32-devkitc", "meter", flash, speed=60, world=["flow_meter.forced_lpm=20"])
     cfg = write_config(tmp_path, [] if udp else [board.uart_port], broker.port)
     if udp:
@@ -69,7 +70,7 @@ def test_sigkill_the_gateway_200_times_and_every_acknowledged_reading_reaches_th
     devices = {0x1001: KEY, 0x1002: bytes(range(16, 32))}
     boards = {}
     for device_id, key in devices.items():
-        flash = commissioned_flash(tmp_path, meter={"interval_min": 1}, name=f"{device_id:x}.img",
+        flash = commissioned_flash(tmp_path, "meter", {"interval_min": 1}, name=f"{device_id:x}.img",
                                    device_id=device_id, key=key)
         boards[device_id] = BoardProcess("esp32-devkitc", "meter", flash, speed=100, seed=device_id,
                                          world=["flow_meter.forced_lpm=0"])
@@ -144,7 +145,7 @@ class _Site:
         import pty
         import tty
         self.broker = Broker(tmp_path / "broker")
-        flash = commissioned_flash(tmp_path, meter=meter or {"interval_min": 1})
+        flash = commissioned_flash(tmp_path, "meter", meter or {"interval_min": 1})
         self.board = BoardProcess("esp32-devkitc", "meter", flash, speed=60, world=["flow_meter.forced_lpm=20"])
         self.spare_master, spare_slave = pty.openpty()
         tty.setraw(spare_slave)
@@ -205,10 +206,10 @@ def test_a_nearly_full_disk_stops_acknowledgements_and_the_board_keeps_its_log(t
         metrics, _ = site.wait(lambda: (lambda m: m if m[0].get("prapa_acks_withheld") == 1 else None)(
             _metrics(site.cfg)), 20, "the disk guard")
         time.sleep(4)                                  # four board minutes of readings arrive and are refused
-        import sqlite3
-        db = sqlite3.connect(site.store_path)
-        assert db.execute("SELECT COUNT(*) FROM entries").fetchone()[0] == 0
-        db.close()
+        from gateway.store import Store
+        store = Store(site.store_path, readonly=True)
+        assert store.count() == 0
+        store.close()
         assert not site.sub.of_kind("reading")
         site.gw.stop()
         site.cfg.write_text(site.cfg.read_text().replace("min_free_mb = 1000000", "min_free_mb = 10"))
@@ -222,9 +223,10 @@ def test_a_nearly_full_disk_stops_acknowledgements_and_the_board_keeps_its_log(t
 
 def test_commands_and_config_pushes_wait_for_the_board_and_a_refusal_is_reported(tmp_path):
     import json
-    import sqlite3
     import subprocess
     import sys
+
+    from gateway.store import Store
     site = _Site(tmp_path)
     try:
         site.wait(lambda: site.sub.of_kind("reading"), 30, "a first reading")
@@ -236,11 +238,12 @@ def test_commands_and_config_pushes_wait_for_the_board_and_a_refusal_is_reported
             return json.loads(r.stdout)["queued"]
 
         def state(qid):
-            db = sqlite3.connect(site.store_path)
+            store = Store(site.store_path, readonly=True)
             try:
-                return db.execute("SELECT state, result FROM downlink WHERE id=?", (qid,)).fetchone()
+                answer, _attempts, result = store.downlink_status(qid)
+                return answer, result
             finally:
-                db.close()
+                store.close()
 
         ping = prapa("command", "--device", "0x1001", "ping")
         assert site.wait(lambda: state(ping)[0] == "done", 20, "the ping's answer")

@@ -35,7 +35,7 @@ def rig(tmp_path):
 
 
 def items(store):
-    return [cbor2.loads(r[0]) for r in store.db.execute("SELECT payload FROM entries ORDER BY seq")]
+    return store.entries()
 
 
 def test_readings_without_wall_time_are_fixed_up_from_the_boards_hello(tmp_path):

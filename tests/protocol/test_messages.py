@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from protocol import cbor, framing, secure
 from protocol import messages as M
 from protocol.examples import EXAMPLES
+from protocol.roles import meter as meter_spec
 from hil_tests.support import vm
 
 SCHEMA = pycddl.Schema((vm.ROOT / "protocol" / "schema.cddl").read_text())
@@ -50,19 +51,19 @@ def test_vm_encodes_every_message_type_to_the_same_bytes():
        st.lists(st.integers(0, 5000), max_size=80), st.integers(0, 2**40))
 def test_meter_hot_path_encoder_matches_the_general_one(boot, seq, t0, deltas, register):
     buf = bytearray(512)
-    n = M.encode_meter_readings_into(buf, 0, boot, seq, t0, 900, 1000, register, deltas, len(deltas))
-    expected = cbor.encode(M.readings(boot, seq, t0, 900, M.ROLE_METER, M.units("L", 0, 1000), deltas, register))
+    n = meter_spec.encode_readings_into(buf, 0, boot, seq, t0, 900, 1000, register, deltas, len(deltas))
+    expected = cbor.encode(M.readings(boot, seq, t0, 900, 0, M.units("L", 0, 1000), deltas, register))
     assert bytes(buf[:n]) == expected
     SCHEMA.validate_cbor(expected)
 
 
 def test_meter_hot_path_allocates_nothing_in_the_vm():
     out = vm.run(
-        "import micropython\nfrom protocol import messages as M\n"
+        "import micropython\nfrom protocol.roles import meter as meter_spec\n"
         "buf = bytearray(256)\ndeltas = bytearray(range(40))\nn = 0\n"
         "micropython.heap_lock()\n"
         "for _ in range(10):\n"
-        "    n = M.encode_meter_readings_into(buf, 0, 7, 120, 900, 900, 1000, 123456, deltas, 40)\n"
+        "    n = meter_spec.encode_readings_into(buf, 0, 7, 120, 900, 900, 1000, 123456, deltas, 40)\n"
         "micropython.heap_unlock()\n"
         "print(bytes(buf[:n]).hex())\n")
     assert out.strip() == cbor.encode(M.readings(7, 120, 900, 900, 0, M.units("L", 0, 1000), list(range(40)),

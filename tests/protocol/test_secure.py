@@ -103,7 +103,7 @@ def test_flash_counters_never_repeat_across_power_cuts(tmp_path):
     script = ("import os\nos.chdir(%r)\nfrom protocol import secure\n"
               "from frame_counter import FlashCounters\nc = FlashCounters(block=16)\n"
               "while True:\n    print(c.next())\n" % str(tmp_path))
-    env = dict(os.environ, MICROPYPATH=vm.MICROPYPATH)
+    env = dict(os.environ, MICROPYPATH=vm.micropypath())
     for _ in range(30):
         p = subprocess.Popen([vm.MICROPYTHON, "-c", script], stdout=subprocess.PIPE, env=env)
         time.sleep(rnd.uniform(0.05, 0.4))
@@ -123,11 +123,11 @@ def test_the_whole_report_path_allocates_nothing_on_the_board():
     the frames are the same bytes the gateway expects."""
     out = vm.run(
         "import micropython\n"
-        "from protocol import link, secure\nfrom protocol import messages as M\n"
+        "from protocol import link, secure\nfrom protocol.roles import meter as meter_spec\n"
         f"s = link.Sender({KEY!r}, {DEVICE}, 0, secure.MemoryCounters(1))\n"
         "buf = bytearray(120)\ndeltas = bytearray([0, 3, 0, 12, 41, 7, 0, 0, 25, 2])\n"
         "def report():\n"
-        "    n = M.encode_meter_readings_into(buf, 0, 7, 120, 900, 900, 1000, 123456, deltas, 10)\n"
+        "    n = meter_spec.encode_readings_into(buf, 0, 7, 120, 900, 900, 1000, 123456, deltas, 10)\n"
         "    return s.wire_into(2, buf, n)\n"
         "def campaign():\n"
         "    micropython.heap_lock()\n"

@@ -23,7 +23,8 @@ from protocol import framing
 from tools import boards
 from tools.sim.board import prepare_flash
 from tools.sim.process import BoardProcess
-from tools.sim.rig import DEVICE_ID, KEY, Console, commissioned_flash
+from tools.console import ConsoleReader as Console
+from tools.rigs.board import DEVICE_ID, KEY, commissioned_flash
 
 ROOT = Path(__file__).resolve().parents[2]
 MPREMOTE = str(Path(sys.executable).with_name("mpremote"))
@@ -281,7 +282,7 @@ def test_monitor_decodes_a_commissioned_board_and_counts_a_corrupted_frame(tmp_p
     reg = Registry(registry)
     reg.add(DEVICE_ID, "meter", KEY)
     reg.close()
-    flash = commissioned_flash(tmp_path, meter={"interval_min": 1})
+    flash = commissioned_flash(tmp_path, "meter", {"interval_min": 1})
     board = BoardProcess(BOARD, "meter", flash, speed=60, world=["flow_meter.forced_lpm=30"])
     relay = Relay(board.uart_port)
     try:

@@ -47,8 +47,8 @@ def _health_after(rig, seconds, after_uptime):
 
 
 def jitter_run(tmp, flow_lpm, seconds):
-    from tools.sim.rig import Rig
-    rig = Rig(tmp, meter={"interval_min": 1, "debounce_us": 5000}, speed=1,
+    from tools.rigs.board import Rig
+    rig = Rig(tmp, "meter", {"interval_min": 1, "debounce_us": 5000}, speed=1,
               extra={"link": {"health_s": 10}}, world=[f"flow_meter.forced_lpm={flow_lpm}"])
     try:
         h = _health_after(rig, seconds, seconds)
@@ -59,15 +59,15 @@ def jitter_run(tmp, flow_lpm, seconds):
 
 def flash_run(tmp, days):
     """Defaults (15 min, checkpoint 10 pulses / 60 s), 2000 L/day in household draws, K = 1 L."""
-    from tools.sim.rig import Rig
+    from tools.rigs.board import Rig
     speed = 10_000
-    rig = Rig(tmp, speed=speed, extra={"link": {"sample_ms": 1000, "health_s": 3600}},
+    rig = Rig(tmp, "meter", speed=speed, extra={"link": {"sample_ms": 1000, "health_s": 3600}},
               world=["flow_meter.daily_litres=2000"])
     try:
         first = _health_after(rig, 2, 3600)
         time.sleep(days * 86400 / speed)
         last = _health_after(rig, 5, first[1] + days * 86400)
-        pulses = rig.truth_pulses()
+        pulses = rig.truth_count()
         erases = int(rig.board_exec("import _vboard; print(_vboard.PARAMS['bdev'].erases)"))
         board = rig.board.board
         return first, last, pulses, erases, board
@@ -76,7 +76,8 @@ def flash_run(tmp, days):
 
 
 def run(args):
-    from tools.sim.rig import Rig, power_cut_campaign
+    from tools.rigs.board import Rig
+    from tools.rigs.power_cut import power_cut_campaign
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -106,9 +107,9 @@ def run(args):
             blocks * ERASE_CYCLES / max(writes_per_day, 1e-9) / 365)
 
         (tmp / "cuts").mkdir()
-        rig = Rig(tmp / "cuts", speed=100, world=["flow_meter.forced_lpm=10"])
+        rig = Rig(tmp / "cuts", "meter", speed=100, world=["flow_meter.forced_lpm=10"])
         try:
-            losses = power_cut_campaign(rig, args.cuts, random.Random(3), flow_lpm=10)
+            losses = power_cut_campaign(rig, args.cuts, random.Random(3), busy=10)
         finally:
             rig.close()
         figures["pulses_lost_per_cut_mean"] = round(statistics.mean(losses), 2)

@@ -13,7 +13,6 @@ paho at QoS 1 (a relay with no store, no crypto, no acks).
 
 import os
 import pty
-import sqlite3
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import cbor2
 
+from gateway.store import Store
 from tools.bench import print_figures
 
 ROWS = 32
@@ -42,6 +42,7 @@ def frames(devices, n_readings):
     """Wire frames (a list) for n_readings in ROWS-row frames, round-robin over devices, each sealed with its key."""
     from protocol import link, secure
     from protocol import messages as M
+    from protocol.roles import code as role_code
     from protocol.secure import MemoryCounters
     senders = {d: link.Sender(key, d, secure.UPLINK, MemoryCounters(1)) for d, key in devices.items()}
     seqs = {d: 1 for d in devices}
@@ -53,7 +54,7 @@ def frames(devices, n_readings):
         i += 1
         rows = [(seqs[d] + k) % 7 for k in range(ROWS)]
         register = 1000 + 3 * seqs[d]
-        msg = M.readings(1, seqs[d], 900 * seqs[d], 900, M.ROLE_METER, M.units("L", 0, 1000), rows, register,
+        msg = M.readings(1, seqs[d], 900 * seqs[d], 900, role_code("meter"), M.units("L", 0, 1000), rows, register,
                          1_795_000_000 + 900 * seqs[d])
         payload = bytearray(cbor2.dumps(msg, canonical=True))
         n = senders[d].wire_into(M.READINGS, payload, len(payload))
@@ -97,7 +98,7 @@ def run(args):
             gw.wait_started()
             time.sleep(1.0)
             idle_kb = _vmhwm_kb(gw.proc.pid)
-            db = sqlite3.connect(f"file:{tmp / 'data' / 'store.db'}?mode=ro", uri=True, timeout=10)
+            db = Store(tmp / "data" / "store.db", readonly=True, timeout=10)
             drain = os.fdopen(os.dup(master), "rb", buffering=0)
             os.set_blocking(master, False)
             t0 = time.perf_counter()
@@ -117,7 +118,7 @@ def run(args):
                     os.read(master, 65536)
                 except (BlockingIOError, OSError):
                     pass
-                done = db.execute("SELECT COUNT(*) FROM entries WHERE forwarded_at IS NOT NULL").fetchone()[0]
+                done = db.count(forwarded=True)
                 if done >= n or time.perf_counter() - t0 > 600:
                     break
                 time.sleep(0.05)
@@ -137,12 +138,9 @@ def run(args):
                     time.sleep(0.001)
             total = n + len(steady) * ROWS
             end = time.perf_counter() + 30
-            while time.perf_counter() < end and db.execute(
-                    "SELECT COUNT(*) FROM entries WHERE forwarded_at IS NOT NULL").fetchone()[0] < total:
+            while time.perf_counter() < end and db.count(forwarded=True) < total:
                 time.sleep(0.05)
-            lat = sorted(r[0] for r in db.execute(
-                "SELECT forwarded_at - received_at FROM entries WHERE received_at >= ? AND forwarded_at IS NOT NULL",
-                (t_steady,)))
+            lat = sorted(db.forward_latencies(received_since=t_steady))
             rss_kb = _vmhwm_kb(gw.proc.pid)
             drain.close()
             db.close()

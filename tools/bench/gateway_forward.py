@@ -15,7 +15,6 @@ Run: .venv/bin/python -m tools.bench.gateway_forward [--entries N] [--json]
 import argparse
 import os
 import resource
-import statistics
 import tempfile
 import threading
 import time
@@ -133,8 +132,7 @@ def forward_steady(path, broker, rate_per_s, seconds):
     while fwd.forwarded < start:
         time.sleep(0.005)
     fwd.stop()
-    lat = sorted(r[0] for r in st.db.execute(
-        "SELECT forwarded_at - received_at FROM entries WHERE boot_id=4"))
+    lat = sorted(st.forward_latencies())
     st.close()
     return lat, per_tick * 100
 

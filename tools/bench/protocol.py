@@ -68,12 +68,13 @@ import gc, time
 from protocol import cbor, link, secure
 from protocol import messages as M
 from protocol.examples import KEY, DEVICE_ID
+from protocol.roles import meter as meter_spec
 N = %d
 deltas = bytearray([0, 3, 0, 12, 41, 7, 0, 0, 25, 2])
 buf = bytearray(120)
 s = link.Sender(KEY, DEVICE_ID, 0, secure.MemoryCounters(1))
 def hot():
-    n = M.encode_meter_readings_into(buf, 0, 7, 120, 900, 900, 1000, 123456, deltas, 10)
+    n = meter_spec.encode_readings_into(buf, 0, 7, 120, 900, 900, 1000, 123456, deltas, 10)
     return s.wire_into(2, buf, n)
 def general():
     p = cbor.encode(M.readings(7, 120, 900, 900, 0, M.units("L", 0, 1000), list(deltas), 123456))

@@ -36,15 +36,16 @@ import tty
 from pathlib import Path
 
 from tools import image
+from tools.sim import vm as vms
+from tools.sim.rom import _vboard                      # the ROM's table of the world pipe and exit codes
+from tools.sim.rom._vboard import EXIT_HARD_RESET, K_ANALOG, K_BOOTED, K_LEVEL, K_OUTPUT, K_WDT
 from tools.sim.worlds import ANALOG, World
 
 ROM_DIR = Path(__file__).resolve().parent / "rom"
-EXIT_HARD_RESET = 90
-EXIT_SOFT_RESET = 91
 TICKS_PERIOD_MS = 1 << 30
-K_LEVEL, K_ANALOG, K_OUTPUT, K_WDT, K_BOOTED = 1, 2, 3, 4, 5
 CONSOLE_HOLD_MAX = 4096
-RECORD = struct.Struct("<BBHiQ")
+RECORD = struct.Struct(_vboard.RECORD_FORMAT)
+assert RECORD.size == _vboard.RECORD_BYTES
 RAW_BANNER = b"raw REPL; CTRL-B to exit\r\n"
 FRIENDLY_BANNER = b'Type "help()" for more information.'
 LOOKAHEAD_HOST_S = 0.05
@@ -53,9 +54,9 @@ WATCHDOG_MIN_HOST_S = 1.0
 _PR_SET_PDEATHSIG = 1
 
 
-def micropython_exe():
-    exe = Path(sys.executable).with_name("micropython")
-    return str(exe) if exe.exists() else "micropython"
+def micropython_exe(vm=None):
+    """The VM's executable (tools/sim/vm.py knows the VMs): vm, else $PRAPA_VM, else the default."""
+    return vms.micropython_exe(vm)
 
 
 def _raw_pty():
@@ -83,15 +84,17 @@ class Log:
         self.stream, self.board_name = stream, board_name
 
     def __call__(self, event, **fields):
-        rec = {"ts": round(time.time(), 3), "board": self.board_name, "event": event, **fields}
-        self.stream.write(json.dumps(rec) + "\n")
+        from gateway.logs import json_line
+        self.stream.write(json_line(event, stamp=True, board=self.board_name, **fields) + "\n")
         self.stream.flush()
 
 
 class SimBoard:
     def __init__(self, board, role, flash_path, *, speed=1, start_ticks_ms=0, world_overrides=None,
-                 seed=0, control_path=None, unique_id=None, log=None):
+                 seed=0, control_path=None, unique_id=None, log=None, vm=None):
         self.board, self.role, self.flash_path = board, role, str(Path(flash_path).resolve())
+        self.vm_name = vms.resolve(vm)                  # unix32 or unix64 (self.vm is the VM's process)
+        self.vm_exe = vms.micropython_exe(vm)
         self.speed, self.start_ticks_ms = int(speed), int(start_ticks_ms) % TICKS_PERIOD_MS
         self.unique_id = unique_id or secrets.token_hex(6)
         self.log = log or Log(sys.stdout, board.name)
@@ -158,7 +161,7 @@ class SimBoard:
         }
         env = dict(os.environ, PRAPA_VBOARD=json.dumps(params), MICROPYPATH=str(ROM_DIR))
         self.vm = subprocess.Popen(
-            [micropython_exe(), "-X", self.board.heapsize_option(), "-i", str(ROM_DIR / "vboot.py")],
+            [self.vm_exe, "-X", self.board.heapsize_option(), "-i", str(ROM_DIR / "vboot.py")],
             stdin=slave, stdout=slave, stderr=slave, env=env, cwd=str(ROM_DIR),
             pass_fds=(to_vm_r, from_vm_w, uart_fd), preexec_fn=_vm_child_setup(slave))
         for fd in (slave, to_vm_r, from_vm_w, uart_fd):
@@ -372,7 +375,7 @@ class SimBoard:
         self._open_control()
         self.power_on("power_on")
         self.log("board_ready", uart=self.uart_path, console=self.console_path, control=self.control_path,
-                 flash=self.flash_path, heap=self.board.heapsize_option(), speed=self.speed,
+                 flash=self.flash_path, heap=self.board.heapsize_option(), speed=self.speed, vm=self.vm_name,
                  start_ticks_ms=self.start_ticks_ms, pid=os.getpid())
         try:
             while self.running:

@@ -4,6 +4,7 @@ Used by the HIL unix target and by `prapa site`."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -12,18 +13,16 @@ import tempfile
 import threading
 import time
 
+from protocol.errors import BoardError
 from tools import boards
 
 READY_TIMEOUT_S = 20
 
 
-class BoardError(RuntimeError):
-    pass
-
-
 class BoardProcess:
 
-    def __init__(self, board_name, role, flash_path, speed=1, start_ticks_ms=0, world=(), seed=0):
+    def __init__(self, board_name, role, flash_path, speed=1, start_ticks_ms=0, world=(), seed=0, vm=None):
+        """vm: "unix32" or "unix64" (tools/sim/vm.py); None: the child's $PRAPA_VM, else the default."""
         self._dir = tempfile.mkdtemp(prefix="prapa-vb-")
         self.control_path = os.path.join(self._dir, "ctl.sock")
         cmd = [sys.executable, "-m", "tools.cli", "board", "run", "--board", board_name, "--role", role,
@@ -31,18 +30,32 @@ class BoardProcess:
                "--start-ticks-ms", str(start_ticks_ms), "--seed", str(seed)]
         for w in world:
             cmd += ["--world", w]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        if vm:
+            cmd += ["--vm", vm]
+        self.name = f"virtual board {board_name} ({role})"
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        except BaseException:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            raise
         self.events = []
         self._ready = threading.Event()
         threading.Thread(target=self._read_events, daemon=True).start()
-        if not self._ready.wait(READY_TIMEOUT_S):
+        self._ready.wait(READY_TIMEOUT_S)
+        ready = next((e for e in self.events if e.get("event") == "board_ready"), None)
+        if ready is None:                     # too slow, or it exited: say what it printed
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            said = self.proc.stderr.read().strip()[-2000:]
             self.close()
-            raise BoardError(f"virtual board did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
-        ready = next(e for e in self.events if e["event"] == "board_ready")
+            raise BoardError(self.name, f"did not start within {READY_TIMEOUT_S} s: {said or 'no message'}",
+                             "run it by hand to see why: " + " ".join(cmd[2:]).replace("tools.cli", "prapa"))
         self.board, self.role = boards.load(board_name), role
         self.console_port, self.uart_port = ready["console"], ready["uart"]
         self.flash_path = ready["flash"]
+        self.vm = ready.get("vm")
 
     def _read_events(self):
         for line in self.proc.stdout:
@@ -62,7 +75,8 @@ class BoardProcess:
             s.sendall((json.dumps(request) + "\n").encode())
             reply = json.loads(s.makefile().readline())
         if not reply.get("ok"):
-            raise BoardError(f"bench refused {request}: {reply.get('error')}")
+            raise BoardError(self.name, f"its control socket refused {request}: {reply.get('error')}",
+                             "send what `prapa board world-params` lists, while the board runs")
         return reply
 
     def status(self):
@@ -82,7 +96,9 @@ class BoardProcess:
                 if e.get("event") == name:
                     return e
             time.sleep(0.02)
-        raise BoardError(f"no {name} event within {timeout} s; saw {[e['event'] for e in self.events[after:]]}")
+        raise BoardError(self.name, f"no {name} event within {timeout} s (saw: "
+                         f"{[e['event'] for e in self.events[after:]]})",
+                         "look at the board's events and stderr; is the process still running?")
 
     def close(self):
         if self.proc.poll() is None:
@@ -95,4 +111,5 @@ class BoardProcess:
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream:
                 stream.close()
+        shutil.rmtree(self._dir, ignore_errors=True)     # the control socket's folder: nothing left in /tmp
 

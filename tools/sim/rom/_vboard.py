@@ -1,9 +1,22 @@
-# The virtual board's ROM state, shared by vboot.py, machine.py and hal_virtual.py.
-# Runs inside MicroPython (the unix port).
-from micropython import const
+# The virtual board's ROM state, shared by vboot.py, machine.py and hal_virtual.py
+# inside MicroPython (the unix port), and the one table of the pipe between the
+# world and the VM, which the host side (tools/sim/board.py) reads from here too.
+try:
+    from micropython import const
+except ImportError:      # CPython: the host side of the pipe
+    def const(x):
+        return x
 
 EXIT_HARD_RESET = const(90)
 EXIT_SOFT_RESET = const(91)
+# Pipe records, both ways: struct RECORD_FORMAT = (kind, gpio, reserved, value, t_us), t_us in
+# board-relative virtual microseconds.
+RECORD_FORMAT = "<BBHiQ"
+RECORD_BYTES = const(16)
+K_LEVEL = const(1)       # world -> board: digital input level
+K_ANALOG = const(2)      # world -> board: analog input, microvolts
+K_OUTPUT = const(3)      # board -> world: digital output level
+K_WDT = const(4)         # board -> bench: watchdog fed, value = timeout ms
 K_BOOTED = const(5)      # ROM -> bench: the VM is running code
 
 PARAMS = {}

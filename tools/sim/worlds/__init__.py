@@ -1,6 +1,12 @@
 """World simulator: the physics a board's sensors see, as plug-in models.
 
-A model is a class in this package with:
+Each role's world is one module here named after the role (worlds/meter.py for
+protocol/roles/meter.py): it lists its model classes in MODELS and says how a
+`prapa site` board of that role is set up in site_board(n) -> (the role's config
+section, world overrides) for the n-th board of the role. Nothing else here
+names a role: the modules are found through the role registry.
+
+A model is a class with:
 - `NAME` and `ROLES` (the roles whose boards it is wired to);
 - `PARAMS`: {name: (default, unit, what it means)}: every knob in one place,
   listed by `prapa board world-params` and set with `--world name.param=value`;
@@ -16,14 +22,36 @@ World time runs from the bench's start and keeps running while the board is
 off: water flows through a meter whether or not the board is powered.
 """
 
+import importlib
 import random
 
+from protocol import roles
 from protocol.errors import UsageError
-from tools.sim.worlds.meter import FlowMeter
 
 LEVEL = 1
 ANALOG = 2
-MODELS = {m.NAME: m for m in (FlowMeter,)}
+
+
+def _role_worlds():
+    """{role: its world module} for every role that has one."""
+    out = {}
+    for role in roles.ROLES:
+        try:
+            out[role] = importlib.import_module(f"{__name__}.{role}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{role}":
+                raise
+    return out
+
+
+ROLE_WORLDS = _role_worlds()
+MODELS = {m.NAME: m for w in ROLE_WORLDS.values() for m in w.MODELS}
+
+
+def site_board_for(role):
+    """The role's site_board(n) -> (config section, world overrides), or None without a world."""
+    w = ROLE_WORLDS.get(role)
+    return getattr(w, "site_board", None)
 
 
 def models_for(role):

@@ -141,3 +141,17 @@ class FlowMeter:
                 pulses -= 1
         return {"litres": round(self.litres, 6), "pulses": pulses, "t_us": self.t_us if t_us is None else t_us,
                 "flow_lpm": round(self.flow_lps(self.t_us) * 60, 6)}
+
+
+MODELS = (FlowMeter,)
+ACTIVITY = ("flow_meter", "forced_lpm", 6.0)    # the knob that makes the sensor busy, and a busy value
+TRUTH = ("flow_meter", "pulses")                # what the board's counter should have counted
+
+
+def site_board(n):
+    """(meter config, world overrides) for the n-th meter of `prapa site`. Every third has a burst
+    main: 12 L/min without pause, a burst alarm after two minutes, so the status page shows an alarm
+    early; the others are households of different sizes."""
+    if n % 3 == 2:
+        return {"interval_min": 1, "burst_lpm": 5, "burst_min": 2}, ["flow_meter.forced_lpm=12"]
+    return {"interval_min": 1}, [f"flow_meter.daily_litres={600 + 300 * n}"]
