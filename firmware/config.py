@@ -6,7 +6,6 @@
 # role spec's (protocol/roles/<role>.py), the same code the host runs.
 import json
 
-from protocol.config import check
 from protocol.errors import ConfigError
 
 CONFIG_PATH = "config.json"
@@ -40,7 +39,7 @@ def load(board, path=CONFIG_PATH):
         raise ConfigError(CONFIG_PATH, "not on the board", "commission it: prapa commission --port ...")
     except ValueError:
         raise ConfigError(CONFIG_PATH, "is not valid JSON", "rewrite it with prapa commission")
-    cfg = check(raw, board["role"])
+    cfg = _check(raw, board["role"])
     try:
         with open(KEY_PATH, "rb") as f:
             key = f.read()
@@ -49,6 +48,20 @@ def load(board, path=CONFIG_PATH):
     if len(key) != 16:
         raise ConfigError(KEY_PATH, "missing or not 16 bytes", "commission the board to provision its key")
     return cfg, key
+
+
+def _check(raw, role):
+    """protocol.config.check, imported for the call and dropped after it: its tables are needed at
+    boot and for a config push only, and the heap they would hold belongs to the running board."""
+    import sys
+    import protocol
+    try:
+        from protocol.config import check
+        return check(raw, role)
+    finally:
+        sys.modules.pop("protocol.config", None)
+        if hasattr(protocol, "config"):
+            delattr(protocol, "config")
 
 
 def config_hash(raw_bytes):

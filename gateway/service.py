@@ -32,7 +32,8 @@ from gateway.sd_notify import Notifier
 from gateway.serial_link import SerialLink
 from gateway.session import Sessions
 from gateway.store import Store
-from protocol import link, roles
+from protocol import link
+from protocol.roles import catalog as roles
 from protocol import messages as M
 
 log = logging.getLogger("prapa.gateway")

@@ -23,7 +23,8 @@ import time
 import cbor2
 
 from gateway.store import Entry
-from protocol import link, roles, secure
+from protocol import link, secure
+from protocol.roles import catalog as roles
 from protocol import messages as M
 
 log = logging.getLogger("prapa.gateway.session")

@@ -95,7 +95,7 @@ def check(raw, board_role):
         spec = roles.spec(role)
     except ImportError:
         raise ConfigError("role", "%r has no spec in this firmware" % (role,),
-                          "use one of " + ", ".join(roles.available()))
+                          "build and flash an image of a role that exists (prapa build --role)")
     allowed = ("device_id", "role", role) + tuple(RUNTIME_SCHEMA)
     for k in raw:
         if k not in allowed:

@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from types import MappingProxyType
 
-from protocol import roles as role_specs
+from protocol.roles import catalog as role_specs
 from protocol.errors import UsageError
 from protocol.roles import ROLES
 

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from protocol import roles
+from protocol.roles import catalog as roles
 from protocol.errors import BoardError, UsageError
 from tools.console import ConsoleReader, parse_banner, parse_idle, parse_key_values
 from tools.console import parse_status as parse_status_line
@@ -298,8 +298,8 @@ def _boot_check(board, device_id):
 
 def _sensor_step(steps, board, args, cfg, board_def, status):
     """The spec names a status counter that must rise while the installer works the sensor, what to
-    ask of them, and how to judge the rise; the role's prepare method (e.g. a checkpoint) runs on the
-    board before the count is read."""
+    ask of them, what to say when it rose and the fix when it did not; the role's prepare method
+    (e.g. a checkpoint) runs on the board before the count is read."""
     spec = roles.spec(args.role)
     counter = getattr(spec, "COMMISSION_COUNTER", None)
     if counter is None or status is None:
@@ -307,7 +307,7 @@ def _sensor_step(steps, board, args, cfg, board_def, status):
         return
     section = cfg[args.role]
     if not args.json:
-        print(f"  -> {spec.commission_ask(section)}", flush=True)
+        print(f"  -> {spec.COMMISSION_ASK % section}", flush=True)
     if not args.yes and sys.stdin.isatty():
         input("     press Enter when it has ")
     else:
@@ -321,10 +321,10 @@ def _sensor_step(steps, board, args, cfg, board_def, status):
         if "app" in after:
             return False, "the app was not running", "check the console: mpremote connect PORT repl", None
         before_n, after_n = int(status.get(counter, 0)), int(after.get(counter, 0))
-        ok, detail, fix = spec.commission_judge(section, after_n - before_n, board_def.get("role_pins", {}))
-        if not ok:
-            detail = f"{detail} ({counter} stayed {before_n})"
-        return ok, detail, fix, after
+        words = {**board_def.get("role_pins", {}), **section, "rise": after_n - before_n}
+        if after_n > before_n:
+            return True, spec.COMMISSION_SEEN % words, "", after
+        return False, f"{counter} stayed {before_n}", spec.COMMISSION_FIX % words, after
     steps.run("sensor reads", query)
 
 

@@ -19,8 +19,8 @@ from protocol.errors import UsageError
 # (pyproject.toml ships firmware/, boards/ and deploy/ as top-level folders of site-packages).
 FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
 PROTOCOL_DIR = FIRMWARE_DIR.parent / "protocol"
-# protocol/ modules a board never runs: the CPython stand-in for cryptolib, the spec's examples, field names.
-PROTOCOL_HOST_ONLY = {"_cryptolib_cpython.py", "examples.py", "names.py"}
+# protocol/ modules a board never runs: the CPython stand-in for cryptolib, the spec's examples, field names, the host's view of the role registry.
+PROTOCOL_HOST_ONLY = {"_cryptolib_cpython.py", "examples.py", "names.py", "catalog.py"}
 # Files at the top of the partition; everything else goes to /lib.
 TOP_LEVEL = ("boot.py", "main.py")
 # Per target, the HAL backends the image does NOT carry.

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from protocol import config as protocol_config
-from protocol import roles
+from protocol.roles import catalog as roles
 from protocol.errors import ConfigError, UsageError
 
 

@@ -83,7 +83,7 @@ class Cloud:
 
 def site_roles(board_def):
     """The roles a site runs: every role with a spec, a world model, and room on this board."""
-    from protocol import roles
+    from protocol.roles import catalog as roles
     from tools.sim import worlds
     return [r for r in roles.available() if worlds.site_board_for(r) and r in board_def.roles_fit]
 

@@ -10,6 +10,9 @@ model tools/sim/worlds/<name>.py; nothing else in the tree names a role.
 A role's position in ROLES is its number on the wire (hello key 3, readings
 key 4): append, never reorder. A name whose spec module does not exist yet is
 reserved: boards may list its pins, nothing builds or runs it.
+
+This module is what a board needs (it runs on MicroPython, in the board's
+heap); what only the host asks of the registry is in catalog.py beside it.
 """
 
 ROLES = (
@@ -20,7 +23,7 @@ ROLES = (
 
 
 def spec(name):
-    """The role's spec module; ImportError when the role has no spec (yet), KeyError-free."""
+    """The role's spec module; ImportError when the role has no spec (yet)."""
     if name not in ROLES:
         raise ImportError("no role %r (roles: %s)" % (name, ", ".join(ROLES)))
     full = "protocol.roles." + name
@@ -32,41 +35,3 @@ def spec(name):
 def code(name):
     """The role's number on the wire."""
     return ROLES.index(name)
-
-
-def name_of(code):
-    """The role's name for its wire number (str(code) for a number this side does not know)."""
-    return ROLES[code] if 0 <= code < len(ROLES) else str(code)
-
-
-def available():
-    """The roles that have a spec: the ones a board can be built and commissioned for."""
-    out = []
-    for name in ROLES:
-        try:
-            spec(name)
-        except ImportError as e:
-            if name not in str(e):          # the spec exists but is broken: say so, do not hide it
-                raise
-            continue
-        out.append(name)
-    return out
-
-
-def attr(name, attribute, default=None):
-    """One declaration of a role's spec, or default for a role without a spec or that declaration."""
-    try:
-        return getattr(spec(name), attribute, default)
-    except ImportError:
-        return default
-
-
-def alarm_name(role, code):
-    """An alarm's name: the role's own (1..99, its spec's ALARMS) or the runtime's (100+)."""
-    from protocol.messages import RUNTIME_ALARMS
-    if code in RUNTIME_ALARMS:
-        return RUNTIME_ALARMS[code]
-    try:
-        return spec(role).ALARMS.get(code) or "code_%d" % code
-    except ImportError:
-        return "code_%d" % code

@@ -39,37 +39,25 @@ A_BURST = const(2)
 A_TAMPER = const(3)
 ALARMS = {A_LEAK: "leak", A_BURST: "burst", A_TAMPER: "no_pulse_tamper"}
 
-# -- readings: rows are consumption per interval; the batch carries the register -------------
-REGISTER = True                 # items get register_before / value / register (exact integers)
-READING = "consumption per interval, in unit x 10**scale (L or mL)"
+# -- readings: rows are consumption per interval (unit x 10**scale: L or mL); the batch carries
+# the register, so the gateway gives each item register_before / value / register (exact integers)
+REGISTER = True
 
-# -- console status line: `prapa device=N log=.. torn=.. <these>` ----------------------------
-STATUS = ("overruns", "register", "scale", "total_pulses")
-
-# -- the status page: which reading value it charts, and its label --------------------------
+# -- the status page charts each reading's value under this label ---------------------------
 CHART = "L per interval"
 
 # -- commissioning: the live sensor check ----------------------------------------------------
 # The installer runs water; the board's `total_pulses` must rise. The role's checkpoint() runs
-# first so the test water stays on the register when the board restarts after the query.
+# first so the test water stays on the register when the board restarts after the query. Texts
+# are %-templates over the role's config section, its pins and `rise` (data, not code: the board
+# carries this module in its heap).
 COMMISSION_COUNTER = "total_pulses"
 COMMISSION_PREPARE = "checkpoint"
 COMMISSION_WAIT_S = 30
-
-
-def commission_ask(section):
-    """What the installer does while the check waits."""
-    k = section["k_factor_l"]
-    return "open a tap downstream of the meter and let at least %g L run (%g L per pulse)" % (2 * k, k)
-
-
-def commission_judge(section, rise, pins):
-    """(ok, detail, fix) for a rise of COMMISSION_COUNTER during the wait."""
-    if rise > 0:
-        return True, "%d pulses = %g L seen" % (rise, rise * section["k_factor_l"]), ""
-    return False, "no pulse counted", (
-        "check that water runs, the meter's pulse cable on GPIO %s and ground, and debounce_us (%d); "
-        "then run: prapa commission ... again" % (pins.get("pulse_in", "?"), section["debounce_us"]))
+COMMISSION_ASK = "open a tap downstream of the meter and let at least two pulses run (%(k_factor_l)g L per pulse)"
+COMMISSION_SEEN = "%(rise)d pulses seen (%(k_factor_l)g L per pulse)"
+COMMISSION_FIX = ("check that water runs, the meter's pulse cable on GPIO %(pulse_in)s and ground, and debounce_us "
+                  "(%(debounce_us)d); then run: prapa commission ... again")
 
 
 # -- config checks beyond the schema's ranges ---------------------------------------------------

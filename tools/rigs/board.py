@@ -12,7 +12,7 @@ import time
 from gateway.harness import OneLinkGateway
 from protocol.errors import BoardError
 from tools import boards, image
-from protocol import roles
+from protocol.roles import catalog as roles
 from tools.console import ConsoleReader
 from tools.sim import worlds
 from tools.sim.board import prepare_flash
