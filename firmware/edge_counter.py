@@ -3,7 +3,8 @@
 # Shared by both HALs so the virtual board and the ESP32 debounce alike: the
 # ESP32's PCNT glitch filter stops at ~12.8 us, far short of a reed switch's
 # 5 ms of contact bounce, so longer filters run here, fed by pin edges.
-# Times are HAL ticks_us (wrapping at 2**30); nothing here allocates.
+# Times are HAL ticks_us (wrapping at 2**30); the count wraps at 2**30 too (a
+# small int on a 32-bit board), so nothing here allocates, ever.
 from micropython import const
 
 _MASK = const((1 << 30) - 1)
@@ -27,7 +28,7 @@ class EdgeCounter:
             if held >= self.filter_us:
                 self._stable = self._pending
                 if self._stable == self.active:
-                    self.count += 1
+                    self.count = (self.count + 1) & _MASK
 
     def edge(self, level, t_us):
         self.settle(t_us)

@@ -174,14 +174,15 @@ class FlashLog:
         self._keep_last(0)
 
     # -- send and acknowledge ----------------------------------------------------
-    def read_unacked(self, records, max_n):
-        """Fill records[] (Record instances) with up to max_n records from the cursor; return how many."""
+    def read_unacked(self, out, max_n):
+        """Copy up to max_n records from the cursor into the bytearray out (REC bytes each, as on flash:
+        Record().unpack(out, i * REC) reads one); return how many."""
         n = 0
         seg, rec = self.cursor_seg, self.cursor_rec
         while n < max_n and seg < len(self.counts):
             count = self._load(seg)
             while rec < count and n < max_n:
-                records[n].unpack(self.seg, rec * REC)
+                out[n * REC:(n + 1) * REC] = memoryview(self.seg)[rec * REC:(rec + 1) * REC]
                 n += 1
                 rec += 1
             seg, rec = seg + 1, 0

@@ -70,6 +70,7 @@ class PulseCounter:
             PulseCounter._next_unit += 1
             edge = machine.Counter.FALLING if active_level == 0 else machine.Counter.RISING
             self._pcnt = machine.Counter(unit, pin, edge=edge, filter_ns=filter_us * 1000)
+            self._pcnt_total = 0
             self._edges = None
         else:
             self._pcnt = None
@@ -80,8 +81,11 @@ class PulseCounter:
         self._edges.edge(pin.value(), time.ticks_us())
 
     def count(self):
+        """Pulses counted, wrapping at 2**30 (a small int: the caller takes differences)."""
         if self._pcnt is not None:
-            return self._pcnt.value()
+            # value(0) reads and clears the PCNT count in one call, so the hardware count stays small
+            self._pcnt_total = (self._pcnt_total + self._pcnt.value(0)) & 0x3FFFFFFF
+            return self._pcnt_total
         self._edges.settle(time.ticks_us())
         return self._edges.count
 

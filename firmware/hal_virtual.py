@@ -25,7 +25,25 @@ _TICKS_MASK = const((1 << 30) - 1)
 _TICKS_HALF = const(1 << 29)
 _GPIO_COUNT = const(49)
 _HOST_WORD_BYTES = 8 if sys.maxsize > 0xFFFFFFFF else 4
+_MS_STEP_US = const(1000)          # host microseconds the clock advances by at a time (times speed <= 1e6)
 
+
+# Board time wraps at 2**30 as an ESP32's ticks do, and every sum and difference here stays a small
+# int on the way (a 32-bit board's small ints end at 2**30: one step past it is a big int, which
+# allocates). Both arguments are in 0 .. 2**30 - 1.
+def _wdiff(a, b):
+    d = a - b
+    if d >= _TICKS_HALF:
+        return d - _TICKS_MASK - 1
+    if d < -_TICKS_HALF:
+        return d + _TICKS_MASK + 1
+    return d
+
+
+def _wadd(a, b):
+    if b < 0:                          # b from -2**29: a step back is a step forward by 2**30 - |b|
+        b = b + _TICKS_MASK + 1
+    return a + b if a <= _TICKS_MASK - b else a - _TICKS_MASK - 1 + b
 
 
 def _params():
@@ -173,7 +191,7 @@ class Periodic:
 
     def __init__(self, hal, period_ms, callback):
         self.hal, self.period_us, self.callback = hal, period_ms * 1000, callback
-        self.next_us = hal.virtual_us() + self.period_us
+        self.next_us = _wadd(hal.virtual_us(), self.period_us)
         self.late_max_us, self.late_us, self.runs = 0, 0, 0
 
     def stop(self):
@@ -190,8 +208,14 @@ class Hal:
         with open("/board.json") as f:
             self.board = json.load(f)
         self.speed = p["speed"]
-        self._epoch = p["epoch_us"]
-        self._start_ms = p["start_ticks_ms"]
+        # Virtual time, advanced from the host's ticks_us in steps (board time = host time x speed):
+        # _vt µs since the board's epoch, _us the board's ticks_us, _ms its ticks_ms (with _rem µs
+        # towards the next ms), all wrapping at 2**30.
+        self._host_last = p["epoch_us"]        # this VM's ticks_us() at the board's epoch
+        self._vt = 0
+        self._us = (p["start_ticks_ms"] * 1000) & _TICKS_MASK
+        self._ms = p["start_ticks_ms"] & _TICKS_MASK
+        self._rem = 0
         self._override = -1
         self._reset_cause = p["reset_cause"]
         self._uid = bytes.fromhex(p["unique_id"])
@@ -211,16 +235,38 @@ class Hal:
         self._bdev = p["bdev"]
 
     # -- clock ---------------------------------------------------------------
+    def _advance(self):
+        now = time.ticks_us()
+        dt = time.ticks_diff(now, self._host_last)
+        if dt <= 0:
+            return
+        self._host_last = now
+        while dt > 0:
+            step = dt if dt < _MS_STEP_US else _MS_STEP_US
+            dt -= step
+            d = step * self.speed
+            self._vt = _wadd(self._vt, d)
+            self._us = _wadd(self._us, d)
+            r = self._rem + d
+            self._ms = _wadd(self._ms, r // 1000)
+            self._rem = r % 1000
+
     def virtual_us(self):
+        """Board microseconds since its epoch, wrapping at 2**30 (at an edge's IRQ: the edge's time)."""
         if self._override >= 0:
             return self._override
-        return time.ticks_diff(time.ticks_us(), self._epoch) * self.speed
+        self._advance()
+        return self._vt
 
     def ticks_us(self):
-        return (self._start_ms * 1000 + self.virtual_us()) & _TICKS_MASK
+        if self._override >= 0:
+            return _wadd(self._us, _wdiff(self._override, self._vt))
+        self._advance()
+        return self._us
 
     def ticks_ms(self):
-        return (self._start_ms + self.virtual_us() // 1000) & _TICKS_MASK
+        self._advance()
+        return self._ms
 
     def link_ticks_ms(self):
         """Real milliseconds, for link timeouts: the gateway on the other end of
@@ -229,11 +275,11 @@ class Hal:
 
     @staticmethod
     def ticks_diff(a, b):
-        return ((a - b + _TICKS_HALF) & _TICKS_MASK) - _TICKS_HALF
+        return _wdiff(a, b)
 
     @staticmethod
     def ticks_add(t, delta):
-        return (t + delta) & _TICKS_MASK
+        return _wadd(t, delta)
 
     def sleep_ms(self, ms):
         time.sleep_ms(ms // self.speed)
@@ -301,11 +347,10 @@ class Hal:
     def _send(self, kind, gpio, value):
         b = self._out
         b[0], b[1], b[2], b[3] = kind, gpio, 0, 0
-        v = value & 0xFFFFFFFF
-        b[4], b[5], b[6], b[7] = v & 255, (v >> 8) & 255, (v >> 16) & 255, v >> 24
-        t = self.virtual_us()
-        for i in range(8):
-            b[8 + i] = (t >> (8 * i)) & 255
+        b[4], b[5], b[6], b[7] = value & 255, (value >> 8) & 255, (value >> 16) & 255, (value >> 24) & 255
+        t = self.virtual_us()                  # wrapped at 2**30: the bench unwraps it
+        b[8], b[9], b[10], b[11] = t & 255, (t >> 8) & 255, (t >> 16) & 255, t >> 24
+        b[12], b[13], b[14], b[15] = 0, 0, 0, 0
         self._tx.write(b)
 
     def pump(self):
@@ -321,10 +366,8 @@ class Hal:
                 if n < _REC:
                     return
                 self._held = 1
-            t = 0
-            for i in range(8):
-                t |= rec[8 + i] << (8 * i)
-            if t > now:
+            t = rec[8] | (rec[9] << 8) | (rec[10] << 16) | (rec[11] << 24)   # board µs wrapped at 2**30
+            if _wdiff(t, now) > 0:
                 return
             self._held = 0
             gpio = rec[1]
@@ -358,12 +401,12 @@ class Hal:
             self.pump()
             now = self.virtual_us()
             for t in self._timers:
-                while now - t.next_us >= 0:
-                    late = now - t.next_us
+                while _wdiff(now, t.next_us) >= 0:
+                    late = _wdiff(now, t.next_us)
                     t.late_us = late
                     if late > t.late_max_us:
                         t.late_max_us = late
                     t.runs += 1
                     t.callback(t)
-                    t.next_us += t.period_us
+                    t.next_us = _wadd(t.next_us, t.period_us)
             await asyncio.sleep_ms(1)

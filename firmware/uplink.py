@@ -19,7 +19,7 @@ import asyncio
 from micropython import const
 
 import persist
-from flashlog import F_WALL, K_ALARM, Record
+from flashlog import F_WALL, K_ALARM, REC, Record
 from frame_counter import FlashCounters
 from protocol import cbor, link, secure
 from protocol import messages as M
@@ -46,7 +46,13 @@ class Uplink:
         self.receiver = link.Receiver(secure.DOWNLINK, self._key_for, self._on_message, my_addr=addr,
                                       window_for=self._window_from_flash)
         self.payload = bytearray(_PAYLOAD_MAX)
-        self.recs = [Record() for _ in range(MAX_BATCH)]
+        # A batch is read as raw records and walked with two Record objects: 32 decoded Records would
+        # hold 3 KiB of the board's heap (an instance's attributes are a dict on MicroPython).
+        self.batch = bytearray(REC * MAX_BATCH)
+        self.values = [0] * MAX_BATCH  # the batch's values, for the role's encode_batch
+        self.first = Record()
+        self.prev = Record()
+        self.cur = Record()
         self.rx = bytearray(64)
         self.dgram = bytearray(256) if datagrams else None
         self.sent = 0
@@ -145,26 +151,31 @@ class Uplink:
 
     def _send_batch(self):
         """Send the oldest unacknowledged records as one frame; False when the log is empty."""
-        recs = self.recs
-        n = self.rt.log.read_unacked(recs, MAX_BATCH)
+        raw = self.batch
+        n = self.rt.log.read_unacked(raw, MAX_BATCH)
         if n == 0:
             return False
-        first = recs[0]
+        first, a, b, values = self.first, self.prev, self.cur, self.values
+        first.unpack(raw, 0)
         if first.kind == K_ALARM:
             self.send_alarm(first)
             return True
+        values[0] = first.value
+        a.unpack(raw, 0)
         k = 1
         while k < n:
-            a, b = recs[k - 1], recs[k]
+            b.unpack(raw, k * REC)
             if (b.kind != first.kind or b.boot != first.boot or b.span != first.span or b.count != first.count
                     or b.flags != first.flags or b.wall_boot != first.wall_boot or b.seq != a.seq + a.count
                     or b.t_end != a.t_end + a.span):
                 break
+            values[k] = b.value
+            a, b = b, a
             k += 1
         wall_t0 = self._wall_t0(first)
         while True:
             try:
-                plen = self.rt.role.encode_batch(self.payload, 0, recs, k, wall_t0)
+                plen = self.rt.role.encode_batch(self.payload, 0, first, values, k, wall_t0)
                 break
             except IndexError:          # too many rows for one frame: halve
                 k = (k + 1) // 2

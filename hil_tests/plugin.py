@@ -1,6 +1,7 @@
 """The HIL plugin: --target picks where boards come from; tests never know.
 
-  --target unix     virtual boards (`prapa board run`), the default
+  --target unix     virtual boards (`prapa board run`), the default; --vm unix32|unix64 picks their
+                    MicroPython VM (default: $PRAPA_VM, else unix32 when built, else unix64)
   --target serial   a real board: --port CONSOLE [--uart-port LINK]
   --target qemu     Espressif's QEMU (skips when it is not installed)
 
@@ -11,6 +12,7 @@ pytest-embedded Dut on the board's REPL), `link` (pyserial on the data UART),
 """
 
 import importlib
+import os
 
 import pytest
 import serial
@@ -26,11 +28,36 @@ def pytest_addoption(parser):
     group.addoption("--board", default="esp32-devkitc", help="board definition (default esp32-devkitc)")
     group.addoption("--role", default="meter", help="role the board runs (default meter)")
     group.addoption("--qemu-firmware", help="MicroPython merged firmware image for the qemu target")
+    group.addoption("--vm", choices=("unix32", "unix64"), default=None,
+                    help="the unix target's MicroPython VM: unix32 (32-bit, single floats, like an ESP32) or "
+                    "unix64 (the PyPI VM); default: $PRAPA_VM, else unix32 when built (python -m tools.sim.vm "
+                    "build), else unix64. The whole session then runs on it (it sets $PRAPA_VM)")
 
 
 def pytest_configure(config):
     if config.getoption("--target") == "serial" and not config.getoption("--port"):
         raise pytest.UsageError("--target serial needs --port CONSOLE (and --uart-port LINK for link tests)")
+    asked, config.option.vm = config.getoption("--vm"), None      # the resolved VM, on the unix target only
+    if config.getoption("--target") == "unix":
+        from protocol.errors import UsageError
+        from tools.sim import vm as vms
+        try:
+            if not asked and not os.environ.get(vms.ENV_VM) and vms.unix32_exe() is None and not vms.cannot_build():
+                # the reference VM is stale (the app changed: it is frozen in) or not built yet: build it now
+                vms.build_unix32(progress=lambda msg: print(f"prapa HIL: {msg}", flush=True))
+            config.option.vm = vms.resolve(asked)
+            vms.micropython_exe(config.option.vm)       # an unbuilt unix32 is refused here, with the fix
+        except UsageError as exc:
+            raise pytest.UsageError(str(exc)) from None
+        os.environ[vms.ENV_VM] = config.option.vm   # boards, the VM runner and the rigs of this session: one VM
+
+
+def pytest_report_header(config):
+    if config.getoption("--target") != "unix":
+        return f"prapa HIL: target {config.getoption('--target')}"
+    from tools.sim import vm as vms
+    vm = config.option.vm
+    return f"prapa HIL: target unix, VM {vm} ({vms.ABOUT[vm]}): {vms.micropython_exe(vm)}"
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,11 @@ import struct
 from protocol._compat import const
 
 MAX_DEPTH = const(16)
+# True on a board whose floats are IEEE single precision (the ESP32 port): it cannot hold every
+# double, so it decodes a double that is not a single to the nearest single (see _double_fits).
+SINGLE_FLOATS = 1.0 + 2.0 ** -30 == 1.0
+_SINGLE_EXP_MIN = const(1023 - 126)   # a double's biased exponent that a normal single can carry
+_SINGLE_EXP_MAX = const(1023 + 127)
 _U64 = (1 << 64) - 1
 _N64 = -(1 << 64)      # precomputed: arithmetic on big ints allocates
 
@@ -264,6 +269,13 @@ def _decode(r, depth):
         return None
     if info in (25, 26, 27):
         raw = r.data[r.pos - (1 << (info - 24)):r.pos]
+        if info == 27 and SINGLE_FLOATS:
+            fits = _double_fits(raw)
+            if fits < 0:
+                r.pos = start
+                r.fail("float beyond this board's single precision range")
+            if fits == 0:                        # not a single: the nearest single is all a board holds
+                return struct.unpack(">d", raw)[0]
         x = struct.unpack((">e", ">f", ">d")[info - 25], raw)[0]
         if bytes(r.data[start:r.pos]) != encode(x):
             r.pos = start
@@ -271,6 +283,24 @@ def _decode(r, depth):
         return x
     r.pos = start
     r.fail("unsupported simple value %d" % value)
+
+
+def _double_fits(raw):
+    """For a single-precision board, from a double's 8 bytes: 1 if a single holds it exactly (it
+    must then have been sent in its shortest form), 0 if it is finite and within the singles' range
+    but not a single (decoded to the nearest single), -1 if finite and beyond that range (refused:
+    it would become infinity)."""
+    e = ((raw[0] & 0x7F) << 4) | (raw[1] >> 4)
+    low = (raw[4] & 0x1F) | raw[5] | raw[6] | raw[7]      # the mantissa bits a single has no room for
+    if e == 0x7FF:                                        # infinity or NaN: half precision carries them
+        return 1
+    if e > _SINGLE_EXP_MAX:
+        return -1
+    if e == 0 and not low and not (raw[1] & 0x0F) and not raw[2] and not raw[3] and not (raw[4] & 0xE0):
+        return 1                                          # zero
+    if low or e < _SINGLE_EXP_MIN:
+        return 0
+    return 1
 
 
 def decode(data):

@@ -73,13 +73,17 @@ class Board:
     def vfs_block_count(self):
         return self.vfs_size_bytes // self.block_size
 
-    def heapsize_option(self):
-        """The unix port's -X heapsize value for this board.
+    def heapsize_option(self, vm=None):
+        """The unix port's -X heapsize value for this board on a VM (tools/sim/vm.py; None: the default).
 
-        The `w` suffix scales a size given for a 32-bit word to the host's word
-        size (x2 on a 64-bit host), so the VM gets the room the same objects take
-        on the ESP32 rather than the same number of bytes.
+        unix32 has the ESP32's word size: the budget in bytes, exactly as on the board.
+        unix64: the `w` suffix scales a size given for a 32-bit word to the host's word
+        size (x2), an approximation (objects grow about 1.22x there, not 2x, so that VM
+        gives the firmware more room than an ESP32 has).
         """
+        from tools.sim import vm as vms
+        if vms.resolve(vm) == "unix32":
+            return "heapsize=%d" % self.heap_budget_bytes
         return "heapsize=%dw" % self.heap_budget_bytes
 
     def check_role(self, role):

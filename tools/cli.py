@@ -60,9 +60,8 @@ def build_parser():
     run.add_argument("--seed", type=int, default=0, help="seed of the world's randomness (default 0)")
     run.add_argument("--control", metavar="SOCKET", help="unix socket for the bench's JSON control commands")
     run.add_argument("--unique-id", metavar="HEX", help="the board's 6-byte unique id (default: random)")
-    run.add_argument("--vm", metavar="unix32|unix64",
-                     help="the MicroPython VM: unix32 (32-bit, single floats, like an ESP32; built by "
-                     "python -m tools.sim.vm build) or unix64 (the PyPI VM) (default: $PRAPA_VM, else unix64)")
+    from tools.sim import vm as vms
+    vms.add_argument(run)
     run.set_defaults(func=cmd_board_run)
 
     lst = bsub.add_parser("list", help="list board definitions", description="List the board definitions in boards/.")

@@ -25,13 +25,14 @@ from pathlib import Path
 
 from tools import boards, build
 from tools.console import BANNER, ConsoleReader
+from tools.sim import vm as vms
 from protocol.errors import BoardError, UsageError
 
 # Where a MicroPython firmware .bin (bootloader + partition table + app) starts, per chip.
 FIRMWARE_OFFSET = {"esp32": 0x1000, "esp32s2": 0x1000, "esp32s3": 0x0, "esp32c3": 0x0}
 ESP_IMAGE_MAGIC = 0xE9
 # sys.implementation._mpy >> 10 for each mpy-cross -march (MicroPython py/persistentcode.h).
-MPY_ARCH = {"x64": 2, "xtensa": 8, "xtensawin": 9, "rv32imc": 10}
+MPY_ARCH = {"x86": 1, "x64": 2, "xtensa": 8, "xtensawin": 9, "rv32imc": 10}
 MPY_VERSION, MPY_SUB_VERSION = 6, 3          # what mpy-cross 1.29 emits
 BOOT_TIMEOUT_S = 20
 
@@ -245,8 +246,8 @@ def flash_app(board, role, port, baud, quiet):
             raise FlashFailed(f"no MicroPython REPL on {port}; flash MicroPython first: "
                               f"prapa flash --port {port} --board {board.name} --role {role} --firmware BIN") from None
         try:
-            target = _target_of(t, board, port)
-            files = [(p, d) for p, d, _s in build.app_files(board, target, build.Counter("mpy-cross", quiet))]
+            target, vm = _target_of(t, board, port)
+            files = [(p, d) for p, d, _s in build.app_files(board, target, build.Counter("mpy-cross", quiet), vm=vm)]
             files.append(("board.json", board.as_firmware_json(role).encode()))
             result = _copy(t, files, role, quiet)
             t.exec_raw_no_follow("import machine\nmachine.reset()")
@@ -276,13 +277,21 @@ def _restart_app(t):
         t.serial.flush()
 
 
+def _virtual_vm(mpy):
+    """The VM (tools/sim/vm.py) a virtual board runs on, from the native arch it reports; None: the default."""
+    return next((name for name in vms.VMS if MPY_ARCH[vms.mpy_arch(name)] == mpy >> 10), None)
+
+
 def _target_of(t, board, port):
-    """Which build the board runs (esp32 .mpy or the virtual board's), refusing one it cannot load."""
+    """(target, vm): which build the board runs (esp32 .mpy, or the virtual board's and on which VM),
+    refusing one it cannot load."""
     info = t.exec("import sys\nprint(repr((sys.platform, getattr(sys.implementation, '_mpy', 0), "
                   "getattr(sys.implementation, '_machine', ''))))")
     platform, mpy, machine = ast.literal_eval(info.decode().strip())
+    vm = None
     if platform == "linux":
-        target, arch = "virtual", build.TARGET_ARCH["virtual"]
+        vm = _virtual_vm(mpy) or vms.resolve()
+        target, arch = "virtual", vms.mpy_arch(vm)
     elif platform == "esp32":
         target, arch = "esp32", board.arch
         chip = "esp32" + (re.search(r"ESP32-?(S2|S3|C3|C6)", machine.upper()) or [None, ""])[1].lower()
@@ -302,7 +311,7 @@ def _target_of(t, board, port):
     if on_board and on_board.get("name") not in (None, board.name):
         raise UsageError("--board", f"the board on {port} was flashed as {on_board.get('name')!r}, not {board.name!r}",
                          f"pass --board {on_board.get('name')}, or reflash it whole (without --app-only)")
-    return target
+    return target, vm
 
 
 def _read_json(t, path):

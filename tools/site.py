@@ -39,6 +39,8 @@ def add_parser(sub):
     p.add_argument("--workdir", metavar="DIR", help="keep the site's files here (default: a new temp folder)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temp folder when the site stops (default: removed, unless the site failed)")
+    from tools.sim import vm as vms
+    vms.add_argument(p)
     p.set_defaults(func=run)
 
 
@@ -114,9 +116,12 @@ def _run(args, workdir):
     from protocol.errors import UsageError
     from tools.gateway_process import GatewayProcess, register, write_config
     from tools.sim.board import prepare_flash
+    from tools.sim import vm as vms
     from tools.sim import worlds
     from tools.sim.process import BoardProcess
 
+    vm = vms.resolve(getattr(args, "vm", None))
+    vms.micropython_exe(vm)                  # an unknown or unbuilt VM is refused before anything starts
     if not 1 <= args.boards <= 64:
         raise UsageError("--boards", f"{args.boards} is out of range", "give 1 to 64 boards")
     if not 1 <= args.speed <= 1000:
@@ -148,9 +153,10 @@ def _run(args, workdir):
             section, world = worlds.site_board_for(role)(n)
             image.provision(board_def, flash, {"device_id": device_id, "role": role, role: section}, key)
             keys[device_id], names[device_id], device_roles[device_id] = key, name, role
-            vb = BoardProcess(args.board, role, flash, speed=args.speed, seed=i, world=world)
+            vb = BoardProcess(args.board, role, flash, speed=args.speed, seed=i, world=world, vm=vm)
             boards.append((name, device_id, vb))
-            _log("board_started", device=name, id=f"{device_id:08x}", uart=vb.uart_port, console=vb.console_port)
+            _log("board_started", device=name, id=f"{device_id:08x}", uart=vb.uart_port, console=vb.console_port,
+                 vm=vb.vm)
         http_port = free_port()
         config = write_config(workdir, [vb.uart_port for _n, _d, vb in boards], broker.port, site=SITE,
                               http_port=http_port, extra="\n[store]\nmin_free_mb = 50\n")

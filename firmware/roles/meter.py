@@ -22,6 +22,10 @@
 # - After a cut, the open interval of the boot that died is carried into the
 #   first interval of the new boot (its register before = the last one
 #   logged), so interval deltas still add up to the register.
+# - The total and the register bases pass 2**30, where small ints end on a
+#   32-bit board, and a big int allocates. So the timer only counts small
+#   things (pulses of the open interval and day, a wrapping handover count);
+#   service() adds them up and chains each series' register.
 import struct
 
 from micropython import const
@@ -37,6 +41,7 @@ CHECKPOINT = "meter.ckpt"
 _CKPT = "<IIIH"          # total pulses, register at the start of the open interval, at the start of the day, CRC-16
 _RING = const(8)
 _NEVER = const(0x3FFFFFFF)
+_MASK = const((1 << 30) - 1)   # HAL counts and the timer's handover count wrap here: small ints on a 32-bit board
 
 
 class Meter:
@@ -59,9 +64,15 @@ class Meter:
         self.no_pulse_s = cfg["no_pulse_h"] * 3600
         self.counter = hal.counter(hal.board["role_pins"]["pulse_in"], active_level=0,
                                    filter_us=cfg["debounce_us"])
-        self._recover(sink)
+        # Hard-timer state: small ints only. The total and the register bases grow past 2**30 (a
+        # small int's end on a 32-bit board), so only service() does arithmetic on them; the timer
+        # counts what it saw in acc (wrapping), the open interval in i_pulses, the open day in d_pulses.
+        self.acc = 0
+        self.acc_seen = 0
+        self._recover(sink)                 # may checkpoint, which folds acc in: set above
         self.last_count = self.counter.count()
-        # Hard-timer state: small ints only.
+        self.i_pulses = self.total - self.interval_base
+        self.d_pulses = self.total - self.day_base
         self.unsaved = self.total - self.saved_total   # pulses not in the checkpoint yet
         self.unsaved_since = 0
         self.ckpt_due = 0
@@ -76,16 +87,14 @@ class Meter:
         self.last_pulse_s = 0
         self.want = bytearray(4)        # alarm wanted by code (1..3); service() logs the changes
         self.active = bytearray(4)
-        self.ring_end = [0] * _RING     # closed intervals: end, span, pulses, register before
+        self.ring_end = [0] * _RING     # closed intervals and days: end, span, pulses, kind
         self.ring_span = [0] * _RING
         self.ring_pulses = [0] * _RING
-        self.ring_reg = [0] * _RING
         self.ring_kind = bytearray(_RING)
         self.head = 0
         self.tail = 0
         self.ring_overruns = 0
         self.rec = Record()
-        self.rows = [0] * 128
 
     # -- boot -------------------------------------------------------------------------
     def _recover(self, sink):
@@ -111,7 +120,15 @@ class Meter:
             self.checkpoint()
         self.saved_total = self.total
 
+    def _fold(self):
+        """Add what the timer counted since the last fold to the total (big-int arithmetic: never
+        in the timer)."""
+        acc = self.acc
+        self.total += (acc - self.acc_seen) & _MASK
+        self.acc_seen = acc
+
     def checkpoint(self):
+        self._fold()
         buf = self.ckpt_buf
         struct.pack_into(_CKPT, buf, 0, self.total, self.interval_base, self.day_base, 0)
         c = crc16(buf, 0, 12)
@@ -135,10 +152,12 @@ class Meter:
     # -- the hard timer: no allocation ---------------------------------------------------
     def sample(self, up_s):
         c = self.counter.count()
-        d = c - self.last_count
+        d = (c - self.last_count) & _MASK          # the HAL's count wraps at 2**30, like its ticks
         if d:
             self.last_count = c
-            self.total += d
+            self.acc = (self.acc + d) & _MASK
+            self.i_pulses += d
+            self.d_pulses += d
             self.minute_pulses += d
             if self.unsaved == 0:
                 self.unsaved_since = up_s
@@ -162,37 +181,38 @@ class Meter:
             self.want[A_TAMPER] = 1
         if up_s >= self.next_close:
             end = self.next_close
-            pulses = self.total - self.interval_base
-            self._close(K_READING, end, end - self.interval_start, pulses, self.interval_base)
+            pulses = self.i_pulses
+            self.i_pulses = 0
+            self._close(K_READING, end, end - self.interval_start, pulses)
             if pulses:
                 self.flow_run_s += end - self.interval_start
             else:
                 self.flow_run_s = 0
             self.want[A_LEAK] = 1 if self.flow_run_s >= self.leak_s else 0
-            self.interval_base = self.total
             self.interval_start = end
             self.next_close = end + self.interval_s
         if up_s >= self.next_midnight:
             end = self.next_midnight
-            self._close(K_DAILY, end, end - self.day_start, self.total - self.day_base, self.day_base)
-            self.day_base = self.total
+            self._close(K_DAILY, end, end - self.day_start, self.d_pulses)
+            self.d_pulses = 0
             self.day_start = end
             self.next_midnight = end + 86400
 
-    def _close(self, kind, end, span, pulses, reg):
+    def _close(self, kind, end, span, pulses):
         h = self.head
         if (h + 1) % _RING == self.tail:
-            self.ring_overruns += 1       # service() starved: widen the newest slot, lose nothing
-            h = (h - 1) % _RING
-            if self.ring_kind[h] == kind:
-                self.ring_end[h] = end
-                self.ring_span[h] += span
-                self.ring_pulses[h] += pulses
-                return
+            self.ring_overruns += 1       # service() starved: widen the newest slot of this kind, lose nothing
+            for back in range(1, _RING):
+                k = (h - back) % _RING
+                if self.ring_kind[k] == kind:
+                    self.ring_end[k] = end
+                    self.ring_span[k] += span
+                    self.ring_pulses[k] += pulses
+                    return
+            h = (h - 1) % _RING           # a full ring of the other kind: cannot happen with 8 slots
         self.ring_end[h] = end
         self.ring_span[h] = span
         self.ring_pulses[h] = pulses
-        self.ring_reg[h] = reg
         self.ring_kind[h] = kind
         self.head = (h + 1) % _RING
 
@@ -203,11 +223,18 @@ class Meter:
         while self.tail != self.head:
             t = self.tail
             r = self.rec
-            r.kind, r.count, r.t_end, r.span = self.ring_kind[t], 1, self.ring_end[t], self.ring_span[t]
-            r.value, r.reg = self.ring_pulses[t], self.ring_reg[t]
+            kind, pulses = self.ring_kind[t], self.ring_pulses[t]
+            if kind == K_DAILY:            # each series chains its register: before + pulses = next before
+                reg = self.day_base
+                self.day_base = reg + pulses
+            else:
+                reg = self.interval_base
+                self.interval_base = reg + pulses
+            r.kind, r.count, r.t_end, r.span, r.value, r.reg = kind, 1, self.ring_end[t], self.ring_span[t], pulses, reg
             sink.append(r)
             self.tail = (t + 1) % _RING
             self.ckpt_due = 1
+        self._fold()
         if self.ckpt_due:
             self.ckpt_due = 0
             self.unsaved = 0
@@ -218,20 +245,18 @@ class Meter:
                 sink.alarm(code, self.active[code], self.total)
 
     # -- reports ----------------------------------------------------------------------------
-    def encode_batch(self, buf, off, recs, n, wall_t0):
-        """Encode log records recs[0..n-1] (one batch: same kind, span and seq step) as a readings payload."""
-        rows = self.rows
-        for i in range(n):
-            rows[i] = recs[i].value
-        r = recs[0]
+    def encode_batch(self, buf, off, r, values, n, wall_t0):
+        """Encode one batch of logged records as a readings payload: r is its first record, values[0..n-1]
+        the records' values (same kind, span and seq step)."""
         return spec.encode_readings_into(
-            buf, off, r.boot, r.seq, r.t_end, r.span, self.k_milli, self.register_units(r.reg), rows, n,
+            buf, off, r.boot, r.seq, r.t_end, r.span, self.k_milli, self.register_units(r.reg), values, n,
             self.scale, self.mult, wall_t0, M.SERIES_DAILY if r.kind == K_DAILY else M.SERIES_INTERVAL, r.count)
 
     def register_units(self, reg_pulses):
         return self.register_base + reg_pulses * self.mult
 
     def status(self):
+        self._fold()
         return {"total_pulses": self.total, "register": self.register_units(self.total),
                 "scale": self.scale, "overruns": self.ring_overruns}
 

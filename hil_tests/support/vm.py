@@ -5,7 +5,10 @@ to .mpy by the same mpy-cross call `prapa build` makes (a board never compiles
 its app from source, which would need far more heap than running it), laid out
 as on the board's /lib. The compiled tree is made once per test process and
 removed when it exits. Source on the path behind it serves only what a board
-never carries (protocol/examples.py)."""
+never carries (protocol/examples.py).
+
+Which VM: run(vm=...), else the session's (tools/sim/vm.py: $PRAPA_VM, which the HIL plugin's --vm
+sets, else unix32 when it is built, else unix64); the .mpy files take that VM's -march."""
 
 import atexit
 import os
@@ -16,17 +19,18 @@ from pathlib import Path
 
 from tools import image
 from tools.build import compile_module
-from tools.sim.board import micropython_exe
+from tools.sim import vm as vms
 
 ROOT = Path(__file__).resolve().parents[2]
-MICROPYTHON = micropython_exe()
-_compiled = None
+MICROPYTHON = vms.micropython_exe()       # the session's VM
+_compiled = {}                            # mpy-cross -march -> the compiled /lib
 
 
-def compiled_lib():
-    """A folder laid out like the board's /lib: every module the virtual image carries, as .mpy."""
-    global _compiled
-    if _compiled is None:
+def compiled_lib(vm=None):
+    """A folder laid out like the board's /lib: every module the virtual image carries, as .mpy
+    for the VM's -march."""
+    arch = vms.mpy_arch(vm)
+    if arch not in _compiled:
         lib = Path(tempfile.mkdtemp(prefix="prapa-vm-lib-"))
         atexit.register(shutil.rmtree, lib, True)
         for flash_path, src in image.firmware_files("virtual"):
@@ -34,20 +38,24 @@ def compiled_lib():
                 continue
             out = lib / (flash_path[len("lib/"):-3] + ".mpy")
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(compile_module(src, flash_path, "x64"))
-        _compiled = lib
-    return _compiled
+            out.write_bytes(compile_module(src, flash_path, arch))
+        _compiled[arch] = lib
+    return _compiled[arch]
 
 
-def micropypath():
-    return f".frozen:{compiled_lib()}:{ROOT / 'firmware'}:{ROOT}"
+def micropypath(vm=None):
+    return f".frozen:{compiled_lib(vm)}:{ROOT / 'firmware'}:{ROOT}"
 
 
-def run(script, stdin="", heap="112640w", timeout=120):
-    """Run script with firmware/ and protocol/ importable as on the board; return stdout."""
-    env = dict(os.environ, MICROPYPATH=micropypath())
-    r = subprocess.run([MICROPYTHON, "-X", f"heapsize={heap}", "-c", script], input=stdin, capture_output=True,
-                       text=True, env=env, timeout=timeout)
+def run(script, stdin="", heap="112640w", timeout=120, vm=None):
+    """Run script with firmware/ and protocol/ importable as on the board; return stdout.
+
+    vm: unix32 or unix64 (None: the session's). heap: -X heapsize (the `w` suffix is bytes on unix32,
+    twice that on unix64)."""
+    vm = vms.resolve(vm)
+    env = dict(os.environ, MICROPYPATH=micropypath(vm))
+    r = subprocess.run([vms.micropython_exe(vm), "-X", f"heapsize={heap}", "-c", script], input=stdin,
+                       capture_output=True, text=True, env=env, timeout=timeout)
     if r.returncode != 0:
         raise AssertionError(f"MicroPython failed ({r.returncode}):\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
     return r.stdout

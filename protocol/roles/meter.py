@@ -66,7 +66,7 @@ def check(section):
         raise ConfigError("meter.interval_min", "%d does not divide an hour" % section["interval_min"],
                           "use 1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30 or 60")
     k = section["k_factor_l"] * 1000
-    if abs(k - round(k)) > 1e-6:
+    if abs(k - round(k)) > 1e-6 * max(1.0, abs(k)):      # allows for a single-precision board
         raise ConfigError("meter.k_factor_l", "%r is finer than a millilitre" % section["k_factor_l"],
                           "give litres per pulse with at most 3 decimals")
 

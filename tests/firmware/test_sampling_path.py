@@ -5,9 +5,9 @@ so hours of board time pass in a moment, through interval ends, midnight and the
 2**30 ms tick wrap."""
 
 from hil_tests.support import vm
-from tests.firmware.test_flashlog import RAM_FS
+from tests.firmware.test_flashlog import FLASH_FS
 
-SCRIPT = RAM_FS + """
+SCRIPT = FLASH_FS + """
 import json, micropython
 class Counter:
     n = 0
@@ -66,7 +66,7 @@ def run(steps):
         hal.ms = (hal.ms + 100) & ((1 << 30) - 1)
         if i < 108000 and i % 3 == 0:                   # 3 h of 200 L/min, then 6 h without a pulse
             hal.c.n += 1
-        timer.late_us = i % 7 * 100
+        timer.late_us = i % 7 * 100 if i % 5000 else 60000    # now and then later than the last bin
         rt.tick(timer)
         for k in range(1, 4):
             seen[k] |= meter.want[k]
@@ -79,7 +79,7 @@ except MemoryError:
     verdict = "ALLOCATED"
 micropython.heap_unlock()
 closed = (meter.head - meter.tail) % 8
-print(verdict, rt.up_s, meter.total, hal.c.n, meter.ring_overruns, closed, bytes(seen[1:]).hex(),
+print(verdict, rt.up_s, meter.status()["total_pulses"], hal.c.n, meter.ring_overruns, closed, bytes(seen[1:]).hex(),
       bytes(meter.want[1:]).hex())
 """
 
@@ -139,3 +139,53 @@ def test_a_new_k_factor_is_refused_while_readings_wait_but_other_changes_are_tak
         "print(ok)\n")
     lines = vm.run(script, timeout=120).strip().split("\n")[-3:]
     assert lines == ["True", "False meter.k_factor_l", "True"]
+
+
+def test_totals_and_counts_past_2_30_and_2_31_stay_exact_and_allocate_nothing():
+    """On a 32-bit board small ints end at 2**30: a meter's total passes it (and 2**31) and the HAL's
+    pulse count wraps there. Sampling must not allocate (a big int would) and nothing may be lost."""
+    script = SCRIPT.split("import runtime\n")[0] + """
+import struct
+from micropython import const
+from protocol.framing import crc16
+START = (1 << 31) - 500                      # the total: 2**30 and 2**31 are both behind or ahead of it
+ck = bytearray(14)
+struct.pack_into("<IIIH", ck, 0, START, START, START, 0)
+c = crc16(ck, 0, 12)
+ck[12], ck[13] = c & 255, c >> 8
+with open("meter.ckpt", "wb") as f:
+    f.write(ck)
+import runtime
+hal = SeamHal()
+hal.c.n = (1 << 30) - 300                    # the HAL's count wraps 300 pulses in
+rt = runtime.Runtime(hal)
+meter = rt.role
+timer = Timer()
+TOP = const((1 << 30) - 1)
+def run(steps, pulses_every):                # wraps as the HAL does in C: never a big int on the way
+    for i in range(steps):
+        hal.ms = hal.ms + 100 if hal.ms <= TOP - 100 else hal.ms - TOP + 99
+        if pulses_every and i % pulses_every == 0:
+            hal.c.n = hal.c.n + 1 if hal.c.n < TOP else 0
+        rt.tick(timer)
+run(20, 0)
+micropython.heap_lock()
+try:
+    run(3000, 2)                             # 5 board minutes (one interval), 1500 pulses
+    verdict = "NO_ALLOC"
+except MemoryError:
+    verdict = "ALLOCATED"
+micropython.heap_unlock()
+meter.service()
+st = meter.status()
+from flashlog import Record, K_READING, REC
+raw = bytearray(REC * 8)
+recs = [Record().unpack(raw, i * REC) for i in range(rt.log.read_unacked(raw, 8))]
+r = [x for x in recs if x.kind == K_READING][0]
+print(verdict, st["total_pulses"] - START, st["total_pulses"] > (1 << 31), r.reg - START, r.value)
+"""
+    verdict, gained, past_2_31, reg_offset, value = vm.run(script, timeout=120).split()[-5:]
+    assert verdict == "NO_ALLOC"
+    assert int(gained) == 1500 and past_2_31 == "True"
+    assert int(reg_offset) == 0 and int(value) == 1490     # the interval closed at board second 300: 1490 pulses
+

@@ -191,7 +191,10 @@ def test_the_cache_key_follows_the_source_and_the_build_flags(tmp_path, monkeypa
     key_a = vm.cache_key(a)
     assert key_a != vm.cache_key(b)
     monkeypatch.setattr(vm, "BUILD_FLAGS", vm.BUILD_FLAGS + " MICROPY_PY_BTREE=1")
-    assert vm.cache_key(a) != key_a
+    key_flags = vm.cache_key(a)
+    assert key_flags != key_a
+    monkeypatch.setattr(vm, "app_digest", lambda: "another app")       # a firmware change: another VM
+    assert vm.cache_key(a) not in (key_a, key_flags)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert vm.cache_root() == tmp_path / "xdg" / "prapa" / "vm"
     assert vm.unix32_exe(a) is None and "not built" in vm.skip_reason(a)
@@ -207,9 +210,10 @@ def test_an_unknown_vm_is_refused_naming_where_it_came_from_and_the_fix(monkeypa
         vm.mpy_arch("esp32")
     assert e.value.where == "--vm"
     monkeypatch.setenv(vm.ENV_VM, "")
-    assert vm.resolve() == vm.DEFAULT_VM
+    assert vm.resolve() == vm.default_vm()
     from tools.sim import board
-    assert board.micropython_exe() == board.micropython_exe("unix64") == vm.unix64_exe()
+    assert board.micropython_exe() == board.micropython_exe(vm.default_vm())
+    assert board.micropython_exe("unix64") == vm.unix64_exe()
     flash = tmp_path / "flash.img"
     r = tool("tools.cli", "board", "run", "--board", BOARD, "--role", "meter", "--flash", str(flash), "--vm", "unix16")
     assert r.returncode == 2 and "--vm: unknown VM 'unix16'" in r.stderr and not flash.exists()
@@ -273,3 +277,19 @@ def test_a_virtual_board_boots_to_its_banner_on_the_32_bit_vm(unix32, tmp_path):
     text = seen.decode(errors="replace")
     assert re.search(r"prapa \S+ board=esp32-devkitc role=meter boot=1 reset=power_on heap_free=\d+ "
                      r"heap_budget=112640", text), text
+
+
+def test_the_unix32_vm_carries_the_app_frozen(unix32, tmp_path):
+    """As an ESP32 built with prapa build's frozen_manifest.py: the app imports with nothing on the
+    filesystem (cwd empty, MICROPYPATH only .frozen), from bytecode in the binary, not the heap."""
+    r = subprocess.run([unix32, "-c", "import gc\ngc.collect()\na = gc.mem_free()\n"
+                        "import runtime, uplink, roles.meter, protocol.roles.meter, protocol.config\n"
+                        "gc.collect()\nprint('imported', a - gc.mem_free())"],
+                       cwd=tmp_path, env=dict(os.environ, MICROPYPATH=".frozen"), capture_output=True, text=True,
+                       timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    word, held = r.stdout.split()
+    assert word == "imported" and int(held) < 20000      # as .mpy in the heap the same modules hold ~50 KB
+    info = json.loads((Path(unix32).parent / "info.json").read_text())
+    assert info["app_sha256"] == vm.app_digest() and "runtime.py" in info["frozen"]
+

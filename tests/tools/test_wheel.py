@@ -46,7 +46,8 @@ def run(*cmd, cwd, timeout=120, env=None):
 
 def clean_env():
     """The environment of a user's shell: nothing pointing Python at the checkout."""
-    return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    return {k: v for k, v in os.environ.items()
+            if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PRAPA_VM", "PRAPA_VM_SOURCE")}
 
 
 @pytest.fixture(scope="module")

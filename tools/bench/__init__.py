@@ -9,8 +9,13 @@
   firmware  sampling jitter under load, heap peak, flash wear and life, pulses
             lost per power cut (the meter runtime on a virtual board)
   boot   power-on to the app's banner on a virtual board, against a bare start
-         of the same MicroPython VM (same heap); heap free after boot as a
-         share of the board's budget.
+         of the same MicroPython VM (same heap); heap free after boot in bytes
+         and as a share of the board's budget.
+
+The benchmarks that run firmware (boot, protocol, firmware, site) take --vm: unix32
+(the reference: an ESP32's word size and float width, the board's heap budget in bytes)
+or unix64; the default is $PRAPA_VM, else unix32 when built, else unix64. Each prints
+the VM it used ("vm").
 """
 
 import json
@@ -23,6 +28,7 @@ from pathlib import Path
 from protocol.errors import BoardError
 from tools import boards
 from tools.console import ConsoleReader, parse_banner
+from tools.sim import vm as vms
 
 
 def add_parser(sub):
@@ -35,18 +41,26 @@ def add_parser(sub):
     boot.add_argument("--role", default="meter")
     boot.add_argument("--boots", type=int, default=20, help="boots to time (default 20)")
     boot.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    vms.add_argument(boot)
     boot.set_defaults(func=bench_boot)
     from tools.bench import firmware, gateway, protocol, site
     for subject in (protocol, site, firmware, gateway):
         subject.add_parser(bsub, type(p))
 
 
-def _bare_vm_ms(board, n):
-    from tools.sim.board import micropython_exe
+def bench_vm(args):
+    """The VM a benchmark runs on (--vm, else $PRAPA_VM, else unix32 when built, else unix64), refused
+    with the fix (exit 2) before anything starts when it is unknown or not built."""
+    vm = vms.resolve(getattr(args, "vm", None))
+    vms.micropython_exe(vm)
+    return vm
+
+
+def _bare_vm_ms(board, n, vm=None):
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        subprocess.run([micropython_exe(), "-X", board.heapsize_option(), "-c", "print(1)"], check=True,
+        subprocess.run([vms.micropython_exe(vm), "-X", board.heapsize_option(vm), "-c", "print(1)"], check=True,
                        capture_output=True)
         out.append((time.perf_counter() - t0) * 1000)
     return out
@@ -56,10 +70,11 @@ def bench_boot(args):
     from tools.sim.process import BoardProcess
     board = boards.load(args.board)
     board.check_role(args.role)
-    bare = _bare_vm_ms(board, args.boots)
-    boots, shares = [], []
+    vm = bench_vm(args)
+    bare = _bare_vm_ms(board, args.boots, vm)
+    boots, shares, free = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        vb = BoardProcess(args.board, args.role, Path(tmp) / "flash.img")
+        vb = BoardProcess(args.board, args.role, Path(tmp) / "flash.img", vm=vm)
         try:
             with ConsoleReader(vb.console_port) as console:
                 try:
@@ -73,14 +88,17 @@ def bench_boot(args):
                     _i, banner = console.wait_for(parse_banner, after=after, timeout=20)
                     boots.append((time.perf_counter() - t0) * 1000)
                     shares.append(banner["heap_free"] / banner["heap_budget"])
+                    free.append(banner["heap_free"])
         finally:
             vb.close()
     figures = {
-        "board": board.name, "role": args.role, "boots": args.boots,
+        "board": board.name, "role": args.role, "vm": vm, "boots": args.boots,
         "bare_vm_start_ms_median": round(statistics.median(bare), 1),
         "board_boot_ms_median": round(statistics.median(boots), 1),
         "board_boot_ms_max": round(max(boots), 1),
         "boot_vs_bare_vm_ratio": round(statistics.median(boots) / statistics.median(bare), 2),
+        "heap_budget_bytes": board.heap_budget_bytes,
+        "heap_free_after_boot_bytes": round(statistics.median(free)),
         "heap_free_after_boot_share": round(statistics.median(shares), 3),
     }
     print_figures(figures, args.json)

@@ -3,8 +3,10 @@
   jitter   sampling-timer lateness p50/p99/max (board time, real-time speed) with
            50 Hz bouncing pulses, a checkpoint every 10 pulses, the link and GC
            busy, against the same board idle (no flow) in the same run
-  heap     the heap's peak use as a share of the board's budget (minimum free
-           after collection, from the board's health reports)
+  heap     the heap's peak use as a share of the board's budget, and the free heap at
+           that peak in bytes beside the budget in bytes (minimum free after
+           collection, from the board's health reports); on unix32 the VM's heap is
+           the budget in bytes, as on the board
   flash    file commits and block erases per day at defaults for a meter using
            2 m3/day, the flash life they imply with littlefs wear levelling,
            against a design that writes once per pulse
@@ -12,7 +14,8 @@
 
 The virtual board runs the hard timer from its asyncio loop, so its jitter is
 the delay other tasks cause; on an ESP32 the hard timer preempts them and the
-figure is an upper bound.
+figure is an upper bound. --vm picks the MicroPython VM (default: $PRAPA_VM, else
+unix32 when built, else unix64); "vm" in the figures says which ran.
 """
 
 import random
@@ -21,7 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.bench import print_figures
+from tools.bench import bench_vm, print_figures
+from tools.sim import vm as vms
 
 ERASE_CYCLES = 100_000          # NOR flash endurance per sector (ESP32 modules: 100k)
 
@@ -33,6 +37,7 @@ def add_parser(bsub, parser_class):
     p.add_argument("--days", type=float, default=3, help="simulated days for the flash figures (default 3)")
     p.add_argument("--cuts", type=int, default=60, help="power cuts for the loss figure (default 60)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    vms.add_argument(p)
     p.set_defaults(func=run)
 
 
@@ -46,10 +51,10 @@ def _health_after(rig, seconds, after_uptime):
     raise RuntimeError("no health report from the board")
 
 
-def jitter_run(tmp, flow_lpm, seconds):
+def jitter_run(tmp, flow_lpm, seconds, vm=None):
     from tools.rigs.board import Rig
     rig = Rig(tmp, "meter", {"interval_min": 1, "debounce_us": 5000}, speed=1,
-              extra={"link": {"health_s": 10}}, world=[f"flow_meter.forced_lpm={flow_lpm}"])
+              extra={"link": {"health_s": 10}}, world=[f"flow_meter.forced_lpm={flow_lpm}"], vm=vm)
     try:
         h = _health_after(rig, seconds, seconds)
         return h[9], h[3], rig.board.board.heap_budget_bytes
@@ -57,12 +62,12 @@ def jitter_run(tmp, flow_lpm, seconds):
         rig.close()
 
 
-def flash_run(tmp, days):
+def flash_run(tmp, days, vm=None):
     """Defaults (15 min, checkpoint 10 pulses / 60 s), 2000 L/day in household draws, K = 1 L."""
     from tools.rigs.board import Rig
     speed = 10_000
     rig = Rig(tmp, "meter", speed=speed, extra={"link": {"sample_ms": 1000, "health_s": 3600}},
-              world=["flow_meter.daily_litres=2000"])
+              world=["flow_meter.daily_litres=2000"], vm=vm)
     try:
         first = _health_after(rig, 2, 3600)
         time.sleep(days * 86400 / speed)
@@ -78,21 +83,24 @@ def flash_run(tmp, days):
 def run(args):
     from tools.rigs.board import Rig
     from tools.rigs.power_cut import power_cut_campaign
-    figures = {}
+    vm = bench_vm(args)
+    figures = {"vm": vm}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "idle").mkdir()
         (tmp / "load").mkdir()
-        idle, _, _ = jitter_run(tmp / "idle", 0, args.jitter_s)
-        load, heap_min, budget = jitter_run(tmp / "load", 3000, args.jitter_s)
+        idle, _, _ = jitter_run(tmp / "idle", 0, args.jitter_s, vm)
+        load, heap_min, budget = jitter_run(tmp / "load", 3000, args.jitter_s, vm)
         figures["jitter_idle_us_p50_p99_max"] = [idle[0], idle[1], idle[2]]
         figures["jitter_load_us_p50_p99_max"] = [load[0], load[1], load[2]]
         figures["jitter_p99_ratio_load_to_idle"] = round(load[1] / max(idle[1], 100), 2)
         figures["heap_peak_share_of_budget"] = round(1 - heap_min / budget, 3)
-        figures["heap_free_min_bytes"] = heap_min
+        figures["heap_budget_bytes"] = budget
+        figures["heap_free_at_peak_bytes"] = heap_min
+        figures["heap_free_at_peak_share"] = round(heap_min / budget, 3)
 
         (tmp / "flash").mkdir()
-        first, last, pulses, erases, board = flash_run(tmp / "flash", args.days)
+        first, last, pulses, erases, board = flash_run(tmp / "flash", args.days, vm)
         days = (last[1] - first[1]) / 86400
         writes_per_day = (last[8] - first[8]) / days
         figures["flash_commits_per_day"] = round(writes_per_day, 1)
@@ -107,7 +115,7 @@ def run(args):
             blocks * ERASE_CYCLES / max(writes_per_day, 1e-9) / 365)
 
         (tmp / "cuts").mkdir()
-        rig = Rig(tmp / "cuts", "meter", speed=100, world=["flow_meter.forced_lpm=10"])
+        rig = Rig(tmp / "cuts", "meter", speed=100, world=["flow_meter.forced_lpm=10"], vm=vm)
         try:
             losses = power_cut_campaign(rig, args.cuts, random.Random(3), busy=10)
         finally:

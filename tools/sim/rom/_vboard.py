@@ -9,8 +9,8 @@ except ImportError:      # CPython: the host side of the pipe
 
 EXIT_HARD_RESET = const(90)
 EXIT_SOFT_RESET = const(91)
-# Pipe records, both ways: struct RECORD_FORMAT = (kind, gpio, reserved, value, t_us), t_us in
-# board-relative virtual microseconds.
+# Pipe records, both ways: struct RECORD_FORMAT = (kind, gpio, reserved, value, t_us), t_us the
+# board's virtual microseconds since its epoch, wrapped at 2**30 (a small int on a 32-bit VM).
 RECORD_FORMAT = "<BBHiQ"
 RECORD_BYTES = const(16)
 K_LEVEL = const(1)       # world -> board: digital input level

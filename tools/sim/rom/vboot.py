@@ -1,6 +1,6 @@
 # The virtual board's boot ROM: what an ESP32's frozen _boot.py does, then
 # boot.py and main.py from flash. The bench starts it as
-#   micropython -X heapsize=<budget>w -i vboot.py
+#   micropython -X heapsize=<budget> -i vboot.py    (<budget>w on the 64-bit VM)
 # with its parameters as JSON in PRAPA_VBOARD; -i gives the REPL afterwards,
 # as an ESP32 gives one when main.py ends or is interrupted.
 
