@@ -307,11 +307,23 @@ def _target_of(t, board, port):
     if mpy >> 10 and mpy >> 10 != MPY_ARCH.get(arch):
         raise UsageError("--board", f"the board on {port} has native arch {mpy >> 10}, board {board.name} "
                          f"says {arch}", "pick the board definition for this chip (prapa board list)")
+    _refuse_frozen_app(t, port)
     on_board = _read_json(t, "board.json")
     if on_board and on_board.get("name") not in (None, board.name):
         raise UsageError("--board", f"the board on {port} was flashed as {on_board.get('name')!r}, not {board.name!r}",
                          f"pass --board {on_board.get('name')}, or reflash it whole (without --app-only)")
     return target, vm
+
+
+def _refuse_frozen_app(t, port):
+    """A firmware built with the app frozen in (frozen_manifest.py) runs that app before /lib: files
+    copied there would change nothing that runs, and the technician would think the board updated."""
+    where = t.exec("try:\n import runtime\n print(runtime.__file__)\nexcept ImportError:\n print('-')").decode().strip()
+    if where != "-" and not where.startswith("/lib/"):
+        raise UsageError("--app-only", f"the board on {port} runs the app frozen into its MicroPython firmware "
+                         f"(runtime from {where!r}), which files in /lib cannot replace",
+                         "flash the firmware built with the new app's frozen_manifest.py (prapa build writes it), "
+                         "or a stock MicroPython with --firmware BIN and the image")
 
 
 def _read_json(t, path):

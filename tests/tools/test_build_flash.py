@@ -184,6 +184,30 @@ def test_flash_app_only_copies_verified_bytecode_keeps_config_and_key_and_reboot
     assert "hal_virtual.py" not in image.mount(board, flash).listdir("lib")
 
 
+def test_flash_app_only_refuses_a_board_whose_firmware_has_the_app_frozen_in(tmp_path):
+    """Files in /lib cannot replace a frozen app: copying them would look like an update and change
+    nothing that runs. The unix32 VM is such a firmware (built with the app's frozen_manifest)."""
+    from tools.sim import vm as vms
+    if vms.unix32_exe() is None:
+        pytest.skip(f"the frozen-app VM is not built: {vms.skip_reason()}")
+    flash = tmp_path / "flash.img"
+    board = boards.load(BOARD)
+    image.write_atomically(flash, image.build(board, "meter", "virtual"))
+    image.provision(board, flash, {"device_id": 4243, "role": "meter"}, bytes(range(16)))
+    vb = BoardProcess(BOARD, "meter", flash, vm="unix32")
+    try:
+        before = len(vb.events)
+        r = prapa("flash", "--port", vb.console_port, "--board", BOARD, "--role", "meter", "--app-only")
+        assert r.returncode == 2, r.stdout + r.stderr
+        line = r.stderr.splitlines()[-1]
+        assert line.startswith("prapa: error: --app-only: the board on ") and "frozen into its MicroPython firmware" in line
+        assert "frozen_manifest.py" in line
+        assert wait_for(lambda: any(e["event"] == "vm_started" and e["run_main"] for e in vb.events[before + 1:])), \
+            "the refusal left the board in the raw REPL instead of back in its app"
+    finally:
+        vb.close()
+
+
 @pytest.mark.skipif(not os.environ.get("PRAPA_ESP_PORT") or not os.environ.get("PRAPA_ESP_FIRMWARE"),
                     reason="the esptool path needs a real ESP32: set PRAPA_ESP_PORT=/dev/ttyUSB0 and "
                     "PRAPA_ESP_FIRMWARE=ESP32_GENERIC-<version>.bin (the board's definition: PRAPA_ESP_BOARD)")
