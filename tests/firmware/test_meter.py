@@ -91,7 +91,10 @@ def test_a_week_without_the_gateway_waits_in_flash_coarsens_and_arrives_in_order
               extra={"link": {"sample_ms": 1000, "health_s": 3600}, "log": {"max_entries": 200}})
     try:
         rig.wait(lambda: rig.gateway.sessions.devices.get(0x1001), 20, "the board's hello")
-        time.sleep(0.5)
+        # the daily series needs wall time on the board: unplug only once a reading carries it (a loaded
+        # machine can hold the time sync back for longer than a fixed pause)
+        rig.wait(lambda: any(e.get("time_source") == "board" for e in rig.gateway.entries()), 30,
+                 "a reading stamped with the board's own wall time")
         rig.gateway.unplug()
         before = len(rig.gateway.entries())
         time.sleep(7 * 86400 / speed)
