@@ -4,11 +4,8 @@
 # ESP32's PCNT glitch filter stops at ~12.8 us, far short of a reed switch's
 # 5 ms of contact bounce, so longer filters run here, fed by pin edges.
 # Times are HAL ticks_us (wrapping at 2**30); the count wraps at 2**30 too (a
-# small int on a 32-bit board), so nothing here allocates, ever.
-from micropython import const
-
-_MASK = const((1 << 30) - 1)
-_HALF = const(1 << 29)
+# small int on a 32-bit board: firmware/ticks.py), so nothing here allocates, ever.
+from ticks import wadd, wdiff
 
 
 class EdgeCounter:
@@ -24,11 +21,11 @@ class EdgeCounter:
 
     def settle(self, now_us):
         if self._pending != self._stable:
-            held = ((now_us - self._since + _HALF) & _MASK) - _HALF
+            held = wdiff(now_us, self._since)
             if held >= self.filter_us:
                 self._stable = self._pending
                 if self._stable == self.active:
-                    self.count = (self.count + 1) & _MASK
+                    self.count = wadd(self.count, 1)
 
     def edge(self, level, t_us):
         self.settle(t_us)

@@ -181,10 +181,10 @@ class FlashLog:
         seg, rec = self.cursor_seg, self.cursor_rec
         while n < max_n and seg < len(self.counts):
             count = self._load(seg)
-            while rec < count and n < max_n:
-                out[n * REC:(n + 1) * REC] = memoryview(self.seg)[rec * REC:(rec + 1) * REC]
-                n += 1
-                rec += 1
+            k = min(count - rec, max_n - n)          # the segment's next k records, in one copy
+            if k > 0:
+                out[n * REC:(n + k) * REC] = memoryview(self.seg)[rec * REC:(rec + k) * REC]
+                n += k
             seg, rec = seg + 1, 0
         return n
 

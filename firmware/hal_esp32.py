@@ -10,6 +10,7 @@ from micropython import const
 
 from datagram import Datagrams
 from edge_counter import EdgeCounter
+from ticks import wadd
 
 TICKS_PERIOD = const(1 << 30)
 _PCNT_FILTER_MAX_US = const(12)
@@ -84,7 +85,7 @@ class PulseCounter:
         """Pulses counted, wrapping at 2**30 (a small int: the caller takes differences)."""
         if self._pcnt is not None:
             # value(0) reads and clears the PCNT count in one call, so the hardware count stays small
-            self._pcnt_total = (self._pcnt_total + self._pcnt.value(0)) & 0x3FFFFFFF
+            self._pcnt_total = wadd(self._pcnt_total, self._pcnt.value(0))
             return self._pcnt_total
         self._edges.settle(time.ticks_us())
         return self._edges.count

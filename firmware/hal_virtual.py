@@ -19,31 +19,14 @@ from micropython import const
 from _vboard import K_ANALOG, K_LEVEL, K_OUTPUT, K_WDT  # the ROM's table of the world pipe
 from _vboard import RECORD_BYTES as _REC
 from edge_counter import EdgeCounter
+from ticks import PERIOD_MASK as _TICKS_MASK
+from ticks import wadd as _wadd
+from ticks import wdiff as _wdiff
 
 TICKS_PERIOD = const(1 << 30)
-_TICKS_MASK = const((1 << 30) - 1)
-_TICKS_HALF = const(1 << 29)
 _GPIO_COUNT = const(49)
 _HOST_WORD_BYTES = 8 if sys.maxsize > 0xFFFFFFFF else 4
 _MS_STEP_US = const(1000)          # host microseconds the clock advances by at a time (times speed <= 1e6)
-
-
-# Board time wraps at 2**30 as an ESP32's ticks do, and every sum and difference here stays a small
-# int on the way (a 32-bit board's small ints end at 2**30: one step past it is a big int, which
-# allocates). Both arguments are in 0 .. 2**30 - 1.
-def _wdiff(a, b):
-    d = a - b
-    if d >= _TICKS_HALF:
-        return d - _TICKS_MASK - 1
-    if d < -_TICKS_HALF:
-        return d + _TICKS_MASK + 1
-    return d
-
-
-def _wadd(a, b):
-    if b < 0:                          # b from -2**29: a step back is a step forward by 2**30 - |b|
-        b = b + _TICKS_MASK + 1
-    return a + b if a <= _TICKS_MASK - b else a - _TICKS_MASK - 1 + b
 
 
 def _params():
@@ -209,11 +192,11 @@ class Hal:
             self.board = json.load(f)
         self.speed = p["speed"]
         # Virtual time, advanced from the host's ticks_us in steps (board time = host time x speed):
-        # _vt µs since the board's epoch, _us the board's ticks_us, _ms its ticks_ms (with _rem µs
-        # towards the next ms), all wrapping at 2**30.
+        # _vt µs since the board's epoch (ticks_us is _start_us + _vt), _ms its ticks_ms (with _rem µs
+        # towards the next ms), all wrapping at 2**30 (firmware/ticks.py).
         self._host_last = p["epoch_us"]        # this VM's ticks_us() at the board's epoch
         self._vt = 0
-        self._us = (p["start_ticks_ms"] * 1000) & _TICKS_MASK
+        self._start_us = (p["start_ticks_ms"] * 1000) & _TICKS_MASK
         self._ms = p["start_ticks_ms"] & _TICKS_MASK
         self._rem = 0
         self._override = -1
@@ -246,7 +229,6 @@ class Hal:
             dt -= step
             d = step * self.speed
             self._vt = _wadd(self._vt, d)
-            self._us = _wadd(self._us, d)
             r = self._rem + d
             self._ms = _wadd(self._ms, r // 1000)
             self._rem = r % 1000
@@ -259,10 +241,7 @@ class Hal:
         return self._vt
 
     def ticks_us(self):
-        if self._override >= 0:
-            return _wadd(self._us, _wdiff(self._override, self._vt))
-        self._advance()
-        return self._us
+        return _wadd(self._start_us, self.virtual_us())
 
     def ticks_ms(self):
         self._advance()

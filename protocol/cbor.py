@@ -296,7 +296,7 @@ def _double_fits(raw):
         return 1
     if e > _SINGLE_EXP_MAX:
         return -1
-    if e == 0 and not low and not (raw[1] & 0x0F) and not raw[2] and not raw[3] and not (raw[4] & 0xE0):
+    if e == 0 and not any(raw[1:]):
         return 1                                          # zero
     if low or e < _SINGLE_EXP_MIN:
         return 0

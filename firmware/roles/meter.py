@@ -36,12 +36,12 @@ from protocol import messages as M
 from protocol.framing import crc16
 from protocol.roles import meter as spec
 from protocol.roles.meter import A_BURST, A_LEAK, A_TAMPER, ALARMS
+from ticks import PERIOD_MASK, wadd    # HAL counts and the timer's handover count wrap at 2**30
 
 CHECKPOINT = "meter.ckpt"
 _CKPT = "<IIIH"          # total pulses, register at the start of the open interval, at the start of the day, CRC-16
 _RING = const(8)
 _NEVER = const(0x3FFFFFFF)
-_MASK = const((1 << 30) - 1)   # HAL counts and the timer's handover count wrap here: small ints on a 32-bit board
 
 
 class Meter:
@@ -124,7 +124,7 @@ class Meter:
         """Add what the timer counted since the last fold to the total (big-int arithmetic: never
         in the timer)."""
         acc = self.acc
-        self.total += (acc - self.acc_seen) & _MASK
+        self.total += (acc - self.acc_seen) & PERIOD_MASK
         self.acc_seen = acc
 
     def checkpoint(self):
@@ -152,10 +152,10 @@ class Meter:
     # -- the hard timer: no allocation ---------------------------------------------------
     def sample(self, up_s):
         c = self.counter.count()
-        d = (c - self.last_count) & _MASK          # the HAL's count wraps at 2**30, like its ticks
+        d = (c - self.last_count) & PERIOD_MASK    # counts only grow; they wrap at 2**30, like ticks
         if d:
             self.last_count = c
-            self.acc = (self.acc + d) & _MASK
+            self.acc = wadd(self.acc, d)
             self.i_pulses += d
             self.d_pulses += d
             self.minute_pulses += d

@@ -44,7 +44,7 @@ def compiled_lib(vm=None):
 
 
 def micropypath(vm=None):
-    return f".frozen:{compiled_lib(vm)}:{ROOT / 'firmware'}:{ROOT}"
+    return f".frozen:{compiled_lib(vm)}:{ROOT / 'firmware'}:{ROOT}:{ROOT / 'tools' / 'sim' / 'rom'}"
 
 
 def run(script, stdin="", heap="112640w", timeout=120, vm=None):

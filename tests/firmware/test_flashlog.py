@@ -11,27 +11,11 @@ from hil_tests.support import vm
 _FLASH_DIR = tempfile.mkdtemp(prefix="prapa-test-flash-")
 atexit.register(shutil.rmtree, _FLASH_DIR, True)
 FLASH_FS = """
-import vfs, os
-class FileBlocks:
-    def __init__(self, path, n, bs=4096):
-        self.bs, self.n = bs, n
-        self.f = open(path, "w+b")
-        self.f.seek(n * bs - 1)
-        self.f.write(b"\\xff")
-    def readblocks(self, b, buf, off=0):
-        self.f.seek(b * self.bs + off)
-        self.f.readinto(buf)
-    def writeblocks(self, b, buf, off=None):
-        self.f.seek(b * self.bs + (off or 0))
-        self.f.write(buf)
-    def ioctl(self, op, arg):
-        if op == 4:
-            return self.n
-        if op == 5:
-            return self.bs
-        if op == 6:
-            return 0
-bd = FileBlocks("%s/flash.bin", 16)
+import vfs, os, _vboard
+f = open("%s/flash.bin", "w+b")
+f.seek(16 * 4096 - 1)
+f.write(b"\\xff")
+bd = _vboard.FileBlockDevice(f, 4096, 16)     # the virtual board's own flash device
 vfs.VfsLfs2.mkfs(bd)
 vfs.mount(vfs.VfsLfs2(bd), "/fl")
 os.chdir("/fl")
