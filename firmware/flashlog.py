@@ -2,7 +2,8 @@
 # acknowledges it, surviving a power cut at any instant.
 #
 # Why it looks like this:
-# - Segment files log/00000001, log/00000002, ... of fixed 36-byte records,
+# - Segment files log/00000001, log/00000002, ... of fixed-size records (36
+#   bytes, plus the role's own columns where its spec declares EXTRA_BYTES),
 #   appended one record per open/write/close (littlefs commits on close, so a
 #   cut leaves the record whole or absent); each record also carries a
 #   CRC-16, so anything torn or rotten is found at boot, discarded and
@@ -18,7 +19,8 @@
 #   register chain is unchanged, so the cumulative total stays exact) by
 #   rewriting a segment to a sibling and renaming it. Alarms and daily
 #   (billing) readings are never merged and nothing is ever dropped: past the
-#   capacity the log grows into the rest of the partition.
+#   capacity the log grows into the rest of the partition. Records with role
+#   columns (the doser's) are never merged: the log just grows.
 import os
 import struct
 
@@ -31,39 +33,45 @@ K_READING = const(1)     # interval reading: value = units in the span, reg = re
 K_DAILY = const(2)       # daily reading at local midnight: same fields, never merged
 K_ALARM = const(3)       # alarm: count = code, value = active, reg = detail
 F_WALL = const(1)        # wall_boot holds the wall time (Unix s) of this boot's start
-REC = const(36)
+REC = const(36)          # a record without role columns: 34 bytes of fields, the CRC-16 last
 SEG_RECORDS = const(64)
 _FMT = "<BBHIIIIIIIH"    # kind flags count boot seq t_end span value reg wall_boot reserved, then crc
 _SPAN_MAX = const(86400)
 
 
 class Record:
-    """One decoded record; the send path reuses one instance per slot."""
-    __slots__ = ("kind", "flags", "count", "boot", "seq", "t_end", "span", "value", "reg", "wall_boot")
+    """One decoded record; the send path reuses one instance per slot. `extra` holds the role's own
+    columns (EXTRA_BYTES of its spec) when it appends; unpack() reads the common fields only."""
+    __slots__ = ("kind", "flags", "count", "boot", "seq", "t_end", "span", "value", "reg", "wall_boot", "extra")
 
-    def __init__(self):
+    def __init__(self, extra=0):
         self.kind = 0
+        self.extra = bytearray(extra) if extra else None
 
     def unpack(self, buf, off):
         (self.kind, self.flags, self.count, self.boot, self.seq, self.t_end, self.span, self.value, self.reg,
          self.wall_boot, _r) = struct.unpack_from(_FMT, buf, off)
         return self
 
-    def pack(self, buf, off):
+    def pack(self, buf, off, size=REC):
+        """Write the record as `size` bytes: the fields, the role columns (zeros when it has none), the CRC."""
         struct.pack_into(_FMT, buf, off, self.kind, self.flags, self.count, self.boot, self.seq, self.t_end,
                          self.span, self.value, self.reg, self.wall_boot, 0)
-        c = crc16(buf, off, off + REC - 2)
-        buf[off + REC - 2] = c >> 8
-        buf[off + REC - 1] = c & 255
+        x = self.extra
+        for i in range(size - REC):
+            buf[off + REC - 2 + i] = x[i] if x is not None and i < len(x) else 0
+        c = crc16(buf, off, off + size - 2)
+        buf[off + size - 2] = c >> 8
+        buf[off + size - 1] = c & 255
 
     def seq_last(self):
         return self.seq + (self.count if self.kind != K_ALARM else 1) - 1
 
 
-def _valid(buf, off):
-    c = crc16(buf, off, off + REC - 2)
-    return buf[off] in (K_READING, K_DAILY, K_ALARM) and buf[off + REC - 2] == c >> 8 and \
-        buf[off + REC - 1] == c & 255
+def _valid(buf, off, size):
+    c = crc16(buf, off, off + size - 2)
+    return buf[off] in (K_READING, K_DAILY, K_ALARM) and buf[off + size - 2] == c >> 8 and \
+        buf[off + size - 1] == c & 255
 
 
 def can_merge(a, b):
@@ -73,10 +81,12 @@ def can_merge(a, b):
 
 
 class FlashLog:
-    def __init__(self, capacity, path="log"):
+    def __init__(self, capacity, path="log", extra=0):
+        """extra: bytes of role columns per record (its spec's EXTRA_BYTES); a log keeps one size."""
         self.path = path
         self.capacity = capacity
-        self.seg = bytearray(REC * SEG_RECORDS)   # one segment, for scans, sends and rewrites
+        self.rec = REC + extra                     # bytes per record on flash
+        self.seg = bytearray(self.rec * SEG_RECORDS)   # one segment, for scans, sends and rewrites
         self.first = 1              # number of the oldest segment on flash
         self.counts = bytearray()   # records in each segment, oldest first
         self.cursor_seg = 0         # index into counts: first record not acknowledged
@@ -115,7 +125,7 @@ class FlashLog:
             n = self._load(i, repair=True)
             self.counts.append(n)
             for k in range(n):
-                self._keep_last(k * REC)
+                self._keep_last(k * self.rec)
         while len(self.counts) > 1 and self.counts[-1] == 0:
             os.remove(self._name(len(self.counts) - 1))
             self.counts = self.counts[:-1]
@@ -136,19 +146,19 @@ class FlashLog:
             n = 0
         good = 0
         off = 0
-        while off + REC <= n:
-            if _valid(self.seg, off):
-                if good != off // REC:
-                    self.seg[good * REC:(good + 1) * REC] = self.seg[off:off + REC]
+        while off + self.rec <= n:
+            if _valid(self.seg, off, self.rec):
+                if good != off // self.rec:
+                    self.seg[good * self.rec:(good + 1) * self.rec] = self.seg[off:off + self.rec]
                 good += 1
-            off += REC
-        if repair and good * REC != n:
-            self.torn += (n - good * REC + REC - 1) // REC
+            off += self.rec
+        if repair and good * self.rec != n:
+            self.torn += (n - good * self.rec + self.rec - 1) // self.rec
             self._rewrite(index, good)
         return good
 
     def _rewrite(self, index, n):
-        persist.write_atomic(self._name(index), memoryview(self.seg)[:n * REC])
+        persist.write_atomic(self._name(index), memoryview(self.seg)[:n * self.rec])
 
     # -- append ----------------------------------------------------------------
     def entries(self):
@@ -166,24 +176,24 @@ class FlashLog:
         if not self.counts or self.counts[-1] >= SEG_RECORDS:
             self.counts.append(0)
         buf = self.seg
-        rec.pack(buf, 0)
+        rec.pack(buf, 0, self.rec)
         with open(self._name(len(self.counts) - 1), "ab") as f:
-            f.write(memoryview(buf)[:REC])
+            f.write(memoryview(buf)[:self.rec])
         persist.writes += 1
         self.counts[-1] += 1
         self._keep_last(0)
 
     # -- send and acknowledge ----------------------------------------------------
     def read_unacked(self, out, max_n):
-        """Copy up to max_n records from the cursor into the bytearray out (REC bytes each, as on flash:
-        Record().unpack(out, i * REC) reads one); return how many."""
+        """Copy up to max_n records from the cursor into the bytearray out (self.rec bytes each, as on
+        flash: Record().unpack(out, i * self.rec) reads one); return how many."""
         n = 0
         seg, rec = self.cursor_seg, self.cursor_rec
         while n < max_n and seg < len(self.counts):
             count = self._load(seg)
             k = min(count - rec, max_n - n)          # the segment's next k records, in one copy
             if k > 0:
-                out[n * REC:(n + k) * REC] = memoryview(self.seg)[rec * REC:(rec + k) * REC]
+                out[n * self.rec:(n + k) * self.rec] = memoryview(self.seg)[rec * self.rec:(rec + k) * self.rec]
                 n += k
             seg, rec = seg + 1, 0
         return n
@@ -200,7 +210,7 @@ class FlashLog:
             if loaded != self.cursor_seg:
                 self._load(self.cursor_seg)
                 loaded = self.cursor_seg
-            r.unpack(self.seg, self.cursor_rec * REC)
+            r.unpack(self.seg, self.cursor_rec * self.rec)
             if r.boot != boot or r.seq_last() > seq:
                 break
             self.cursor_rec += 1
@@ -221,7 +231,10 @@ class FlashLog:
 
     # -- coarsening --------------------------------------------------------------
     def coarsen(self, target):
-        """Merge the oldest interval readings pairwise until at most target records wait; return merges."""
+        """Merge the oldest interval readings pairwise until at most target records wait; return merges.
+        A log of records with role columns merges nothing (their columns do not add up)."""
+        if self.rec != REC:
+            return 0
         a, b = Record(), Record()
         done = 0
         progress = True
@@ -236,8 +249,8 @@ class FlashLog:
                 k = start
                 merged_here = 0
                 while k < n:
-                    a.unpack(self.seg, k * REC)
-                    if k + 1 < n and b.unpack(self.seg, (k + 1) * REC) and can_merge(a, b):
+                    a.unpack(self.seg, k * self.rec)
+                    if k + 1 < n and b.unpack(self.seg, (k + 1) * self.rec) and can_merge(a, b):
                         a.count += b.count
                         a.span += b.span
                         a.value += b.value
@@ -246,7 +259,7 @@ class FlashLog:
                         merged_here += 1
                     else:
                         k += 1
-                    a.pack(self.seg, out * REC)
+                    a.pack(self.seg, out * self.rec, self.rec)
                     out += 1
                 if merged_here:
                     self._rewrite(i, out)

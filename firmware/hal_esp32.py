@@ -161,6 +161,39 @@ class Periodic:
         self._timer.deinit()
 
 
+class StrokeOutput:
+    """One fixed-length pulse a call on a GPIO, ended by a one-shot hard timer: a metering pump's
+    external contact input makes one stroke per pulse. pulse() never blocks and allocates nothing
+    (the timer's callback is bound once); a pulse asked for while one is high is refused (False)."""
+
+    _next_id = 3                 # hardware timers 0..2 belong to Periodic
+
+    def __init__(self, gpio, width_ms):
+        self._pin = machine.Pin(gpio, machine.Pin.OUT, value=0)
+        self._width_ms = width_ms
+        self._timer = machine.Timer(StrokeOutput._next_id)
+        StrokeOutput._next_id -= 1
+        self._end_cb = self._end
+        self.high = 0
+
+    def _end(self, _t):
+        self._pin.value(0)
+        self.high = 0
+
+    def pulse(self):
+        if self.high:
+            return False
+        self.high = 1
+        self._pin.value(1)
+        self._timer.init(period=self._width_ms, mode=machine.Timer.ONE_SHOT, callback=self._end_cb, hard=True)
+        return True
+
+    def off(self):
+        self._timer.deinit()
+        self._pin.value(0)
+        self.high = 0
+
+
 class Wifi(Datagrams):
     """Datagrams once the station interface has joined the network (its own background work)."""
 
@@ -219,6 +252,9 @@ class Hal:
 
     def counter(self, gpio, active_level=0, filter_us=0):
         return PulseCounter(self, gpio, active_level, filter_us)
+
+    def stroke_output(self, gpio, width_ms):
+        return StrokeOutput(gpio, width_ms)
 
     def adc(self, gpio):
         return Adc(gpio)

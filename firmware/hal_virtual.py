@@ -89,6 +89,31 @@ class OutputPin:
         self.value(0)
 
 
+class StrokeOutput:
+    """A fixed-length pulse a call (the ESP32's one-shot hard timer): both edges go to the world at
+    once, the falling one stamped width_ms later in board time. Allocates nothing."""
+
+    __slots__ = ("hal", "gpio", "width_us", "high_until")
+
+    def __init__(self, hal, gpio, width_ms):
+        self.hal, self.gpio, self.width_us = hal, gpio, width_ms * 1000
+        self.high_until = -1
+        hal._send(K_OUTPUT, gpio, 0)
+
+    def pulse(self):
+        hal = self.hal
+        now = hal.virtual_us()
+        if self.high_until >= 0 and _wdiff(self.high_until, now) > 0:
+            return False
+        self.high_until = _wadd(now, self.width_us)
+        hal._send(K_OUTPUT, self.gpio, 1)
+        hal._send(K_OUTPUT, self.gpio, 0, self.high_until)
+        return True
+
+    def off(self):
+        self.high_until = -1
+
+
 class PulseCounter:
     """Edges to `active_level` that held for filter_us (0: every edge, as the PCNT)."""
 
@@ -245,6 +270,8 @@ class Hal:
 
     def ticks_ms(self):
         self._advance()
+        if self._override >= 0:                # inside a timer callback or an edge: its own time
+            return _wadd(self._ms, _wdiff(self._override, self._vt) // 1000)
         return self._ms
 
     def link_ticks_ms(self):
@@ -276,6 +303,9 @@ class Hal:
 
     def counter(self, gpio, active_level=0, filter_us=0):
         return PulseCounter(self, gpio, active_level, filter_us)
+
+    def stroke_output(self, gpio, width_ms):
+        return StrokeOutput(self, gpio, width_ms)
 
     def adc(self, gpio):
         return Adc(self, gpio)
@@ -323,11 +353,12 @@ class Hal:
         return self.board["heap_budget_bytes"]
 
     # -- the world link --------------------------------------------------------
-    def _send(self, kind, gpio, value):
+    def _send(self, kind, gpio, value, t=-1):
         b = self._out
         b[0], b[1], b[2], b[3] = kind, gpio, 0, 0
         b[4], b[5], b[6], b[7] = value & 255, (value >> 8) & 255, (value >> 16) & 255, (value >> 24) & 255
-        t = self.virtual_us()                  # wrapped at 2**30: the bench unwraps it
+        if t < 0:
+            t = self.virtual_us()              # wrapped at 2**30: the bench unwraps it
         b[8], b[9], b[10], b[11] = t & 255, (t >> 8) & 255, (t >> 16) & 255, t >> 24
         b[12], b[13], b[14], b[15] = 0, 0, 0, 0
         self._tx.write(b)
@@ -363,10 +394,11 @@ class Hal:
         listeners = self._listeners.by_gpio[gpio]
         if listeners is None:
             return
+        held = self._override
         self._override = t_us
         for obj in listeners:
             obj._edge(level, t_us)
-        self._override = -1
+        self._override = held
 
     async def background(self):
         """Runs the virtual board's 'hardware': world records, pin IRQs and hard timers.
@@ -386,6 +418,8 @@ class Hal:
                     if late > t.late_max_us:
                         t.late_max_us = late
                     t.runs += 1
-                    t.callback(t)
+                    self._override = t.next_us     # the callback sees its scheduled time, as a hardware
+                    t.callback(t)                  # timer's does; its lateness is in late_us
+                    self._override = -1
                     t.next_us = _wadd(t.next_us, t.period_us)
             await asyncio.sleep_ms(1)

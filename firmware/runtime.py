@@ -83,6 +83,7 @@ class Runtime:
         self.timer = None
         self.log_full_active = 0
         self.reboot_at = -1             # up_s at which a requested reboot happens (-1: none)
+        self.refused = 0                # config pushes and commands refused (beyond a limit, unknown, ...)
         try:
             self.cfg, key = config.load(self.board)
         except config.ConfigError as e:
@@ -92,11 +93,15 @@ class Runtime:
             ident = (self.cfg["device_id"], key)
             self.config_hash = config.config_hash(persist.read(config.CONFIG_PATH))
             self.utc_offset_s = self.cfg["time"]["utc_offset_min"] * 60
+        extra = getattr(roles.spec(self.board["role"]), "EXTRA_BYTES", 0)   # the role's own columns
         capacity = self.cfg["log"]["max_entries"] if self.cfg and self.cfg["log"]["max_entries"] else \
-            self.board["vfs_size_bytes"] // _LOG_SHARE // REC
-        self.log = FlashLog(capacity)
+            self.board["vfs_size_bytes"] // _LOG_SHARE // (REC + extra)
+        self.log = FlashLog(capacity, extra=extra)
         if self.cfg:
-            self.role = role_module(self.cfg["role"]).make(hal, self.cfg[self.cfg["role"]], RecordSink(self))
+            try:    # a role may refuse a config the schema allowed (the doser: beyond its hard limits)
+                self.role = role_module(self.cfg["role"]).make(hal, self.cfg[self.cfg["role"]], RecordSink(self))
+            except config.ConfigError as e:
+                self.config_error = str(e)
         if ident:
             from uplink import Uplink
             link = self.cfg["link"] if self.cfg else {"kind": "uart", "addr": 1}
@@ -216,7 +221,10 @@ class Runtime:
             spec = roles.spec(cfg["role"])
             if self.cfg and hasattr(spec, "check_change"):
                 spec.check_change(self.cfg[cfg["role"]], cfg[cfg["role"]], self.log.entries())
+            if self.role is not None and hasattr(self.role, "check_config"):
+                self.role.check_config(cfg[cfg["role"]])      # e.g. within the doser's hard limits
         except config.ConfigError as e:
+            self.refused += 1
             return False, str(e)
         import os
         os.rename(config.CONFIG_PATH + ".try", config.CONFIG_PATH)
@@ -229,7 +237,19 @@ class Runtime:
             return True, "rebooting"
         if name == "ping":
             return True, "pong boot=%d" % self.boot_id
-        return False, "unknown command %s: use ping or reboot" % name
+        commands = getattr(roles.spec(self.board["role"]), "COMMANDS", ())
+        if name in commands and self.role is not None:
+            ok, detail = self.role.command(name, args)
+            if not ok:
+                self.refused += 1
+            return ok, detail
+        return False, "unknown command %s: use %s" % (name, ", ".join(("ping", "reboot") + tuple(commands)))
+
+    def restart(self):
+        """A reboot the firmware asked for: the role parks its outputs and saves its state first."""
+        if self.role is not None and hasattr(self.role, "shutdown"):
+            self.role.shutdown()
+        self.hal.reset()
 
     # -- tasks -----------------------------------------------------------------------------
     async def role_task(self):
@@ -266,7 +286,7 @@ class Runtime:
                 next_idle_note = self.up_s + 10
                 self.say_idle()
             if 0 <= self.reboot_at <= self.up_s:
-                hal.reset()
+                self.restart()
             await asyncio.sleep_ms(HOUSEKEEPING_MS)
 
     def send_health(self):

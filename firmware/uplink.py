@@ -19,7 +19,7 @@ import asyncio
 from micropython import const
 
 import persist
-from flashlog import F_WALL, K_ALARM, REC, Record
+from flashlog import F_WALL, K_ALARM, Record
 from frame_counter import FlashCounters
 from protocol import cbor, link, secure
 from protocol import messages as M
@@ -48,7 +48,7 @@ class Uplink:
         self.payload = bytearray(_PAYLOAD_MAX)
         # A batch is read as raw records and walked with two Record objects: 32 decoded Records would
         # hold 3 KiB of the board's heap (an instance's attributes are a dict on MicroPython).
-        self.batch = bytearray(REC * MAX_BATCH)
+        self.batch = bytearray(rt.log.rec * MAX_BATCH)
         self.values = [0] * MAX_BATCH  # the batch's values, for the role's encode_batch
         self.first = Record()
         self.prev = Record()
@@ -152,6 +152,7 @@ class Uplink:
     def _send_batch(self):
         """Send the oldest unacknowledged records as one frame; False when the log is empty."""
         raw = self.batch
+        size = self.rt.log.rec
         n = self.rt.log.read_unacked(raw, MAX_BATCH)
         if n == 0:
             return False
@@ -164,7 +165,7 @@ class Uplink:
         a.unpack(raw, 0)
         k = 1
         while k < n:
-            b.unpack(raw, k * REC)
+            b.unpack(raw, k * size)
             if (b.kind != first.kind or b.boot != first.boot or b.span != first.span or b.count != first.count
                     or b.flags != first.flags or b.wall_boot != first.wall_boot or b.seq != a.seq + a.count
                     or b.t_end != a.t_end + a.span):
@@ -175,7 +176,7 @@ class Uplink:
         wall_t0 = self._wall_t0(first)
         while True:
             try:
-                plen = self.rt.role.encode_batch(self.payload, 0, first, values, k, wall_t0)
+                plen = self.rt.role.encode_batch(self.payload, 0, first, values, k, wall_t0, raw, size)
                 break
             except IndexError:          # too many rows for one frame: halve
                 k = (k + 1) // 2

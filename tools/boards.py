@@ -100,7 +100,14 @@ class Board:
             "vfs_size_bytes": self.vfs_size_bytes, "block_size": self.block_size,
             "link": dict(self.link), "pins": dict(self.pins), "role": role,
             "role_pins": dict(self.role_pins.get(role, {})),
+            "safe_low": self.safe_low_pins(role),
         }, sort_keys=True, separators=(",", ":"))
+
+    def safe_low_pins(self, role):
+        """GPIOs boot.py drives low before anything else runs (the role spec's SAFE_LOW: a pump's outputs)."""
+        from protocol.roles import catalog
+        pins = self.role_pins.get(role, {})
+        return sorted(pins[name] for name in catalog.attr(role, "SAFE_LOW", ()) if name in pins)
 
 
 def available():

@@ -78,9 +78,10 @@ def install_app(board, role, path, target="virtual"):
     write_atomically(path, bytes(fs.context.buffer))
 
 
-def provision(board, path, config, key):
-    """Write a device's config and key into an existing image (a virtual board's
-    commissioning; a real board gets the same files over USB)."""
+def provision(board, path, config, key, limits=None):
+    """Write a device's config and key (and the role's hard limits, for a role whose spec has a
+    LIMITS_PATH) into an existing image: a virtual board's commissioning; a real board gets the same
+    files over USB."""
     if len(key) != 16:
         raise UsageError("key", f"{len(key)} bytes", "give a 16-byte AES-128 key")
     fs = mount(board, path)
@@ -88,6 +89,10 @@ def provision(board, path, config, key):
         f.write(json.dumps(config, sort_keys=True, separators=(",", ":")))
     with fs.open("device.key", "wb") as f:
         f.write(bytes(key))
+    if limits is not None:
+        from protocol.roles import catalog
+        with fs.open(catalog.attr(config["role"], "LIMITS_PATH"), "w") as f:
+            f.write(json.dumps(limits, sort_keys=True, separators=(",", ":")))
     write_atomically(path, bytes(fs.context.buffer))
 
 

@@ -245,9 +245,10 @@ class Meter:
                 sink.alarm(code, self.active[code], self.total)
 
     # -- reports ----------------------------------------------------------------------------
-    def encode_batch(self, buf, off, r, values, n, wall_t0):
+    def encode_batch(self, buf, off, r, values, n, wall_t0, raw=None, rec_bytes=0):
         """Encode one batch of logged records as a readings payload: r is its first record, values[0..n-1]
-        the records' values (same kind, span and seq step)."""
+        the records' values (same kind, span and seq step); raw (the records as logged) is for roles
+        with columns of their own."""
         return spec.encode_readings_into(
             buf, off, r.boot, r.seq, r.t_end, r.span, self.k_milli, self.register_units(r.reg), values, n,
             self.scale, self.mult, wall_t0, M.SERIES_DAILY if r.kind == K_DAILY else M.SERIES_INTERVAL, r.count)

@@ -17,7 +17,7 @@ heap); what only the host asks of the registry is in catalog.py beside it.
 
 ROLES = (
     "meter",      # 0: water meter (pulses -> exact register, interval and daily readings)
-    "doser",      # 1: chlorine dosing pump (reserved: no spec yet)
+    "doser",      # 1: chlorine dosing pump (flow-proportional, trimmed on the residual, interlocked)
     "drain",      # 2: storm-drain level sensor (reserved: no spec yet)
 )
 

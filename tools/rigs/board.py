@@ -23,15 +23,19 @@ KEY = bytes(range(16))
 BOARD = "esp32-devkitc"
 
 
-def commissioned_flash(tmp_path, role, section=None, extra=None, name="flash.img", device_id=DEVICE_ID, key=KEY):
+def commissioned_flash(tmp_path, role, section=None, extra=None, name="flash.img", device_id=DEVICE_ID, key=KEY,
+                       limits=None):
     """A virtual board's flash image with the app, its device id, key and config (the role's section
-    and any other sections in extra), as `prapa commission` leaves a real board."""
+    and any other sections in extra), as `prapa commission` leaves a real board. limits: the role's
+    hard limits (a role with a LIMITS_PATH), else its world's SITE_LIMITS."""
     board = boards.load(BOARD)
     flash = tmp_path / name
     prepare_flash(board, role, flash)
     config = {"device_id": device_id, "role": role, role: dict(section or {})}
     config.update(extra or {})
-    image.provision(board, flash, config, key)
+    if limits is None and roles.attr(role, "LIMITS_PATH"):
+        limits = worlds.ROLE_WORLDS[role].SITE_LIMITS
+    image.provision(board, flash, config, key, limits)
     return flash
 
 
@@ -52,9 +56,9 @@ class Rig:
     (tools/sim/vm.py; None: $PRAPA_VM, else unix32 when built, else unix64)."""
 
     def __init__(self, tmp_path, role, section=None, extra=None, speed=10, world=(), start_ticks_ms=0, seed=1,
-                 vm=None):
+                 vm=None, limits=None):
         self.role = role
-        self.flash = commissioned_flash(tmp_path, role, section, extra)
+        self.flash = commissioned_flash(tmp_path, role, section, extra, limits=limits)
         self.board = BoardProcess(BOARD, role, self.flash, speed=speed, world=world,
                                   start_ticks_ms=start_ticks_ms, seed=seed, vm=vm)
         self.vm = self.board.vm

@@ -51,6 +51,7 @@ from tools.sim.worlds import ANALOG, World
 ROM_DIR = Path(__file__).resolve().parent / "rom"
 TICKS_PERIOD_MS = 1 << 30
 BOARD_US_MASK = (1 << 30) - 1       # world records carry board microseconds wrapped at 2**30 (small ints on the VM)
+BOARD_US_HALF = 1 << 29
 CONSOLE_HOLD_MAX = 4096
 PROMPT_HOLD_S = 3.0          # host seconds console input waits for the REPL's next prompt (then goes anyway)
 RECORD = struct.Struct(_vboard.RECORD_FORMAT)
@@ -198,6 +199,8 @@ class SimBoard:
         t0 = self._board_us(self._world_now_us())
         for gpio, level in sorted(self.world.levels().items()):
             self.pending += RECORD.pack(K_LEVEL, gpio, 0, level, max(0, t0) & BOARD_US_MASK)
+        for gpio, uv in sorted(self.world.analog_levels().items()):
+            self.pending += RECORD.pack(K_ANALOG, gpio, 0, int(uv), max(0, t0) & BOARD_US_MASK)
         self.log("vm_started", pid=self.vm.pid, reset_cause=cause, run_main=run_main)
 
     def _teardown_vm(self):
@@ -214,6 +217,7 @@ class SimBoard:
         for fd in (self.vm_console, self.vm_world_out, self.vm_world_in):
             os.close(fd)
         self.vm = None
+        self.world.on_reset(self._world_now_us())      # the board's outputs float: a pump relay drops out
 
     def power_cut(self, then_on=True):
         self.log("power_cut")
@@ -340,8 +344,8 @@ class SimBoard:
                 self.wdt_timeout_s = max(value / 1000 / self.speed, WATCHDOG_MIN_HOST_S)
                 self.wdt_fed = time.monotonic()
             elif kind == K_OUTPUT:           # the board's time wraps at 2**30 us: unwrap it against ours
-                board_now = self._board_us(self._world_now_us())
-                t_us = board_now - ((board_now - t_us) & BOARD_US_MASK)
+                board_now = self._board_us(self._world_now_us())      # (a pulse's end may lie ahead)
+                t_us = board_now + ((t_us - board_now + BOARD_US_HALF) & BOARD_US_MASK) - BOARD_US_HALF
                 self.world.on_output(t_us + (self.board_epoch - self.world_epoch) * self.speed, gpio, value)
 
     def _step_world(self):

@@ -15,6 +15,8 @@ A model is a class with:
   (t_us, gpio, kind, value) with kind LEVEL (0/1) or ANALOG (microvolts);
 - `levels()`: the current level of every input it drives (sent at power-on);
 - `on_output(t_us, gpio, level)`: what the board drives (pumps, relays);
+- `on_reset(t_us)` (optional): the board resets at t_us and its outputs float
+  (a model whose outputs have a pull-down sets them to 0 here);
 - `rebase()`: called before a parameter changes mid-run;
 - `truth()`: what really happened (litres, pulses), for tests to judge by.
 
@@ -102,9 +104,23 @@ class World:
             out.update(m.levels())
         return out
 
+    def analog_levels(self):
+        """The analog inputs' microvolts now, for the bench to send at power-on."""
+        out = {}
+        for m in self.models:
+            out.update(getattr(m, "analog_levels", dict)())
+        return out
+
     def on_output(self, t_us, gpio, level):
         for m in self.models:
             m.on_output(t_us, gpio, level)
+
+    def on_reset(self, t_us):
+        """The board resets: every model that cares sees its outputs float."""
+        for m in self.models:
+            reset = getattr(m, "on_reset", None)
+            if reset is not None:
+                reset(t_us)
 
     def set_param(self, model, param, value):
         for m in self.models:
