@@ -67,6 +67,27 @@ def forwarder_config(cfg):
     return ff.ForwarderConfig.from_dict(table, where=f"{cfg.path}: [[brokers]]")
 
 
+def _field_charts(role, series):
+    """The role's spec CHART_FIELDS as charts, one per field, from the fields of the readings kept in
+    `series` ((wall_t, value, register, fields) each): [{"field", "unit", "series": [[t, v], ...],
+    "band", "ceiling"}]. The first chart carries the spec's CHART_BAND and the newest value of its
+    CHART_CEILING field (None where the role declares none); [] for a role without CHART_FIELDS."""
+    names = roles.attr(role, "CHART_FIELDS", None) or ()
+    if not names:
+        return []
+    units = {f[0]: f[1] for f in roles.attr(role, "FIELDS", None) or ()}
+    band = roles.attr(role, "CHART_BAND", None)
+    ceiling_field = roles.attr(role, "CHART_CEILING", None)
+    ceiling = None
+    if ceiling_field:
+        ceiling = next((p[3][ceiling_field] for p in reversed(series)
+                        if p[3] and p[3].get(ceiling_field) is not None), None)
+    return [{"field": name, "unit": units.get(name),
+             "series": [[p[0], p[3].get(name)] for p in series if p[3]],
+             "band": list(band) if i == 0 and band else None, "ceiling": ceiling if i == 0 else None}
+            for i, name in enumerate(names)]
+
+
 class UdpPeer:
     """A board on UDP: replies go to the address its last frame came from, one bare frame a datagram."""
 
@@ -285,8 +306,9 @@ class Service:
                 "firmware": (sess.firmware if sess else None) or (reg.firmware if reg else None),
                 "state": reg.state if reg else "unknown", "readings": len(series),
                 "alarms_active": sum(1 for on, _w, _n in active.values() if on),
-                "series": [[t, v] for t, v, _r in series], "chart": roles.attr(role, "CHART") if role else None,
-                "register": series[-1][2] if series else None})
+                "series": [[t, v] for t, v, *_ in series], "chart": roles.attr(role, "CHART") if role else None,
+                "register": series[-1][2] if series else None,
+                "charts": _field_charts(role, series) if role else []})
         if self.acks_withheld:
             alarms.append({"device": "gateway", "code": "disk_nearly_full", "active": True, "t": now})
         f = self.forwarder.stats()

@@ -14,6 +14,11 @@ Merged readings (seq_step > 1, from a board whose log filled) cover a seq range;
 if some of that range is already stored as finer readings, only the rest is
 stored, as one entry whose value is the register difference, so the stored
 series never counts a litre twice.
+
+Rows: a bare number (the meter's), or, for a role whose spec declares FIELDS, a
+list of integer columns: the item's value is the first (what the register
+counts) and its "fields" every column scaled by name. A row that does not fit
+its role's spec is neither stored nor acknowledged (counted in rows_skipped).
 """
 
 import functools
@@ -22,6 +27,7 @@ import time
 
 import cbor2
 
+from gateway.logs import log_event
 from gateway.store import Entry
 from protocol import link, secure
 from protocol.roles import catalog as roles
@@ -37,6 +43,35 @@ TIME_SYNC_MIN_INTERVAL_S = 1.0
 def has_register(role_name):
     """Readings of this role carry an exact register (its spec says REGISTER)."""
     return bool(roles.attr(role_name, "REGISTER", False))
+
+
+@functools.lru_cache(maxsize=64)
+def row_fields(role_name):
+    """The columns of this role's readings row, (name, unit, scale, missing) each, from its spec's
+    FIELDS; () for a role whose row is one bare number (the meter)."""
+    return tuple(tuple(f) for f in roles.attr(role_name, "FIELDS", None) or ())
+
+
+def _int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def scaled(column, scale, missing=None):
+    """A row column as its value: column x 10**scale (an int for scale >= 0, else rounded to the
+    scale's decimals), None where it holds `missing` (the spec's "no valid sample")."""
+    if missing is not None and column == missing:
+        return None
+    if scale >= 0:
+        return column * 10 ** scale
+    return round(column * 10 ** scale, -scale)
+
+
+def row_columns(fields, row):
+    """{name: value} for a row of the role's FIELDS, or None when the row does not fit them (not a
+    list, another number of columns, a column that is not an integer)."""
+    if not isinstance(row, list) or len(row) != len(fields) or not all(_int(c) for c in row):
+        return None
+    return {name: scaled(c, scale, missing) for (name, _unit, scale, missing), c in zip(fields, row)}
 
 
 class Device:
@@ -74,7 +109,8 @@ class Sessions:
         self.role_of = role_of or (lambda device_id: None)
         self.devices = {}
         self.pending = []              # entries received, not yet committed
-        self._latest = {}              # device -> (wall_t, value, register) of its newest interval reading
+        self._latest = {}              # device -> (wall_t, value, register, fields or None), newest interval reading
+        self.rows_skipped = 0          # readings rows not stored: they do not fit the role's spec (see _readings)
         self._link = None
         self.receiver = link.Receiver(secure.UPLINK, key_for, self._on_message, accept_any_addr=True,
                                       max_devices=4096, window_for=self._saved_window)
@@ -188,8 +224,23 @@ class Sessions:
         if wall0 is None and boot == d.boot_id:
             self._time_sync(d, now)
         chained = register is not None and has_register(role_name)
+        fields = row_fields(role_name)
         for i, row in enumerate(rows):
             seq, seq_last, t_end = seq0 + i * step, seq0 + (i + 1) * step - 1, t0 + i * span
+            # A row that does not fit the role's spec (a FIELDS row of another length or with a column
+            # that is no integer; a register's row that is no integer) is not stored, so it is not
+            # acknowledged either: the board keeps it in its log (a gateway that reads it can take it
+            # later) and the refusal is counted and logged. The register chain needs every row's count,
+            # so the rest of the batch waits with it.
+            columns = None
+            if fields:
+                columns = row_columns(fields, row)
+                value = row[0] if columns is not None else None
+            else:
+                value = row
+            if (fields and columns is None) or (chained and not _int(value)):
+                self._skip_rows(d, boot, seq, role_name, row, len(rows) - i)
+                break
             wall, source = self._wall(d, boot, t_end, None if wall0 is None else wall0 + i * span)
             item = {"device": f"{d.device_id:08x}", "boot": boot, "seq": seq, "kind": "reading", "role": role_name,
                     "series": SERIES.get(series, str(series)), "t_board_s": t_end, "span_s": span, "wall_t": wall,
@@ -197,21 +248,32 @@ class Sessions:
             if 2 in units:
                 item["k_factor_milli"] = units[2]
             if chained:
-                item["register_before"], item["value"] = register, row
-                register += row
+                item["register_before"], item["value"] = register, value
+                register += value
                 item["register"] = register
             else:
-                item["value"] = row
+                item["value"] = value
+            if columns is not None:
+                item["fields"] = columns
             if seq_last != seq:
                 item["seq_last"] = seq_last
                 item = self._trim_merged(d.device_id, boot, item)
                 if item is None:
                     continue
             if series == M.SERIES_INTERVAL and wall is not None:
-                self._latest[d.device_id] = (wall, item["value"], item.get("register"))
+                self._latest[d.device_id] = (wall, item["value"], item.get("register"), item.get("fields"))
             self.pending.append(Entry(d.device_id, boot, item["seq"], "reading", t_end,
                                       cbor2.dumps(item), wall, source,
                                       item.get("seq_last")))
+
+    def _skip_rows(self, d, boot, seq, role_name, row, n):
+        """Rows seq.. (n of them) of a batch are not stored: the first does not fit the role's spec."""
+        self.rows_skipped += n
+        fields = row_fields(role_name)
+        log_event(log, logging.WARNING, "readings_row_refused", device=f"{d.device_id:08x}", boot=boot, seq=seq,
+                  role=role_name, rows_skipped=n,
+                  expected=f"{len(fields)} integer columns" if fields else "an integer",
+                  got=f"{len(row)} columns" if isinstance(row, list) else type(row).__name__)
 
     def _trim_merged(self, device_id, boot, item):
         """Drop the part of a merged reading this store already holds as finer readings."""
@@ -231,6 +293,9 @@ class Sessions:
         if last_register is not None and "register" in item:
             item["register_before"] = last_register
             item["value"] = item["register"] - last_register
+            if "fields" in item:        # the register's column follows; the others still cover the whole merge
+                name, _unit, scale, missing = row_fields(item["role"])[0]
+                item["fields"] = dict(item["fields"], **{name: scaled(item["value"], scale, missing)})
         return item
 
     def _alarm(self, d, m, now):

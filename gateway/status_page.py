@@ -12,7 +12,11 @@ Input is the plain dict the service builds (Unix seconds throughout):
   {"site", "now", "backlog", "utc_offset_minutes" (optional, default 420),
    "devices": [{"id", "name", "role", "last_seen", "firmware", "state",
                 "readings", "alarms_active", "series": [[t, value], ...],
-                "chart": what the series shows (the role spec's CHART) or None: no chart}],
+                "chart": what the series shows (the role spec's CHART) or None: no chart,
+                "charts" (optional): [{"field", "unit", "series": [[t, value], ...], "band": [lo, hi] or None,
+                            "ceiling": value or None}]: a role whose spec declares CHART_FIELDS gets one small
+                            chart per field instead of the series' chart, with the band shaded and the
+                            ceiling drawn as a red line}],
    "alarms": [{"device", "code", "active", "t"}],
    "brokers": [{...}], "links": [{...}]}   (brokers and links: any flat keys)
 Stable hooks for tests: #devices tr[data-device], .alarm, svg.chart, #backlog.
@@ -52,15 +56,37 @@ SCRIPT = r"""
       String(Math.floor(a / 60)).padStart(2, "0") + ":" + String(a % 60).padStart(2, "0");
   }
   function timeCell(cls, t, now, off) { const c = el("td", cls, age(t, now)); c.title = local(t, off); return c; }
-  function chart(series) {
+  function chart(series, band, ceiling) {
     const svg = document.createElementNS(SVG, "svg");
     svg.setAttribute("class", "chart");
     svg.setAttribute("viewBox", "0 0 " + W + " " + H);
     svg.setAttribute("width", W); svg.setAttribute("height", H);
     const pts = (series || []).filter(p => Array.isArray(p) && Number.isFinite(p[0]) && Number.isFinite(p[1]));
+    band = Array.isArray(band) && band.length === 2 && band.every(Number.isFinite) ? band : null;
+    ceiling = Number.isFinite(ceiling) ? ceiling : null;
+    const vs = pts.map(p => p[1]).concat(band || [], ceiling === null ? [] : [ceiling]);
+    if (vs.length) {
+      const lo = Math.min(...vs), hi = Math.max(...vs);
+      const y = v => (hi > lo ? H - 2 - (v - lo) / (hi - lo) * (H - 4) : H / 2).toFixed(1);
+      if (band) {
+        const r = document.createElementNS(SVG, "rect");
+        r.setAttribute("class", "band");
+        r.setAttribute("x", 0); r.setAttribute("width", W);
+        r.setAttribute("y", y(Math.max(...band)));
+        r.setAttribute("height", (y(Math.min(...band)) - y(Math.max(...band))).toFixed(1));
+        svg.appendChild(r);
+      }
+      if (ceiling !== null) {
+        const l = document.createElementNS(SVG, "line");
+        l.setAttribute("class", "ceiling");
+        l.setAttribute("x1", 0); l.setAttribute("x2", W);
+        l.setAttribute("y1", y(ceiling)); l.setAttribute("y2", y(ceiling));
+        svg.appendChild(l);
+      }
+    }
     if (pts.length) {
       const t0 = pts[0][0], t1 = pts[pts.length - 1][0];
-      const vs = pts.map(p => p[1]), lo = Math.min(...vs), hi = Math.max(...vs);
+      const lo = Math.min(...vs), hi = Math.max(...vs);
       const line = document.createElementNS(SVG, "polyline");
       line.setAttribute("points", pts.map(p =>
         (t1 > t0 ? (p[0] - t0) / (t1 - t0) * (W - 4) + 2 : W - 2).toFixed(1) + "," +
@@ -68,6 +94,10 @@ SCRIPT = r"""
       svg.appendChild(line);
     }
     return svg;
+  }
+  function newest(series) {
+    const last = (series || []).length ? series[series.length - 1][1] : null;
+    return Number.isFinite(last) ? String(Math.round(last * 100) / 100) : shown(null);
   }
   function fill(id, rows) { const body = document.querySelector("#" + id + " tbody"); body.replaceChildren(...rows); }
   function generic(id, items) {
@@ -94,11 +124,22 @@ SCRIPT = r"""
       ["firmware", "readings"].forEach(k => tr.appendChild(el("td", k, shown(d[k]))));
       tr.appendChild(el("td", "alarms-active" + (d.alarms_active ? " alarming" : ""), shown(d.alarms_active)));
       const trend = el("td", "trend");
-      if (d.chart) {
+      const charts = (Array.isArray(d.charts) ? d.charts : []).filter(c => c && typeof c === "object");
+      if (charts.length) {
+        if (d.chart) trend.title = d.chart;
+        charts.forEach(c => {
+          const box = el("div", "field-chart");
+          box.dataset.field = shown(c.field);
+          box.title = shown(c.field) + (c.unit ? " (" + c.unit + ")" : "");
+          box.appendChild(el("span", "field-name", box.title));
+          box.appendChild(chart(c.series, c.band, c.ceiling));
+          box.appendChild(el("span", "trend-now", newest(c.series)));
+          trend.appendChild(box);
+        });
+      } else if (d.chart) {
         trend.title = d.chart;
         trend.appendChild(chart(d.series));
-        const last = (d.series || []).length ? d.series[d.series.length - 1][1] : null;
-        trend.appendChild(el("span", "trend-now", Number.isFinite(last) ? String(Math.round(last * 100) / 100) : shown(null)));
+        trend.appendChild(el("span", "trend-now", newest(d.series)));
       }
       tr.appendChild(trend); return tr;
     }));
@@ -135,6 +176,8 @@ th{background:#eef3f6}.stale header p{color:#a33}
 tr.alarm.active td{background:#fde2e1}td.alarming{color:#b00;font-weight:bold}
 tr.down td{color:#a33}tr.up td{color:#175}
 svg.chart{vertical-align:middle}svg.chart polyline{fill:none;stroke:#1769aa;stroke-width:1.5}
+svg.chart rect.band{fill:#d6efd9}svg.chart line.ceiling{stroke:#c00;stroke-width:1;stroke-dasharray:3 2}
+.field-chart{display:flex;align-items:center;gap:.3rem}.field-name{min-width:11rem;font-size:.85em;color:#456}
 .trend-now{margin-left:.4rem;font-variant-numeric:tabular-nums}.trend,.last-seen,.t{white-space:nowrap}
 """
 
@@ -171,22 +214,49 @@ def _age(t, now):
     return f"{round(s / 3600)} h ago" if s < 172800 else f"{round(s / 86400)} d ago"
 
 
-def chart_svg(series):
-    """A sparkline of [[t, value], ...] scaled to its own range: the shape of the readings, not their scale."""
+def chart_svg(series, band=None, ceiling=None):
+    """A sparkline of [[t, value], ...] scaled to its own range: the shape of the readings, not their scale.
+
+    band (lo, hi): shaded behind the line; ceiling: a red line. Both are kept inside the range drawn."""
     points = [p for p in series or () if isinstance(p, (list, tuple)) and len(p) == 2
               and _number(p[0]) and _number(p[1])]
-    line = ""
-    if points:
-        t0, t1 = points[0][0], points[-1][0]
-        lo, hi = min(v for _, v in points), max(v for _, v in points)
-        xy = []
-        for t, v in points:
-            x = (t - t0) / (t1 - t0) * (CHART_W - 4) + 2 if t1 > t0 else CHART_W - 2
-            y = CHART_H - 2 - (v - lo) / (hi - lo) * (CHART_H - 4) if hi > lo else CHART_H / 2
-            xy.append(f"{x:.1f},{y:.1f}")
-        line = f'<polyline points="{" ".join(xy)}"/>'
+    band = tuple(band) if isinstance(band, (list, tuple)) and len(band) == 2 and all(map(_number, band)) else None
+    ceiling = ceiling if _number(ceiling) else None
+    values = [v for _, v in points] + list(band or ()) + ([ceiling] if ceiling is not None else [])
+    marks = line = ""
+    if values:
+        lo, hi = min(values), max(values)
+
+        def y(v):
+            return CHART_H - 2 - (v - lo) / (hi - lo) * (CHART_H - 4) if hi > lo else CHART_H / 2
+        if band:
+            top, bottom = y(max(band)), y(min(band))
+            marks += f'<rect class="band" x="0" y="{top:.1f}" width="{CHART_W}" height="{bottom - top:.1f}"/>'
+        if ceiling is not None:
+            marks += f'<line class="ceiling" x1="0" x2="{CHART_W}" y1="{y(ceiling):.1f}" y2="{y(ceiling):.1f}"/>'
+        if points:
+            t0, t1 = points[0][0], points[-1][0]
+            xy = []
+            for t, v in points:
+                x = (t - t0) / (t1 - t0) * (CHART_W - 4) + 2 if t1 > t0 else CHART_W - 2
+                xy.append(f"{x:.1f},{y(v):.1f}")
+            line = f'<polyline points="{" ".join(xy)}"/>'
     return (f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {CHART_W} {CHART_H}" '
-            f'width="{CHART_W}" height="{CHART_H}">{line}</svg>')
+            f'width="{CHART_W}" height="{CHART_H}">{marks}{line}</svg>')
+
+
+def _newest(series):
+    last = series[-1][1] if series and isinstance(series[-1], (list, tuple)) and len(series[-1]) == 2 else None
+    return f"{round(last, 2):g}" if _number(last) else _e(None)
+
+
+def _field_chart(c):
+    """One of a device's field charts: its name and unit, the chart, its newest value."""
+    label = _e(c.get("field")) + (f" ({_e(c.get('unit'))})" if c.get("unit") else "")
+    series = c.get("series") if isinstance(c.get("series"), list) else []
+    return (f'<div class="field-chart" data-field="{_e(c.get("field"))}" title="{label}">'
+            f'<span class="field-name">{label}</span>{chart_svg(series, c.get("band"), c.get("ceiling"))}'
+            f'<span class="trend-now">{_newest(series)}</span></div>')
 
 
 def _device_row(d, now, offset):
@@ -196,11 +266,14 @@ def _device_row(d, now, offset):
     alarming = " alarming" if d.get("alarms_active") else ""
     cells.append(f'<td class="alarms-active{alarming}">{_e(d.get("alarms_active"))}</td>')
     trend, title = "", ""
+    charts = [c for c in d.get("charts") or () if isinstance(c, dict)] if isinstance(d.get("charts"), list) else []
     if d.get("chart"):
         title = f' title="{_e(d.get("chart"))}"'
+    if charts:
+        trend = "".join(_field_chart(c) for c in charts)
+    elif d.get("chart"):
         series = d.get("series") or []
-        last = series[-1][1] if series and isinstance(series[-1], (list, tuple)) and len(series[-1]) == 2 else None
-        trend = chart_svg(series) + f'<span class="trend-now">{f"{round(last, 2):g}" if _number(last) else _e(None)}</span>'
+        trend = chart_svg(series) + f'<span class="trend-now">{_newest(series)}</span>'
     cells.append(f'<td class="trend"{title}>{trend}</td>')
     cls = f'role-{_e(d.get("role"))} state-{_e(d.get("state"))}'
     return f'<tr class="{cls}" data-device="{_e(d.get("id"))}">{"".join(cells)}</tr>'

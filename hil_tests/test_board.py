@@ -130,6 +130,7 @@ def test_reading_inputs_allocates_nothing_under_heap_lock(board, needs_world):
         "    for _ in range(n):\n"
         "        c.count(); p.value(); h.ticks_ms(); h.ticks_us()\n"
         "sample(10)\n"
+        "r = None\n"                        # a new global under the lock would grow the globals' dict
         "time.sleep_ms(1000)\n"
         "micropython.heap_lock()\n"
         "try:\n"

@@ -1,7 +1,7 @@
 """prapa site: a whole simulated site on this machine, the stack's main job.
 
 A real Mosquitto, the gateway service (`prapa gateway run`, as on a Pi), and
-virtual boards of every role that exists (one of each in turn) running the firmware on
+virtual boards (one of each role that exists, the rest of the first role: see site_plan) running the firmware on
 the real MicroPython VM with the world simulator, commissioned with their own
 keys. The gateway's status page (devices, alarms, backlog, live charts) is
 printed as a URL and opened in a browser unless --headless; the terminal shows
@@ -29,7 +29,8 @@ FIRST_DEVICE_ID = 0x2001
 def add_parser(sub):
     p = sub.add_parser("site", help="run a simulated site: broker, gateway, virtual boards, live view",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--boards", type=int, default=3, help="number of virtual boards, one of each role in turn (default 3)")
+    p.add_argument("--boards", type=int, default=3,
+                   help="number of virtual boards: one of each role but the first, the rest of the first (default 3)")
     p.add_argument("--speed", type=int, default=60,
                    help="board time runs this many times faster (default 60: an hour a minute)")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: until Ctrl-C)")
@@ -90,6 +91,16 @@ def site_roles(board_def):
     return [r for r in roles.available() if worlds.site_board_for(r) and r in board_def.roles_fit]
 
 
+def site_plan(kinds, boards):
+    """The role of each of `boards` boards: every role but the first (in the registry's order) gets one
+    board, the first role gets the rest, and at least one; the first role's boards come first.
+
+    A site is mostly the first role (the meter: a town's households) with one of each other kind of
+    board beside it (a doser for the whole plant), not the roles in turn."""
+    others = list(kinds[1:])[:max(0, boards - 1)]
+    return [kinds[0]] * (boards - len(others)) + others
+
+
 def run(args):
     """The site in --workdir, or in a new temp folder removed when the site stops: kept with --keep,
     or when the site failed (its logs say why), and then printed."""
@@ -142,16 +153,17 @@ def _run(args, workdir):
         kinds = site_roles(board_def)
         if not kinds:
             raise UsageError("--board", f"no role with a world model fits {board_def.name}", "pick another board")
-        for i in range(args.boards):
-            role = kinds[i % len(kinds)]
-            n = i // len(kinds)                      # the n-th board of its role
+        plan = site_plan(kinds, args.boards)
+        for i, role in enumerate(plan):
+            n = plan[:i].count(role)                 # the n-th board of its role
             device_id = FIRST_DEVICE_ID + i
             name = f"{role}-{n + 1:03d}"
             key = secrets.token_bytes(16)
             flash = workdir / f"{name}.img"
             prepare_flash(board_def, role, flash)
             section, world = worlds.site_board_for(role)(n)
-            image.provision(board_def, flash, {"device_id": device_id, "role": role, role: section}, key)
+            image.provision(board_def, flash, {"device_id": device_id, "role": role, role: section}, key,
+                            getattr(worlds.ROLE_WORLDS[role], "SITE_LIMITS", None))   # a pump's hard limits
             keys[device_id], names[device_id], device_roles[device_id] = key, name, role
             vb = BoardProcess(args.board, role, flash, speed=args.speed, seed=i, world=world, vm=vm)
             boards.append((name, device_id, vb))

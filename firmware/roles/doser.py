@@ -143,7 +143,9 @@ class Doser:
         self.min_gap_ms = 60000 // lim["max_spm"]
         self.backlog_max = max(2, lim["max_spm"] // 6)
         self.day_allow = spec.strokes_for(cfg, lim["max_l_day"])
-        self.reserve_chunk = max(10, self.day_allow // 100)
+        # reserved on flash ahead of use: at most 1 % of the day or two minutes at the pump's full rate,
+        # which a cut (a reboot loop) costs the day's allowance each time
+        self.reserve_chunk = max(10, min(self.day_allow // 100, 2 * lim["max_spm"]))
         self.stroke_cml = int(round(cfg["stroke_ml"] * 100))
         self.interval_s = cfg["interval_min"] * 60
         self.ckpt_strokes = cfg["checkpoint_strokes"]

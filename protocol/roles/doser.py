@@ -88,10 +88,11 @@ ALARMS = {A_NO_FLOW: "no_flow", A_RESIDUAL_HIGH: "residual_high", A_TANK_LOW: "t
 # or at the board) once their cause is gone; the others clear when their cause does.
 STOPS = (A_NO_FLOW, A_RESIDUAL_HIGH, A_TANK_LOW, A_NO_FEEDBACK, A_DAILY_VOLUME, A_FALLBACK_OVER)
 LATCHED = (A_RESIDUAL_HIGH, A_NO_FEEDBACK)
-COMMANDS = ("reset_interlock", "prime")
+COMMANDS = ("reset_interlock",)       # over the link; prime is console-only (commissioning)
 
 # -- readings ---------------------------------------------------------------------------------
 REGISTER = True                  # the batch's register is the stroke count before its first row
+DURABLE_COUNTER = "total_strokes"   # the status counter a boot recovers from flash (power-cut campaigns)
 UNIT = "stroke"
 NO_RESIDUAL = const(65535)       # residual columns when the interval had no valid analyser sample
 # Row columns: (name, unit, scale, missing): value = column x 10**scale, None where the column holds
@@ -128,6 +129,27 @@ COMMISSION_ASK = "let the plant's water flow past the flowmeter (%(flow_k_l)g L 
 COMMISSION_SEEN = "%(rise)d flow pulses seen (%(flow_k_l)g L per pulse)"
 COMMISSION_FIX = ("check that water flows, the flowmeter's cable on GPIO %(flow_pulse_in)s and ground; "
                   "then run: prapa commission ... again")
+# -- commissioning over USB: the prime, the draw-down calibration, the live inputs -------------------
+# (the hard limits are LIMITS_PATH/LIMITS_SCHEMA above: `prapa commission --limits` checks them with
+# check_limits_file and check_limits and writes them with the config and the key)
+# --prime N: the role's console method, N's upper bound (1..), and the longest a stroke may take in s
+# (1 stroke a minute: the lowest max_spm), so the host knows how long the call may stay silent.
+COMMISSION_PRIME = ("prime", 50, 60)
+# --calibrate-strokes N --drawdown-ml ML: the config key set to ML / N, its unit, what the installer does.
+COMMISSION_CALIBRATE = ("stroke_ml", "mL", "draw the strokes from a calibration column (the pump's suction in it) "
+                                           "and read the mL they drew")
+# The live inputs shown after commissioning: (status key, label, low, high, fix). A number must lie in
+# low..high; a tuple low lists the values allowed; None, None: shown only. The fix is formatted with the
+# role's pins, its config section and the value.
+COMMISSION_INPUTS = (
+    ("analyzer_ua", "analyser loop, uA (4000-20000)", 3600, 21000,
+     "below 3600 uA (3.6 mA): check the analyser's 4-20 mA loop wiring to GPIO %(residual_adc)s, its supply "
+     "and the %(shunt_ohm)d ohm shunt; above 21000 uA the analyser signals a fault: see its display"),
+    ("residual_ugl", "free chlorine at the analyser, ug/L", None, None, ""),
+    ("interlocks", "interlocks stopping the pump", ("-",), None,
+     "tank_low: fill the tank or check the float switch on GPIO %(tank_low_in)s; no_flow: let water flow past "
+     "the flowmeter; residual_high or no_stroke_feedback: fix the cause, then send reset_interlock"),
+)
 
 
 # -- config checks beyond the schema's ranges ---------------------------------------------------

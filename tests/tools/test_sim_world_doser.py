@@ -260,6 +260,6 @@ def test_the_module_declares_its_role_hooks():
     from protocol.roles import doser as spec
     cfg = config.check({"device_id": 1, "role": "doser", "doser": section}, "doser")   # the board takes it
     spec.check_limits(cfg["doser"], spec.check_limits_file(doser.SITE_LIMITS))        # within the limits
-    assert overrides == []
+    assert overrides == ["chlorine_plant.tank_start_l=20.1"]       # an interlock for the site's page
     for name, (default, unit, meaning) in doser.ChlorinePlant.PARAMS.items():
         assert isinstance(default, float) and unit and meaning, name

@@ -1,6 +1,7 @@
 """`prapa site`'s live view in a real browser: Debian's headless Chromium driven by Selenium.
 
-The page must list every device, show an alarm and draw a chart from live data;
+The page must list every device (meters and one doser), show an alarm and draw a chart from live data,
+the doser's one per charted field with its band and ceiling;
 a screenshot is kept in artifacts/ (CI uploads that folder)."""
 
 import json
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from protocol.roles import doser
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("PRAPA_ARTIFACTS", ROOT / "artifacts"))
@@ -37,7 +40,7 @@ def test_the_status_page_shows_devices_an_alarm_and_live_charts(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     report = tmp_path / "report.json"
-    site = subprocess.Popen([sys.executable, "-m", "tools.cli", "site", "--headless", "--boards", "3",
+    site = subprocess.Popen([sys.executable, "-m", "tools.cli", "site", "--headless", "--boards", "4",
                              "--duration", "120", "--workdir", str(tmp_path / "site"), "--report", str(report)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     driver = None
@@ -60,13 +63,30 @@ def test_the_status_page_shows_devices_an_alarm_and_live_charts(tmp_path):
                     raise
                 time.sleep(0.5)
         wait = WebDriverWait(driver, 60, poll_frequency=0.5)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#devices tr[data-device]")) == 3)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#devices tr[data-device]")) == 4)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.alarm.active"))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "svg.chart polyline")) >= 3)
         names = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#devices tr[data-device]")]
         assert all(any(f"meter-00{i}" in n for n in names) for i in (1, 2, 3)), names
-        alarm = driver.find_element(By.CSS_SELECTOR, "tr.alarm.active").text
-        assert "burst" in alarm and "00002003" in alarm, alarm
+        # Exactly one doser, charting each of its spec's CHART_FIELDS, the first with band and ceiling.
+        dosers = driver.find_elements(By.CSS_SELECTOR, "#devices tr[data-device].role-doser")
+        assert len(dosers) == 1 and "doser-001" in dosers[0].text
+        assert dosers[0].get_attribute("data-device") == "00002004"
+        fields = len(doser.CHART_FIELDS)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.role-doser svg.chart polyline")) == fields)
+        assert len(driver.find_elements(By.CSS_SELECTOR, "tr.role-doser svg.chart")) == fields
+        assert len(driver.find_elements(By.CSS_SELECTOR, "tr.role-doser svg.chart rect.band")) == 1
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.role-doser svg.chart line.ceiling"))
+        wait.until(lambda d: len(d.find_element(By.CSS_SELECTOR, "tr.role-doser svg.chart polyline")
+                                 .get_attribute("points").split()) >= 2)        # a line, for the screenshot
+        labels = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "tr.role-doser .field-name")]
+        assert labels[0].startswith(doser.CHART_FIELDS[0]), labels
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "tr.alarm.active")) >= 2)
+        alarms = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "tr.alarm.active")]
+        assert any("burst" in a and "00002003" in a for a in alarms), alarms
+        # the doser's nearly empty tank: the tank_low interlock stopped its pump and shows as an alarm
+        wait.until(lambda d: any("tank_low" in e.text and "00002004" in e.text
+                                 for e in d.find_elements(By.CSS_SELECTOR, "tr.alarm.active")))
         ARTIFACTS.mkdir(exist_ok=True)
         assert driver.save_screenshot(str(ARTIFACTS / "site-status-page.png"))
     finally:
@@ -77,3 +97,5 @@ def test_the_status_page_shows_devices_an_alarm_and_live_charts(tmp_path):
     data = json.loads(report.read_text())
     assert all(b["readings_at_broker"] > 0 for b in data["boards"])
     assert "burst" in data["boards"][2]["alarms"]
+    assert "tank_low" in data["boards"][3]["alarms"]
+    assert [b["role"] for b in data["boards"]] == ["meter", "meter", "meter", "doser"]

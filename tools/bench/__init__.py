@@ -8,6 +8,8 @@
             bare paho; commit-to-PUBACK latency; the service's peak RSS
   firmware  sampling jitter under load, heap peak, flash wear and life, pulses
             lost per power cut (the meter runtime on a virtual board)
+  doser     stroke count error, solution delivered vs ideal, far-tap share in band for
+            three demand profiles, control-timer lateness and heap (a simulated day each)
   boot   power-on to the app's banner on a virtual board, against a bare start
          of the same MicroPython VM (same heap); heap free after boot in bytes
          and as a share of the board's budget.
@@ -43,8 +45,8 @@ def add_parser(sub):
     boot.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     vms.add_argument(boot)
     boot.set_defaults(func=bench_boot)
-    from tools.bench import firmware, gateway, protocol, site
-    for subject in (protocol, site, firmware, gateway):
+    from tools.bench import doser, firmware, gateway, protocol, site
+    for subject in (protocol, site, firmware, gateway, doser):
         subject.add_parser(bsub, type(p))
 
 

@@ -2,13 +2,14 @@
 
 Generic over the roles: the world module names the knob that makes the sensor
 busy (ACTIVITY: model, parameter, busy value) and the true count (TRUTH: model,
-key); the role's spec names the board's status counter (COMMISSION_COUNTER),
-which each boot prints on its status line after recovering it from flash.
+key); the role's spec names the board's status counter that a boot recovers
+from flash and prints on its status line (DURABLE_COUNTER, else COMMISSION_COUNTER).
 """
 
 import random
 import time
 
+from protocol.roles import catalog as roles
 from tools.console import parse_banner, parse_status
 from tools.sim import worlds
 
@@ -37,7 +38,7 @@ def power_cut_campaign(rig, cuts, rng=None, busy=None):
     world = worlds.ROLE_WORLDS[rig.role]
     model, knob, default_busy = world.ACTIVITY
     truth_model, truth_key = world.TRUTH
-    counter = rig.counter()
+    counter = roles.attr(rig.role, "DURABLE_COUNTER") or rig.counter()   # what survives a cut
     after, recovered, truths, boots = 0, {}, [], []
     for k in range(cuts + 1):
         after, boot, total = _boot_status(rig, after, counter)

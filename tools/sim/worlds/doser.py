@@ -174,7 +174,11 @@ class ChlorinePlant:
         self.low_state = 0 if self.tank_ml < p["tank_low_l"] * 1000 else 1
         self.low_level = self.low_state
         self.pump_en = 0
+        self.first_enable_write = True     # the board's first write of pump_enable since power-on/reset
+        self.safe_starts = 0
+        self.unsafe_starts = 0
         self.stroke_level = 0
+        self.first_enable_write = True
         self.strokes = self.strokes_dry = 0
         self.solution_ml = 0.0
         self.mass_lost_mg = 0.0
@@ -453,6 +457,12 @@ class ChlorinePlant:
     def on_output(self, t_us, gpio, level):
         level = 1 if level else 0
         if gpio == self.pin_enable:
+            if self.first_enable_write:         # the first thing a board drives after its reset
+                self.first_enable_write = False
+                if level:
+                    self.unsafe_starts += 1
+                else:
+                    self.safe_starts += 1
             self.pump_en = level
         elif gpio == self.pin_stroke:
             if level and not self.stroke_level and self.pump_en:
@@ -463,6 +473,7 @@ class ChlorinePlant:
         """The board resets: its outputs float and the relay's pull-down switches the pump off."""
         self.pump_en = 0
         self.stroke_level = 0
+        self.first_enable_write = True
 
     def _stroke(self, t_us):
         p = self.params
@@ -524,6 +535,8 @@ class ChlorinePlant:
             "analyzer_mgl": round((self.an_uv / _SHUNT_UV_PER_MA - 4) / 16 * p["analyzer_range_mgl"], 6),
             "feedback_pulses": self.feedback_pulses,
             "pump_enabled": self.pump_en,
+            "safe_starts": self.safe_starts,        # resets after which the board drove the pump off first
+            "unsafe_starts": self.unsafe_starts,    # ... drove it on first (a defect)
         }
 
 
@@ -541,5 +554,7 @@ SITE_LIMITS = {"max_spm": 120, "max_dose_mgl": 3.0, "max_l_day": 40.0, "ceiling_
 
 def site_board(n):
     """(doser config, world overrides) for the n-th doser of `prapa site`: a plant on its daily profile,
-    its analyser's residual target at the plant such that the far tap stays in 0.2-0.5 mg/L."""
-    return {"interval_min": 1, "target_mgl": 0.55, "dead_time_s": 600}, []
+    its analyser's residual target at the plant such that the far tap stays in 0.2-0.5 mg/L. Its
+    hypochlorite tank is nearly empty (0.1 L above the low switch): within a minute or two of a site
+    at 60x the tank_low interlock stops the pump and shows on the status page as an alarm."""
+    return {"interval_min": 1, "target_mgl": 0.55, "dead_time_s": 600}, ["chlorine_plant.tank_start_l=20.1"]
