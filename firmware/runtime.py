@@ -243,6 +243,7 @@ class Runtime:
             if not ok:
                 self.refused += 1
             return ok, detail
+        self.refused += 1
         return False, "unknown command %s: use %s" % (name, ", ".join(("ping", "reboot") + tuple(commands)))
 
     def restart(self):

@@ -350,3 +350,27 @@ print(total_pulses, d.day_used, d.day_allow, bytes(d.want[6:7]).hex())
     assert int(allow) == 200
     assert int(pulses) <= 200 and int(used) >= int(pulses)      # never beyond it, never counted back
     assert daily == "01"
+
+
+def test_clock_jumps_and_commands_from_the_link_cannot_refresh_the_allowance_or_stroke_the_pump():
+    """A gateway (buggy or hostile) steps the board's wall clock a day forward again and again and sends
+    prime and unknown commands: the daily allowance runs on the board's own running time, prime is
+    console-only, and the pump never passes its daily volume."""
+    limits = dict(LIMITS, max_l_day=0.05)                   # 100 strokes
+    body = """
+wall = 1795470000 * 1000
+for jump in range(8):
+    rt.on_time_sync(wall + jump * 86400 * 1000)            # a day later each time
+    for i in range(3000):
+        step(i)
+        if i % 5 == 0:
+            d.service()
+before = hal.stroker.pulses
+ok1, _ = rt.command("prime", {"strokes": 50})
+ok2, _ = rt.command("set_limits", {"max_l_day": 1000})
+print(hal.stroker.pulses, before, d.day_used, d.day_allow, ok1, ok2, rt.refused, bytes(d.want[6:7]).hex())
+"""
+    pulses, before, used, allow, ok1, ok2, refused, daily = vm.run(_script(body, limits=limits),
+                                                                   timeout=300).split()[-8:]
+    assert int(allow) == 100 and int(pulses) == int(before) <= 100 <= int(used)
+    assert (ok1, ok2, refused) == ("False", "False", "2") and daily == "01"
