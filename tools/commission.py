@@ -12,6 +12,14 @@ Why it is shaped like this:
 - The live sensor check is declared in the role's spec (protocol/roles/):
   the status counter that must rise, what to ask of the installer, how to
   judge the rise. Nothing here names a role.
+- So is the rest a role may need at commissioning, and each is acted on only
+  where the spec declares it: hard limits (LIMITS_PATH, LIMITS_SCHEMA: required
+  then, checked on the host with the spec's check_limits_file and check_limits
+  against the config, written with the config and key, over USB only), a
+  console method run on the freshly booted role (COMMISSION_PRIME: e.g. the
+  doser's prime), a config value calibrated from a measurement
+  (COMMISSION_CALIBRATE: value = measured / count) and the live inputs shown
+  with their ranges and fixes (COMMISSION_INPUTS, from the role's status()).
 
 Exit codes: 0 ok, 1 a step or live check failed (the board is commissioned,
 the output says what to fix), 2 bad input (nothing written anywhere).
@@ -29,9 +37,10 @@ from protocol.roles import catalog as roles
 from protocol.errors import BoardError, UsageError
 from tools.console import ConsoleReader, parse_banner, parse_idle, parse_key_values
 from tools.console import parse_status as parse_status_line
-from tools.role_config import build_config, parse_device_id
+from tools.role_config import build_config, build_limits, check_within_limits, parse_device_id
 
 BOOT_TIMEOUT_S = 20
+INPUTS_SETTLE_S = 3             # the app runs this long after a boot before its live inputs are read
 ROUND_TRIP_TIMEOUT_S = 30
 ROUND_TRIP_COUNTERS = 64        # pings every 3 s and a time sync per hello for 30 s need far fewer
 
@@ -39,12 +48,23 @@ ROUND_TRIP_COUNTERS = 64        # pings every 3 s and a time sync per hello for 
 # -- the role's sensor check: declared in its spec (COMMISSION_*), run here for every role ----------
 STATUS_QUERY = ("import runtime\nrt = runtime.current\nif rt is None or rt.role is None:\n print('app=stopped')\n"
                 "else:\n{prepare} print(' '.join('%s=%s' % kv for kv in sorted(rt.role.status().items())))\n")
+# The spec's COMMISSION_PRIME method on the role built from the config just written (the app is
+# stopped by the raw REPL right after a reset into it, and its sampling timer here, which a board's
+# hardware timer would otherwise keep running: only the method drives the outputs until the reset
+# that follows); a refusal (ConfigError) comes back as its text.
+METHOD_CALL = ("import runtime\nrt = runtime.current\nif rt is None or rt.role is None:\n print('app=stopped')\n"
+               "else:\n if rt.timer is not None:\n  rt.timer.stop()\n try:\n"
+               "  print('made=%d' % rt.role.{method}({n}))\n except ValueError as e:\n  print('refused:', e)\n")
 
 
 # -- the board over USB (mpremote as a library) -----------------------------------------------------
 
 class BoardLink:
-    """One console connection at a time; the app is stopped while we talk and restarted by reset()."""
+    """One console connection at a time; the app is stopped while we talk and restarted by reset().
+
+    Between our commands the board stays in the raw REPL (no Ctrl-B back to the friendly one): the
+    next command enters the raw REPL again at once, and a REPL that changes mode flushes input that
+    arrives before its new prompt, which a fast follow-up would lose."""
 
     def __init__(self, port):
         from mpremote.transport_serial import SerialTransport
@@ -58,17 +78,22 @@ class BoardLink:
                              "close other programs using it (mpremote, screen, the gateway) and retry") from None
 
     stopped = False          # the app was interrupted and waits for reset()
+    booted_at = 0.0          # time.monotonic() when the app was last seen starting
 
-    def exec(self, code, soft_reset=True):
+    def exec(self, code, soft_reset=True, timeout=10):
+        """Run code in the raw REPL; timeout: the longest silence in s while it runs."""
         self.stopped = True
         try:
             self.t.enter_raw_repl(soft_reset=soft_reset)
-            out = self.t.exec(code).decode(errors="replace")
-            self.t.exit_raw_repl()
-            return out
+            out, err = self.t.exec_raw(code, timeout=timeout)
         except Exception as e:
             raise BoardError(self.port, f"the board did not run a command ({e})",
                              "check the USB cable; is MicroPython with the prapa app flashed? (prapa flash)") from None
+        err = err.decode(errors="replace").strip()
+        if err:
+            raise BoardError(self.port, f"the board did not run a command ({err.splitlines()[-1]})",
+                             "is the prapa app for this role flashed? (prapa flash)")
+        return out.decode(errors="replace")
 
     def read_identity(self):
         out = self.exec("import os, json\nb = json.load(open('board.json'))\nc = None\nk = 0\n"
@@ -85,7 +110,6 @@ class BoardLink:
                 self.t.enter_raw_repl(soft_reset=False)
                 self.t.fs_writefile(name + ".new", data)
             self.t.exec("import os\n" + "".join(f"os.rename({n + '.new'!r}, {n!r})\n" for n, _ in files))
-            self.t.exit_raw_repl()
         except Exception as e:
             raise BoardError(self.port, f"writing to the board failed ({type(e).__name__})",
                              "check the USB cable and run the command again") from None
@@ -94,7 +118,9 @@ class BoardLink:
         """Hard-reset the board; return (banner, status line or idle line) from its console (None: not seen)."""
         try:
             self.t.enter_raw_repl(soft_reset=False)
-            self.t.exec_raw_no_follow("import machine\nmachine.reset()")
+            # The plain raw REPL, not mpremote's raw paste: that waits for an acknowledgement a board
+            # that resets at once may never send (its console output is cut by the reset).
+            self.t.serial.write(b"import machine\nmachine.reset()\x04")
             self.stopped = False
         except Exception as e:
             raise BoardError(self.port, f"the board did not take the reset ({e})", "press its EN/RST button") from None
@@ -104,6 +130,7 @@ class BoardLink:
         except BoardError:
             i = None
         banner = console.search(parse_banner, before=i)
+        self.booted_at = time.monotonic()
         return (console.lines[banner[0]] if banner else None), (None if i is None else console.lines[i])
 
     def close(self):
@@ -163,7 +190,11 @@ def add_parser(sub):
                        "registry (--registry) or an export file for `prapa gateway devices import` (--export), "
                        "then checks live: the console shows the device, the sensor reads, and (with "
                        "--uart-port) a ping round trip through the gateway's session layer. The key is never "
-                       "printed.")
+                       "printed.\n\nA role with hard limits needs them: --limits FILE and/or --limit KEY=VALUE, "
+                       "checked with the config before anything is written, and written to the board over USB "
+                       "only. --prime N runs the role's prime on the freshly booted board; --calibrate-strokes N "
+                       "--drawdown-ml ML sets the role's calibrated value to ML / N. After the sensor check the "
+                       "role's live inputs are shown with their ranges. What each role has comes from its spec.")
     p.add_argument("--port", required=True, help="the board's USB console port (e.g. /dev/ttyUSB0)")
     p.add_argument("--role", required=True, help="the board's role: " + ", ".join(roles.available()))
     p.add_argument("--device-id", required=True, help="unique id, 1..4294967294 (decimal or 0x...)")
@@ -175,6 +206,20 @@ def add_parser(sub):
     dest.add_argument("--registry", metavar="PATH", help="the gateway's registry.db (when run on the gateway)")
     dest.add_argument("--export", metavar="FILE", help="write a 0600 export file for: prapa gateway devices import")
     p.add_argument("--name", help="a name for the device in the registry (e.g. its street address)")
+    p.add_argument("--limits", metavar="FILE.json",
+                   help="the role's hard limits as a JSON object, written to the board over USB only; required for "
+                   "a role that has them (" + _declared("LIMITS_SCHEMA", lambda v: " ".join(r[0] for r in v)) + ")")
+    p.add_argument("--limit", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one hard limit (repeatable; applied over --limits)")
+    p.add_argument("--prime", type=int, metavar="N",
+                   help="once the board runs its new config, over USB: the role's prime, N strokes ("
+                   + _declared("COMMISSION_PRIME", lambda v: f"{v[0]} 1..{v[1]}") + ")")
+    p.add_argument("--calibrate-strokes", type=int, metavar="N",
+                   help="draw-down calibration: N strokes drawn from a calibration column (with --drawdown-ml; "
+                   "on a terminal without it the board makes the N strokes and asks for what they drew)")
+    p.add_argument("--drawdown-ml", type=float, metavar="ML",
+                   help="what the --calibrate-strokes drew from the column: the role's calibrated value is ML / N ("
+                   + _declared("COMMISSION_CALIBRATE", lambda v: f"{v[0]}, {v[1]}") + ")")
     p.add_argument("--uart-port", metavar="U", help="the board's data link: run a ping round trip through it")
     p.add_argument("--sensor-wait", type=float, metavar="S",
                    help="without a terminal or with --yes: seconds the sensor check waits (default 30)")
@@ -183,10 +228,74 @@ def add_parser(sub):
     p.set_defaults(func=cmd_commission)
 
 
+def _declared(attribute, describe):
+    """'role: what it declares' for each role whose spec has attribute: the help names what exists."""
+    found = [(name, roles.attr(name, attribute)) for name in roles.available()]
+    return "; ".join(f"{name}: {describe(value)}" for name, value in found if value is not None) or "no role has it"
+
+
+class Plan:
+    """What the command will do, every part checked before the board or the registry is touched."""
+
+    def __init__(self, device_id, cfg, sets, limits=None, calibrated=None, ask_calibration=False):
+        self.device_id, self.cfg, self.sets, self.limits = device_id, cfg, sets, limits
+        self.calibrated = calibrated              # {config key: value} from --drawdown-ml (or asked for)
+        self.ask_calibration = ask_calibration    # the board makes the strokes, then the installer is asked
+
+
 def _check_inputs(args):
-    """Every refusal that needs neither the board nor a write; returns (device_id, cfg)."""
+    """Every refusal that needs neither the board nor a write; returns a Plan."""
     device_id = parse_device_id(args.device_id)
-    cfg = build_config(args.role, device_id, args.config, args.set)
+    if args.role not in roles.available():
+        build_config(args.role, device_id)       # the one "no role spec" refusal
+    spec = roles.spec(args.role)
+    sets, calibrated, ask = list(args.set), None, False
+    cal = getattr(spec, "COMMISSION_CALIBRATE", None)
+    prime = getattr(spec, "COMMISSION_PRIME", None)
+    if args.calibrate_strokes is None:
+        if args.drawdown_ml is not None:
+            raise UsageError("--drawdown-ml", "given without --calibrate-strokes",
+                             "give --calibrate-strokes N, the strokes that drew it")
+    elif cal is None:
+        raise UsageError("--calibrate-strokes", f"role {args.role} has nothing to calibrate",
+                         "leave --calibrate-strokes and --drawdown-ml out")
+    else:
+        key, unit, how = cal[:3]
+        field = f"{args.role}.{key}"
+        if any(item.partition("=")[0].strip() == field for item in sets):
+            raise UsageError("--calibrate-strokes", f"{field} is also given by --set", "give one of them")
+        if args.calibrate_strokes < 1:
+            raise UsageError("--calibrate-strokes", f"{args.calibrate_strokes} strokes", "give 1 or more strokes")
+        if args.drawdown_ml is None:
+            if args.yes or not sys.stdin.isatty():
+                raise UsageError("--drawdown-ml", f"missing: the {unit} the {args.calibrate_strokes} strokes drew",
+                                 f"{how}, then give --drawdown-ml {unit.upper()} (or, on a terminal without --yes, "
+                                 "leave it out: the board makes the strokes and you are asked)")
+            if prime is None or args.calibrate_strokes > prime[1]:
+                raise UsageError("--calibrate-strokes", f"{args.calibrate_strokes} strokes are more than the board "
+                                 f"makes at once ({prime[1] if prime else 0})",
+                                 f"give at most {prime[1] if prime else 0}, or make the strokes otherwise and give "
+                                 "--drawdown-ml")
+            ask = True
+        else:
+            value = _calibrated(args.drawdown_ml, args.calibrate_strokes)
+            if value is None:
+                raise UsageError("--drawdown-ml", f"{args.drawdown_ml:g} {unit}", f"give the {unit} drawn, above 0")
+            calibrated = {key: value}
+            sets.append(f"{field}={value!r}")
+    try:
+        cfg = build_config(args.role, device_id, args.config, sets)
+    except UsageError as e:
+        if calibrated is None or field not in e.where:
+            raise
+        raise UsageError("--drawdown-ml", f"{args.drawdown_ml:g} {unit} over {args.calibrate_strokes} strokes makes "
+                         f"{field} {calibrated[key]:g}: {e.problem}", e.fix) from None
+    limits = build_limits(args.role, cfg, args.limits, args.limit, sets)
+    if args.prime is not None:
+        if prime is None:
+            raise UsageError("--prime", f"role {args.role} has nothing to prime", "leave --prime out")
+        if not 1 <= args.prime <= prime[1]:
+            raise UsageError("--prime", f"{args.prime} strokes", f"give 1..{prime[1]}")
     for flag, port in (("--port", args.port), ("--uart-port", args.uart_port)):
         if port is not None and not os.path.exists(port):
             raise UsageError(flag, f"{port}: no such port", "plug the board in and give its port "
@@ -212,7 +321,14 @@ def _check_inputs(args):
             raise UsageError("--export", f"no folder {out.parent}", "create it or give another path")
     if args.sensor_wait is not None and args.sensor_wait < 0:
         raise UsageError("--sensor-wait", f"{args.sensor_wait} is negative", "give seconds, 0 or more")
-    return device_id, cfg
+    return Plan(device_id, cfg, sets, limits, calibrated, ask)
+
+
+def _calibrated(measured, count):
+    """measured / count to 6 significant digits (a draw-down is read to 3 or 4), None for no measurement."""
+    if not measured > 0 or count < 1:            # also NaN
+        return None
+    return float(f"{measured / count:.6g}")
 
 
 def _confirm(args, question):
@@ -225,24 +341,32 @@ def _confirm(args, question):
 
 
 def cmd_commission(args):
-    device_id, cfg = _check_inputs(args)
+    plan = _check_inputs(args)
+    device_id, cfg = plan.device_id, plan.cfg
     key = secrets.token_bytes(16)
     steps = Steps(args.json)
+    spec = roles.spec(args.role)
     if not args.json:
         print(f"commissioning device {device_id} ({args.role}) on {args.port}")
     board = BoardLink(args.port)         # a BoardError here: prapa prints it, exit 1
     tmp = tempfile.TemporaryDirectory(prefix="prapa-commission-")
     reg = None
+    result = {"limits": plan.limits, "primed": None, "calibrated": plan.calibrated, "inputs": None}
     try:
         ident = steps.run("board answers", lambda: _identity(board, args))
         if ident is None:
             return 1
         if ident["key_bytes"] or ident["device_id"] is not None:
             _confirm(args, f"{args.port} is already commissioned (device {ident['device_id']}).")
-        files = [("device.key", key), ("config.json", json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode())]
-        if steps.run("config and key written", lambda: (board.write_atomically(files) or True,
-                                                        "config.json, device.key (renamed into place)", "", 1)) is None:
+        files = [("device.key", key), ("config.json", _config_bytes(cfg))]
+        if plan.limits is not None:
+            files.append((spec.LIMITS_PATH, json.dumps(plan.limits, sort_keys=True, separators=(",", ":")).encode()))
+        names = ", ".join(n for n, _ in files[1:] + files[:1])
+        if steps.run("config" + (", limits" if plan.limits is not None else "") + " and key written",
+                     lambda: (board.write_atomically(files) or True, f"{names} (renamed into place)", "", 1)) is None:
             return 1
+        if plan.calibrated:
+            steps.report("calibration", True, _calibration_text(spec, args, plan.calibrated) + " (in config.json)")
         from gateway.registry import Registry
         reg = Registry(args.registry or Path(tmp.name) / "registry.db")
         reg.add(device_id, args.role, key, name=args.name, board=ident["board"].get("name"))
@@ -255,7 +379,12 @@ def cmd_commission(args):
                      f"{args.export} (mode 0600; on the gateway: prapa gateway devices import {args.export} "
                      "--registry PATH, then delete it)")
         status = steps.run("console shows the device", lambda: _boot_check(board, device_id))
-        _sensor_step(steps, board, args, cfg, ident["board"], status)
+        if args.prime is not None:
+            status, result["primed"] = _prime_step(steps, board, spec, device_id, args.prime, status, "prime")
+        if plan.ask_calibration:
+            status, cfg = _calibrate_step(steps, board, args, plan, status, result)
+        after = _sensor_step(steps, board, args, cfg, ident["board"], status)
+        result["inputs"] = _inputs_step(steps, board, args, cfg, ident["board"], status, after)
         _round_trip_step(steps, board, args, device_id, key, counters, tmp.name)
     finally:
         board.close()
@@ -265,11 +394,112 @@ def cmd_commission(args):
     total = steps.total_s()
     if args.json:
         print(json.dumps({"device_id": device_id, "role": args.role, "ok": not steps.failed,
-                          "total_s": round(total, 2)}))
+                          "total_s": round(total, 2), **result}))
     else:
         print(f"device {device_id} commissioned in {total:.1f} s" + (": every check passed" if not steps.failed
                                                                      else ": a check FAILED (see the fix above)"))
     return 1 if steps.failed else 0
+
+
+def _config_bytes(cfg):
+    return json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _calibration_text(spec, args, calibrated):
+    key, unit = spec.COMMISSION_CALIBRATE[:2]
+    return (f"{args.role}.{key} = {calibrated[key]:g} {unit} ({args.drawdown_ml:g} {unit} drawn by "
+            f"{args.calibrate_strokes} strokes)")
+
+
+def _prime_step(steps, board, spec, device_id, n, status, name):
+    """The spec's COMMISSION_PRIME method with n on the role the reset just built from the new config,
+    then a reset back into the app; returns (the status line after it, what the method made or None)."""
+    if status is None:
+        steps.report(name, None, "board not running: nothing primed")
+        return status, None
+    method, _most, s_each = spec.COMMISSION_PRIME
+    booted = [status]
+
+    def call():
+        try:
+            out = board.exec(METHOD_CALL.format(method=method, n=int(n)), soft_reset=False,
+                             timeout=10 + n * s_each)
+        finally:
+            after = _boot_check(board, device_id)     # the app again, whatever the call did
+            booted[0] = after[3]
+        said = parse_key_values(out)
+        refused = next((line.split(":", 1)[1].strip() for line in out.splitlines()
+                        if line.startswith("refused:")), None)
+        if refused is not None:
+            problem, _, fix = refused.partition("; fix: ")
+            return False, f"the board refused: {problem}", fix or "see the board's console", None
+        if "made" not in said:
+            return False, "the app was not running", "check the console: mpremote connect PORT repl", None
+        if not after[0]:
+            return False, f"{said['made']} made, but then: {after[1]}", after[2], None
+        return True, f"{said['made']} of {n} made", "", (after[3], said["made"])
+    done = steps.run(name, call)
+    return (booted[0], None) if done is None else done
+
+
+def _ask(question, as_json):
+    """One answer from the installer at the terminal (the question on stderr with --json, which keeps
+    stdout for JSON); None at end of input."""
+    try:
+        if as_json:
+            print(question, end="", file=sys.stderr, flush=True)
+            line = sys.stdin.readline()
+            return line.strip() if line else None
+        return input(question).strip()
+    except EOFError:
+        return None
+
+
+def _calibrate_step(steps, board, args, plan, status, result):
+    """The draw-down on the board: it makes the strokes (the spec's COMMISSION_PRIME) from the calibration
+    column, the installer says what they drew, the calibrated value goes into config.json (checked as
+    every value is) and the board restarts with it. Returns (status, cfg)."""
+    spec = roles.spec(args.role)
+    key, unit, how = spec.COMMISSION_CALIBRATE[:3]
+    n = args.calibrate_strokes
+    if status is None:
+        steps.report("calibration", None, "board not running: nothing calibrated")
+        return status, plan.cfg
+    if not args.json:
+        print(f"  -> {how}", flush=True)
+    if _ask(f"     read the level, then press Enter to make {n} strokes ", args.json) is None:
+        steps.report("calibration", None, "no answer: nothing calibrated")
+        return status, plan.cfg
+    status, made = _prime_step(steps, board, spec, plan.device_id, n, status, "calibration strokes")
+    if made is None:
+        return status, plan.cfg
+    while True:
+        answer = _ask(f"     {unit} drawn from the column by {made} strokes (empty: skip): ", args.json)
+        if not answer:
+            steps.report("calibration", None, f"skipped: {args.role}.{key} stays {plan.cfg[args.role][key]:g} {unit}")
+            return status, plan.cfg
+        try:
+            value = _calibrated(float(answer), made)
+        except ValueError:
+            value = None
+        if value is None:
+            print(f"     {answer!r} is not a measurement in {unit}, above 0", file=sys.stderr)
+            continue
+        try:
+            cfg = build_config(args.role, plan.device_id, args.config, plan.sets + [f"{args.role}.{key}={value!r}"])
+            if plan.limits is not None:
+                check_within_limits(args.role, cfg[args.role], plan.limits, plan.sets)
+        except UsageError as e:
+            print(f"     {answer} {unit} makes {args.role}.{key} {value:g}: {e.problem}; fix: {e.fix}", file=sys.stderr)
+            continue
+        break
+    args.drawdown_ml = float(answer)
+    result["calibrated"] = {key: value}
+    if steps.run("calibration", lambda: (board.write_atomically([("config.json", _config_bytes(cfg))]) or True,
+                                         _calibration_text(spec, args, {key: value}) + ", config.json rewritten",
+                                         "", True)) is None:
+        return None, plan.cfg
+    return steps.run("console shows the device", lambda: _boot_check(board, plan.device_id)), cfg
 
 
 def _identity(board, args):
@@ -304,7 +534,7 @@ def _sensor_step(steps, board, args, cfg, board_def, status):
     counter = getattr(spec, "COMMISSION_COUNTER", None)
     if counter is None or status is None:
         steps.report("sensor reads", None, "no live check for this role" if counter is None else "board not running")
-        return
+        return None
     section = cfg[args.role]
     if not args.json:
         print(f"  -> {spec.COMMISSION_ASK % section}", flush=True)
@@ -314,10 +544,12 @@ def _sensor_step(steps, board, args, cfg, board_def, status):
         _countdown(spec.COMMISSION_WAIT_S if args.sensor_wait is None else args.sensor_wait, "sensor", args.json)
     method = getattr(spec, "COMMISSION_PREPARE", None)
     prepare = f" rt.role.{method}()\n" if method else ""
+    read = [None]
 
     def query():
         # resume, not soft reset: the app's live state (runtime.current) is what is read
         after = parse_key_values(board.exec(STATUS_QUERY.format(prepare=prepare), soft_reset=False))
+        read[0] = None if "app" in after else after
         if "app" in after:
             return False, "the app was not running", "check the console: mpremote connect PORT repl", None
         before_n, after_n = int(status.get(counter, 0)), int(after.get(counter, 0))
@@ -326,6 +558,53 @@ def _sensor_step(steps, board, args, cfg, board_def, status):
             return True, spec.COMMISSION_SEEN % words, "", after
         return False, f"{counter} stayed {before_n}", spec.COMMISSION_FIX % words, after
     steps.run("sensor reads", query)
+    return read[0]
+
+
+def _inputs_step(steps, board, args, cfg, board_def, status, after):
+    """The live inputs the spec declares (COMMISSION_INPUTS), from the role's status() as the sensor
+    check read it (else read now, once the app has run a moment), each judged against its range; an
+    input outside it fails the step with the spec's fix. Returns {key: {value, ok, low, high}} or None."""
+    inputs = getattr(roles.spec(args.role), "COMMISSION_INPUTS", None)
+    if not inputs:
+        return None
+    if status is None:
+        steps.report("live inputs", None, "board not running")
+        return None
+    shown = {}
+
+    def read():
+        now = after
+        if now is None:
+            time.sleep(max(0.0, board.booted_at + INPUTS_SETTLE_S - time.monotonic()))
+            now = parse_key_values(board.exec(STATUS_QUERY.format(prepare=""), soft_reset=False))
+            if "app" in now:
+                return False, "the app was not running", "check the console: mpremote connect PORT repl", None
+        words_base = {**board_def.get("role_pins", {}), **cfg[args.role]}
+        parts, fixes = [], []
+        for key, label, low, high, fix in inputs:
+            value = now.get(key)
+            ok, rng = _judge(value, low, high)
+            parts.append(f"{label} {'?' if value is None else value}{rng}" + ("" if ok else " OUT OF RANGE"))
+            shown[key] = {"value": value, "ok": ok, "label": label,
+                          "low": list(low) if isinstance(low, (tuple, list)) else low, "high": high}
+            if not ok:
+                fixes.append(f"{key} {value}: " + (fix % {**words_base, "value": value} if fix else
+                                                   f"the board's status has no {key}: is its firmware current?"))
+        return not fixes, "; ".join(parts), "; ".join(fixes), True
+    steps.run("live inputs", read)
+    return shown or None
+
+
+def _judge(value, low, high):
+    """(within the declared range, the range as text): low a tuple lists the values allowed; a number
+    low and/or high bound a number; both None accept anything (shown only). A missing value fails."""
+    if isinstance(low, (tuple, list)):
+        return value in low, " [" + "|".join(map(str, low)) + "]"
+    if low is None and high is None:
+        return value is not None, ""
+    ok = isinstance(value, (int, float)) and (low is None or value >= low) and (high is None or value <= high)
+    return ok, f" [{'' if low is None else low}..{'' if high is None else high}]"
 
 
 def _countdown(seconds, what, quiet):

@@ -617,6 +617,10 @@ class Doser:
         counted like any other; refused while the tank is low or the daily allowance is spent."""
         if not 1 <= strokes <= 50:
             raise ConfigError("prime", "%r strokes" % (strokes,), "prime 1..50 strokes")
+        if strokes * self.min_gap_ms > 25000:       # the watchdog (30 s) is not fed while the app is stopped
+            raise ConfigError("prime", "%d strokes take longer than 25 s at %d strokes a minute" % (
+                strokes, self.limits["max_spm"]), "prime at most %d strokes at once, then again" % (
+                25000 // self.min_gap_ms))
         if self.tank_in.value() == 0:
             raise ConfigError("prime", "the tank's low switch is closed", "fill the tank first")
         if self.day_used + strokes > self.day_allow:
