@@ -7,7 +7,7 @@ import time
 from tools.console import parse_status
 from tools.rigs.board import Rig
 from tools.rigs.power_cut import power_cut_campaign
-from tools.sim.worlds.doser import SITE_LIMITS
+from tools.sim.worlds.doser import PLANT_SECTION, SITE_LIMITS
 
 FAST = {"link": {"sample_ms": 1000}}            # one control period a board second: a day in ~45 s at 2000x
 
@@ -23,7 +23,7 @@ def plant(rig):
 def test_a_simulated_day_keeps_the_far_tap_in_band_and_the_plant_below_its_ceiling(tmp_path):
     """Diurnal flow with a night minimum, demand that swings over the day: the tap at the end of the
     network stays within 0.2-0.5 mg/L for at least 95 % of the day; the outlet never passes the ceiling."""
-    rig = Rig(tmp_path, "doser", {"interval_min": 15, "target_mgl": 0.55}, extra=FAST, speed=2000)
+    rig = Rig(tmp_path, "doser", dict(PLANT_SECTION, interval_min=15), extra=FAST, speed=2000)
     try:
         rig.wait(lambda: plant(rig)["t_us"] >= 86400e6, 150, "a simulated day")
         w = plant(rig)

@@ -98,7 +98,7 @@ def _jitter(vm, seconds, progress):
 
 def run(args):
     from protocol.roles import doser as spec
-    from tools.sim.worlds.doser import SITE_LIMITS
+    from tools.sim.worlds.doser import PLANT_SECTION, SITE_LIMITS
     vm = bench_vm(args)
     figures = {"vm": vm, "speed": args.speed}
 
@@ -131,7 +131,7 @@ def run(args):
                         "heap_min_free_share": round(health.get(3, 0) / budget, 3)})
     figures.update(_jitter(vm, args.jitter_s, progress("jitter")))
     for profile in [int(p) for p in args.profiles.split(",") if p.strip()]:
-        w, _readings, _h = _day({"interval_min": 15, "target_mgl": 0.55},
+        w, _readings, _h = _day(dict(PLANT_SECTION, interval_min=15),
                                 [f"chlorine_plant.demand_profile={profile}"], args.speed, vm,
                                 progress(f"profile {profile}"))
         figures[f"profile_{profile}_tap_in_band_share"] = round(w["tap_in_band_share"], 4)

@@ -550,6 +550,11 @@ TRUTH = ("chlorine_plant", "strokes")                    # the strokes the pump 
 # residual ceiling of 2 mg/L at the analyser. The world's defaults match the board's config defaults
 # (analyser 0-5 mg/L, flow transmitter 0-50 L/s, 10 L per flowmeter pulse, 120 g/L, 0.5 mL strokes).
 SITE_LIMITS = {"max_spm": 120, "max_dose_mgl": 3.0, "max_l_day": 40.0, "ceiling_mgl": 2.0}
+# The doser config this plant wants: residual 0.5 mg/L at the analyser (the far tap then sits mid-band:
+# 0.2-0.5 mg/L at the tap is 0.28-0.69 at the plant), the trim allowed to +/-80 % of the 1.5 mg/L
+# feed-forward dose (the raw water's demand runs from 1.0 to 2.0 mg/L in rain, profile 2), once per
+# contact-tank dead time.
+PLANT_SECTION = {"target_mgl": 0.5, "trim_pct": 80, "dead_time_s": 600}
 
 
 def site_board(n):
@@ -557,4 +562,4 @@ def site_board(n):
     its analyser's residual target at the plant such that the far tap stays in 0.2-0.5 mg/L. Its
     hypochlorite tank is nearly empty (0.1 L above the low switch): within a minute or two of a site
     at 60x the tank_low interlock stops the pump and shows on the status page as an alarm."""
-    return {"interval_min": 1, "target_mgl": 0.55, "dead_time_s": 600}, ["chlorine_plant.tank_start_l=20.1"]
+    return dict(PLANT_SECTION, interval_min=1), ["chlorine_plant.tank_start_l=20.1"]
