@@ -374,3 +374,24 @@ print(hal.stroker.pulses, before, d.day_used, d.day_allow, ok1, ok2, rt.refused,
                                                                    timeout=300).split()[-8:]
     assert int(allow) == 100 and int(pulses) == int(before) <= 100 <= int(used)
     assert (ok1, ok2, refused) == ("False", "False", "2") and daily == "01"
+
+
+def test_a_4_20_ma_flow_transmitter_doses_the_same_as_a_pulse_flowmeter():
+    """12 mA on a 0-20 L/s transmitter is 10 L/s: the same 900 strokes an hour as 10 L/s of pulses."""
+    section = dict(SECTION, flow_input="ma", flow_max_lps=20)
+    body = """
+hal.flow_ma.uv = 12000 * 150
+for i in range(36000):
+    step(i, 0)
+    if i % 50 == 0:
+        d.service()
+first = hal.stroker.pulses
+hal.flow_ma.uv = 3900 * 150                     # below 1 % of the range: no flow
+for i in range(36000):
+    step(i, 0)
+    if i % 50 == 0:
+        d.service()
+print(first, hal.stroker.pulses - first, bytes(d.want[1:2]).hex())
+"""
+    first, after, no_flow = vm.run(_script(body, section=section), timeout=300).split()[-3:]
+    assert abs(int(first) - 900) <= 2 and int(after) <= 1 and no_flow == "01"
