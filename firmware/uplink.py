@@ -91,27 +91,38 @@ class Uplink:
             n = self.uart.readinto(self.rx)
 
     def _on_message(self, _device, counter, msg_type, m):
+        """The receiver's handler: m follows its message's rule (messages.decode checked every key's
+        type and range; a bad message was counted there and never gets here). Returns None, or
+        "handler_error" when acting on it raised: a fault, counted in health, and a request answered
+        as refused (the gateway never retries a refusal)."""
         self.received += 1
-        if msg_type in (M.TIME_SYNC, M.CONFIG_PUSH, M.COMMAND):
-            # These change the board; a replay after a reboot could set an old time or config. Their
-            # counter is kept as the floor first (a few writes a day). Acks need not: an old ack only
-            # deletes what was acknowledged already.
-            persist.write_int(DOWNLINK_FLOOR, counter)
         self.backoff_ms = ACK_TIMEOUT_MS          # the gateway is there
         rt = self.rt
-        if msg_type == M.ACK:
-            rt.log.ack(m[0], m[1])
-            self.waiting = False
-            self.next_try = self.hal.link_ticks_ms()       # the next batch goes at once
-        elif msg_type == M.TIME_SYNC:
-            self.synced = True
-            rt.on_time_sync(m[0])
-        elif msg_type == M.CONFIG_PUSH:
-            ok, detail = rt.apply_config(m[1])
-            self.send_dict(M.COMMAND_RESULT, M.command_result(m[0], ok, detail))
-        elif msg_type == M.COMMAND:
-            ok, detail = rt.command(m[1], m[2])
-            self.send_dict(M.COMMAND_RESULT, M.command_result(m[0], ok, detail))
+        try:
+            if msg_type in (M.TIME_SYNC, M.CONFIG_PUSH, M.COMMAND):
+                # These change the board; a replay after a reboot could set an old time or config. Their
+                # counter is kept as the floor first (a few writes a day). Acks need not: an old ack only
+                # deletes what was acknowledged already.
+                persist.write_int(DOWNLINK_FLOOR, counter)
+            if msg_type == M.ACK:
+                rt.log.ack(m[0], m[1])
+                self.waiting = False
+                self.next_try = self.hal.link_ticks_ms()       # the next batch goes at once
+            elif msg_type == M.TIME_SYNC:
+                rt.on_time_sync(m[0])
+                self.synced = True
+            elif msg_type == M.CONFIG_PUSH:
+                ok, detail = rt.apply_config(m[1])
+                self.send_dict(M.COMMAND_RESULT, M.command_result(m[0], ok, detail))
+            elif msg_type == M.COMMAND:
+                ok, detail = rt.command(m[1], m[2])
+                self.send_dict(M.COMMAND_RESULT, M.command_result(m[0], ok, detail))
+        except Exception as e:                    # a failure is a state: count it, answer, go on
+            what = "%s: %r" % (M.NAMES[msg_type], e)
+            rt.fault("downlink " + what)
+            if msg_type == M.CONFIG_PUSH or msg_type == M.COMMAND:
+                self.send_dict(M.COMMAND_RESULT, M.command_result(m[0], False, what[:80]))
+            return "handler_error"
 
     # -- send --------------------------------------------------------------------------
     def _send(self, msg_type, plen):

@@ -15,6 +15,8 @@ and no error message ever echoes a secret.
 
 import difflib
 import ipaddress
+import json
+import math
 import os
 import re
 import stat
@@ -122,17 +124,69 @@ class Config(NamedTuple):
 def load(path):
     """Read and validate one config file; raise ConfigError naming the key and the fix."""
     path = Path(path)
+    text = read_text(path, str(path), "pass the path of the gateway's TOML config (an example is "
+                     "gateway/gateway.example.toml), readable by the service user", error=ConfigError)
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(str(path), "no such file", "pass the path of the gateway's TOML config "
-                          "(an example is gateway/gateway.example.toml)") from None
-    except OSError as e:
-        raise ConfigError(str(path), f"cannot be read ({e.strerror})", "make it readable by the service user") from None
-    except tomllib.TOMLDecodeError as e:
+        data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, RecursionError) as e:
         raise ConfigError(str(path), f"not valid TOML ({e})", "fix the syntax at that line") from None
     return _Checker(path).config(data)
+
+
+# -- the one way a file comes in: text or UsageError --------------------------------------------------
+# The gateway's TOML, the registry's export files and the tools' JSON (device configs, limits, pushes)
+# all come in here, so a file that is missing, a folder, unreadable, not UTF-8, not JSON, or JSON with
+# NaN, Infinity or a number past a float's range is refused the same way: one line, exit 2.
+
+def read_text(path, where, fix, error=UsageError):
+    """The text of a regular file, as UTF-8; error(where, problem, fix) for anything else."""
+    problem = None
+    try:
+        with open(path, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                problem = "not a regular file"
+            else:
+                return f.read().decode("utf-8")
+    except FileNotFoundError:
+        problem = "no such file"
+    except IsADirectoryError:
+        problem = "is a folder, not a file"
+    except NotADirectoryError:
+        problem = "no such file (a part of the path is a file, not a folder)"
+    except OSError as e:
+        problem = f"cannot be read ({e.strerror or e})"
+    except UnicodeDecodeError as e:
+        problem = f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+    raise error(where, problem, fix)
+
+
+def _not_a_number(constant):
+    raise ValueError(f"{constant} is not a number (JSON has no NaN or Infinity)")
+
+
+def _finite(text):
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is past the range of a number")
+    return value
+
+
+def parse_json(text):
+    """JSON as a board reads it: no NaN or Infinity, no number past a float (they slip past every range
+    check); ValueError for anything that is not such JSON."""
+    try:
+        return json.loads(text, parse_constant=_not_a_number, parse_float=_finite)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def read_json(path, where, fix):
+    """A JSON file's value (read_text, then parse_json); UsageError naming where for either."""
+    text = read_text(path, where, fix)
+    try:
+        return parse_json(text)
+    except ValueError as e:
+        raise UsageError(where, f"{path} is not JSON ({e})", fix) from None
 
 
 def _shown(value):
@@ -199,6 +253,8 @@ class _Checker:
             return None
         if not isinstance(value, str) or not value:
             self.fail(where, value, "must be a non-empty string", f"write {key} as a quoted string")
+        if "\x00" in value:                      # no path, host or name holds one (and stat() raises on it)
+            self.fail(where, value, "holds a NUL character", f"write {key} without \\u0000")
         return value
 
     def choice(self, table, prefix, key, default, choices):
@@ -256,8 +312,18 @@ class _Checker:
             self.fail("gateway.site", site, "not topic-safe",
                       "use 1 to 32 of a-z, 0-9, '_' and '-' (it goes in MQTT topics)")
         data_dir = self.base / self.string(t, "gateway", "data_dir", required=True)
-        if data_dir.exists() and not data_dir.is_dir():
-            self.fail("gateway.data_dir", t["data_dir"], "exists and is not a folder", "point it at a folder")
+        for folder in (data_dir, *data_dir.parents):        # the first that exists must be a folder
+            try:
+                is_dir = stat.S_ISDIR(folder.stat().st_mode)
+            except (FileNotFoundError, NotADirectoryError):     # not there, or a file above it: look higher
+                continue
+            except OSError as e:                                # no access
+                self.fail("gateway.data_dir", t["data_dir"], f"cannot be reached ({e.strerror})",
+                          "point it at a folder the service user can reach")
+            if not is_dir:
+                self.fail("gateway.data_dir", t["data_dir"], "exists and is not a folder" if folder == data_dir
+                          else f"{folder} is a file, not a folder", "point it at a folder")
+            break
         level = self.string(t, "gateway", "log_level", "info")
         if level.lower() not in LOG_LEVELS:
             self.fail("gateway.log_level", level, "not a log level", "use one of " + ", ".join(LOG_LEVELS))

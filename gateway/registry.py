@@ -30,6 +30,7 @@ from functools import partial
 from typing import NamedTuple
 
 from gateway import files
+from gateway.config import parse_json, read_text
 from gateway.logs import log_event
 from protocol.errors import UsageError
 from protocol.roles import ROLES
@@ -38,6 +39,7 @@ STATES = ("commissioned", "active", "retired")
 KEY_BYTES = 16
 COUNTER_MAX = 0xFFFFFFFF          # frame counters are u32 in the header
 SEEN_WRITE_S = 60
+LAST_SEEN_MAX = 2**32            # Unix seconds: past 2106 is not a time a board was seen
 EXPORT_FORMAT = "prapa-registry-export"
 NAME_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
 BOARD_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
@@ -120,16 +122,48 @@ class Registry:
     """One SQLite file of devices; safe to share between the service's loop and its HTTP thread."""
 
     def __init__(self, path):
+        """Open (or create) the registry; RegistryError, and no file left behind if this call made it,
+        when the path cannot hold one (a folder, no permission, a full disk, a file that is not a
+        registry)."""
         self.path = Path(path)
         self._lock = threading.Lock()
         self._seen = {}                  # device_id -> latest last_seen, ahead of the file by < SEEN_WRITE_S
-        self._open_private()
-        self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
-        mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if mode.lower() != "wal":
-            raise RuntimeError(f"{self.path}: SQLite refused WAL mode ({mode}); put the registry on a local disk")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        existed = self.path.exists()
+        self.db = None
+        try:
+            if not existed:
+                self._open_private()                        # 0600 before SQLite writes a byte
+            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            tables = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and "devices" not in tables:          # another SQLite file (a store?): left untouched
+                raise RegistryError(str(self.path), "is an SQLite file but not a prapa registry (no devices table)",
+                                    "give the gateway's registry.db (data_dir in gateway.toml)")
+            if existed:
+                self._open_private()                        # a registry found looser is tightened
+            mode = self.db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise RegistryError(str(self.path), f"SQLite refused WAL mode ({mode})",
+                                    "put the registry on a local disk")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+            self.db.execute("SELECT device_id, name, role, key, state, board, firmware, last_seen, downlink_bound"
+                            " FROM devices LIMIT 0")
+        except (OSError, sqlite3.Error, RegistryError) as e:
+            if self.db is not None:
+                self.db.close()
+            if not existed:
+                for suffix in ("", "-wal", "-shm"):
+                    Path(str(self.path) + suffix).unlink(missing_ok=True)
+            if isinstance(e, RegistryError):
+                raise
+            if isinstance(e, OSError):
+                problem = f"cannot be opened ({e.strerror or e})"
+            elif isinstance(e, sqlite3.DatabaseError) and "not a database" in str(e) or "no such column" in str(e):
+                problem = f"is not a prapa registry ({e})"
+            else:
+                problem = f"cannot be opened ({e})"
+            raise RegistryError(str(self.path), problem, "give the gateway's registry.db (data_dir in gateway.toml), "
+                                "on a disk with space, that this user can read and write") from None
 
     def _open_private(self):
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -295,7 +329,7 @@ class Registry:
         Retire a device on the gateway it leaves before exporting it.
         """
         path = Path(path)
-        records = _read_export(path)
+        records = read_export(path)
         now = time.time() if now is None else now
 
         def insert(db):
@@ -328,14 +362,16 @@ class DownlinkCounters:
 _COLUMNS = "device_id, name, role, key, state, board, firmware, last_seen, downlink_bound"
 
 
-def _read_export(path):
+def read_export(path):
+    """The records of an export file, every one checked (RegistryError naming the record and field): what
+    import_file adds, and what `prapa gateway devices import` checks before it opens the registry."""
     def fail(where, problem, fix):
         raise RegistryError(f"{path}: {where}", problem, fix)
 
+    text = read_text(path, f"{path}: file", "give the path of an export file (prapa commission --export)",
+                     error=RegistryError)
     try:
-        data = json.loads(path.read_text())
-    except OSError as e:
-        fail("file", f"cannot be read ({e.strerror})", "give the path of an export file")
+        data = parse_json(text)
     except ValueError as e:
         fail("file", f"is not JSON ({e})", "use a file written by the registry's export")
     if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT or data.get("version") != 1:
@@ -356,8 +392,10 @@ def _read_export(path):
         if isinstance(bound, bool) or not isinstance(bound, int) or not 0 <= bound <= COUNTER_MAX + 1:
             fail(f"{where}.downlink_bound", f"{bound!r} is not a counter bound", "export the device again")
         last_seen, firmware = r.get("last_seen"), r.get("firmware")
-        if last_seen is not None and (isinstance(last_seen, bool) or not isinstance(last_seen, (int, float))):
-            fail(f"{where}.last_seen", f"{last_seen!r} is not Unix seconds", "use a number or null")
+        if last_seen is not None and (isinstance(last_seen, bool) or not isinstance(last_seen, (int, float))
+                                      or not 0 <= last_seen <= LAST_SEEN_MAX):
+            fail(f"{where}.last_seen", f"{last_seen!r} is not Unix seconds", "use a number of seconds since 1970, "
+                 "or null")
         if firmware is not None and not isinstance(firmware, str):
             fail(f"{where}.firmware", f"{firmware!r} is not a version string", "use a string or null")
         if r["device_id"] in seen_ids:

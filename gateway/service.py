@@ -12,16 +12,28 @@ What it promises, and where each promise is kept:
   past the guard.
 - Serial ports are read by one thread each (pyserial blocks); everything else,
   sessions included, runs on the loop thread, so sessions need no locks.
+- Start-up creates nothing it cannot keep: claim() opens the serial ports, binds
+  the UDP and HTTP ports and checks the data_dir can be written before the
+  data_dir, the store or the registry exist; a refusal there, or one while
+  they are made, is a UsageError (exit 2, which systemd does not restart) and
+  leaves no data_dir behind.
 """
 
 import asyncio
 import collections
+import errno
+import fcntl
 import json
 import logging
+import os
 import shutil
 import signal
+import socket
+import sqlite3
 import threading
 import time
+from pathlib import Path
+from typing import NamedTuple
 
 from gateway import forward_format as ff
 from gateway.forwarder import Forwarder
@@ -33,6 +45,7 @@ from gateway.serial_link import SerialLink
 from gateway.session import Sessions
 from gateway.store import Store
 from protocol import link
+from protocol.errors import UsageError
 from protocol.roles import catalog as roles
 from protocol import messages as M
 
@@ -88,6 +101,110 @@ def _field_charts(role, series):
             for i, name in enumerate(names)]
 
 
+# -- start-up: claim what the service must own before anything is created --------------------------
+class Claimed(NamedTuple):
+    """The links' ports, opened and bound by claim(), in the order of cfg.links."""
+    serial_links: list           # SerialLink, flock'ed: no second reader on the wire
+    udp_sockets: list            # bound datagram sockets
+
+    def close(self):
+        for link_ in self.serial_links:
+            link_.close()
+        for sock in self.udp_sockets:
+            sock.close()
+
+
+def claim(cfg):
+    """Open every serial port, bind every UDP port, try the HTTP port and check the data_dir can be made
+    or written, all before anything is created; UsageError naming the config key and the fix."""
+    claimed = Claimed([], [])
+    try:
+        _check_data_dir(cfg)
+        for i, link_cfg in enumerate(cfg.links):
+            where = f"{cfg.path}: links[{i}]"
+            if link_cfg.type == "serial":
+                claimed.serial_links.append(_open_serial(link_cfg, where))
+            else:
+                claimed.udp_sockets.append(_bind(link_cfg.host, link_cfg.port, socket.SOCK_DGRAM,
+                                                 f"{where}.bind", "the boards' UDP link"))
+        _bind(cfg.http.host, cfg.http.port, socket.SOCK_STREAM, f"{cfg.path}: http.listen",
+              "the status page and /metrics").close()        # HttpServer binds it again at start
+    except BaseException:
+        claimed.close()
+        raise
+    return claimed
+
+
+def _check_data_dir(cfg):
+    data_dir, where = cfg.gateway.data_dir, f"{cfg.path}: gateway.data_dir"
+    folder = data_dir
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(where, f"{folder} is a file, not a folder", "point data_dir at a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(where, f"{data_dir}: the service user cannot write in {folder}",
+                         f"chown {folder} to the service user, or point data_dir at a folder it owns "
+                         "(systemd: StateDirectory=prapa gives /var/lib/prapa)")
+    for path in (cfg.store_path, cfg.registry_path):
+        if path.exists() and (not path.is_file() or not os.access(path, os.R_OK | os.W_OK)):
+            raise UsageError(where, f"{path} is not a file the service user can read and write",
+                             "move it away, or chown it to the service user")
+
+
+def _open_serial(link_cfg, where):
+    port = link_cfg.port
+    if not os.path.exists(port):
+        raise UsageError(f"{where}.port = {port!r}", "no such port",
+                         "plug the adapter in, or set port to its path (ls /dev/serial/by-id/)")
+    try:
+        serial_link = SerialLink(port, link_cfg.baudrate)
+    except (OSError, ValueError) as e:          # pyserial's SerialException is an OSError
+        raise UsageError(f"{where}.port = {port!r}", f"cannot be opened ({e})",
+                         "check the service user may use it (group dialout) and that it is a serial port") from None
+    try:
+        fcntl.flock(serial_link.serial.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        serial_link.close()
+        raise UsageError(f"{where}.port = {port!r}", "busy: another program holds it",
+                         "stop the other program (another gateway, prapa monitor, mpremote, screen)") from None
+    return serial_link
+
+
+def _bind(host, port, kind, where, what):
+    """A socket bound to host:port (kind SOCK_DGRAM or SOCK_STREAM), or UsageError saying why not."""
+    try:
+        family, _type, proto, _name, address = socket.getaddrinfo(host, port, type=kind)[0]
+    except socket.gaierror as e:
+        raise UsageError(where, f"{host} cannot be resolved ({e.strerror})",
+                         "use an IP address of this machine") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as http.server does
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        ss = "ss -lunp" if kind == socket.SOCK_DGRAM else "ss -ltnp"
+        problem, fix = {
+            errno.EADDRINUSE: (f"port {port} is in use", f"stop what listens there ({ss}), or give {what} another port"),
+            errno.EADDRNOTAVAIL: (f"{host} is not an address of this machine", "use one of its addresses, or 0.0.0.0"),
+            errno.EACCES: (f"port {port} needs privileges", "use a port above 1023"),
+        }.get(e.errno, (f"cannot bind {host}:{port} ({e.strerror})", f"give {what} another address"))
+        raise UsageError(where, problem, fix) from None
+    return sock
+
+
+def _made_by(data_dir):
+    """The topmost folder creating data_dir would make (None if it exists): removed if start-up fails."""
+    made = None
+    for folder in (data_dir, *data_dir.parents):
+        if folder.exists():
+            return made
+        made = folder
+    return made
+
+
 class UdpPeer:
     """A board on UDP: replies go to the address its last frame came from, one bare frame a datagram."""
 
@@ -130,8 +247,36 @@ def read_link(link, stopping, deliver, on_error=None, retry_s=1.0):
 
 
 class Service:
-    def __init__(self, cfg):
+    @classmethod
+    def create(cls, cfg, claimed):
+        """The service on what claim() took: its data_dir, store and registry are made here, and a
+        failure while making them (disk full, a file that is not a database) is a UsageError that
+        leaves neither the claimed ports nor a new data_dir behind."""
+        made = _made_by(cfg.gateway.data_dir)
+        files = [Path(f"{p}{suffix}") for p in (cfg.store_path, cfg.registry_path) for suffix in ("", "-wal", "-shm")]
+        new = [f for f in files if not f.exists()]
+        try:
+            return cls(cfg, claimed)
+        except (OSError, sqlite3.Error, UsageError) as e:
+            claimed.close()
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+            for f in new:
+                f.unlink(missing_ok=True)
+            if isinstance(e, UsageError):
+                raise
+            if isinstance(e, sqlite3.DatabaseError) and "not a database" in str(e):
+                problem, fix = f"{cfg.store_path} is not a prapa store ({e})", "move it away: a new one is made"
+            elif isinstance(e, OSError) and e.errno == errno.ENOSPC or "full" in str(e):
+                problem, fix = f"no space left for the store in {cfg.gateway.data_dir}", "free space on that disk"
+            else:
+                problem, fix = f"cannot create the store in {cfg.gateway.data_dir} ({e})", \
+                    "check the folder and the disk the service user writes to"
+            raise UsageError(f"{cfg.path}: gateway.data_dir", problem, fix) from None
+
+    def __init__(self, cfg, claimed=None):
         self.cfg = cfg
+        self.claimed = claimed              # None: run() claims the ports itself
         cfg.gateway.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = Store(cfg.store_path)
         self.registry = Registry(cfg.registry_path)
@@ -329,16 +474,17 @@ class Service:
         done = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, done.set)
+        claimed = self.claimed or claim(self.cfg)
+        serial_links, udp_sockets = iter(claimed.serial_links), iter(claimed.udp_sockets)
         for link_cfg in self.cfg.links:
             if link_cfg.type == "serial":
-                link = SerialLink(link_cfg.port, link_cfg.baudrate)
+                link = next(serial_links)
                 self.serial_links.append(link)
                 threading.Thread(target=self._read_serial, args=(link, loop), daemon=True,
                                  name=f"link {link_cfg.port}").start()
             else:
                 name = f"udp {link_cfg.host}:{link_cfg.port}"
-                await loop.create_datagram_endpoint(lambda n=name: _Udp(self, n),
-                                                    local_addr=(link_cfg.host, link_cfg.port))
+                await loop.create_datagram_endpoint(lambda n=name: _Udp(self, n), sock=next(udp_sockets))
                 self.udp_links.append(name)
         self.http.start()
         self.forwarder.start()

@@ -17,13 +17,22 @@ series never counts a litre twice.
 
 Rows: a bare number (the meter's), or, for a role whose spec declares FIELDS, a
 list of integer columns: the item's value is the first (what the register
-counts) and its "fields" every column scaled by name. A row that does not fit
-its role's spec is neither stored nor acknowledged (counted in rows_skipped).
+counts) and its "fields" every column scaled by name.
+
+Receiving never raises, and only whole valid messages change anything: the link
+Receiver hands over only messages that messages.decode checked against their
+rule (types and ranges of schema.cddl; a batch with one row that does not fit its
+role's FIELDS is refused whole, so nothing of it is stored or acknowledged and
+the board keeps it), and each handler works out everything first and changes the
+session's state last. A message refused after its tag verified is counted by
+reason in the Receiver's counts (invalid_<type>, or handler_error when a handler
+raised: a bug here, logged once per device and reason, with no traceback).
 """
 
 import functools
 import logging
 import time
+import traceback
 
 import cbor2
 
@@ -52,10 +61,6 @@ def row_fields(role_name):
     return tuple(tuple(f) for f in roles.attr(role_name, "FIELDS", None) or ())
 
 
-def _int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def scaled(column, scale, missing=None):
     """A row column as its value: column x 10**scale (an int for scale >= 0, else rounded to the
     scale's decimals), None where it holds `missing` (the spec's "no valid sample")."""
@@ -67,10 +72,7 @@ def scaled(column, scale, missing=None):
 
 
 def row_columns(fields, row):
-    """{name: value} for a row of the role's FIELDS, or None when the row does not fit them (not a
-    list, another number of columns, a column that is not an integer)."""
-    if not isinstance(row, list) or len(row) != len(fields) or not all(_int(c) for c in row):
-        return None
+    """{name: value} for a row of the role's FIELDS (messages.decode has checked that it fits them)."""
     return {name: scaled(c, scale, missing) for (name, _unit, scale, missing), c in zip(fields, row)}
 
 
@@ -110,10 +112,11 @@ class Sessions:
         self.devices = {}
         self.pending = []              # entries received, not yet committed
         self._latest = {}              # device -> (wall_t, value, register, fields or None), newest interval reading
-        self.rows_skipped = 0          # readings rows not stored: they do not fit the role's spec (see _readings)
         self._link = None
+        self._logged = set()           # (device, reason) refusals logged already: each is logged once
         self.receiver = link.Receiver(secure.UPLINK, key_for, self._on_message, accept_any_addr=True,
-                                      max_devices=4096, window_for=self._saved_window)
+                                      max_devices=4096, window_for=self._saved_window,
+                                      on_refused=self._refused)
         self._windows_touched = set()
         self.committed = 0
         self.acks_sent = 0
@@ -140,13 +143,34 @@ class Sessions:
         return d
 
     def _on_message(self, device_id, _counter, msg_type, m):
+        """The Receiver's handler: m follows its message's rule (messages.decode). Returns None
+        (accepted) or "handler_error" (a bug here, logged once per device): never raises."""
+        try:
+            self._dispatch(device_id, msg_type, m)
+        except Exception as e:
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            self._refused(device_id, "handler_error", f"{M.NAMES[msg_type]}: {e!r} at "
+                                                      f"{where.filename.rsplit('/', 1)[-1]}:{where.lineno}")
+            return "handler_error"
+        return None
+
+    def _refused(self, device_id, reason, problem):
+        """A message refused after its tag verified: the first of each reason from a device is logged."""
+        if (device_id, reason) in self._logged or len(self._logged) >= 65536:
+            return
+        self._logged.add((device_id, reason))
+        log_event(log, logging.ERROR if reason == "handler_error" else logging.WARNING, "message_refused",
+                  device=f"{device_id:08x}", reason=reason, problem=str(problem),
+                  note="more of this reason from this device are only counted")
+
+    def _dispatch(self, device_id, msg_type, m):
         now = self.clock()
         d = self.device(device_id)
         d.last_seen = now
         d.frames += 1
         self._windows_touched.add(device_id)
         if self._link is not None:
-            d.link = self._link
+            d.link = self._link                     # where the board is: replies to this message go there
         if msg_type == M.HELLO:
             self._hello(d, m, now)
         elif msg_type == M.READINGS:
@@ -166,8 +190,8 @@ class Sessions:
             d.boot_id = boot_id
 
     def _hello(self, d, m, now):
-        d.boot_id, d.firmware, d.board = m[0], m[1], m[2]
-        d.role = roles.name_of(m[3])
+        role = roles.name_of(m[3])
+        d.boot_id, d.firmware, d.board, d.role = m[0], m[1], m[2], role
         if 8 in m:
             d.addr = m[8]
         if 7 in m:
@@ -215,32 +239,16 @@ class Sessions:
         if not self.accepting:
             return
         boot, seq0, t0, span, role, units, rows = m[0], m[1], m[2], m[3], m[4], m[5], m[6]
-        self._note_boot(d, boot)
         role_name = roles.name_of(role)
-        d.role = d.role or role_name
         series, step = m.get(9, M.SERIES_INTERVAL), m.get(10, 1)
         register = m.get(7)
         wall0 = m.get(8)
-        if wall0 is None and boot == d.boot_id:
-            self._time_sync(d, now)
         chained = register is not None and has_register(role_name)
         fields = row_fields(role_name)
+        entries, latest = [], None
         for i, row in enumerate(rows):
             seq, seq_last, t_end = seq0 + i * step, seq0 + (i + 1) * step - 1, t0 + i * span
-            # A row that does not fit the role's spec (a FIELDS row of another length or with a column
-            # that is no integer; a register's row that is no integer) is not stored, so it is not
-            # acknowledged either: the board keeps it in its log (a gateway that reads it can take it
-            # later) and the refusal is counted and logged. The register chain needs every row's count,
-            # so the rest of the batch waits with it.
-            columns = None
-            if fields:
-                columns = row_columns(fields, row)
-                value = row[0] if columns is not None else None
-            else:
-                value = row
-            if (fields and columns is None) or (chained and not _int(value)):
-                self._skip_rows(d, boot, seq, role_name, row, len(rows) - i)
-                break
+            value, columns = (row[0], row_columns(fields, row)) if fields else (row, None)
             wall, source = self._wall(d, boot, t_end, None if wall0 is None else wall0 + i * span)
             item = {"device": f"{d.device_id:08x}", "boot": boot, "seq": seq, "kind": "reading", "role": role_name,
                     "series": SERIES.get(series, str(series)), "t_board_s": t_end, "span_s": span, "wall_t": wall,
@@ -261,19 +269,17 @@ class Sessions:
                 if item is None:
                     continue
             if series == M.SERIES_INTERVAL and wall is not None:
-                self._latest[d.device_id] = (wall, item["value"], item.get("register"), item.get("fields"))
-            self.pending.append(Entry(d.device_id, boot, item["seq"], "reading", t_end,
-                                      cbor2.dumps(item), wall, source,
-                                      item.get("seq_last")))
-
-    def _skip_rows(self, d, boot, seq, role_name, row, n):
-        """Rows seq.. (n of them) of a batch are not stored: the first does not fit the role's spec."""
-        self.rows_skipped += n
-        fields = row_fields(role_name)
-        log_event(log, logging.WARNING, "readings_row_refused", device=f"{d.device_id:08x}", boot=boot, seq=seq,
-                  role=role_name, rows_skipped=n,
-                  expected=f"{len(fields)} integer columns" if fields else "an integer",
-                  got=f"{len(row)} columns" if isinstance(row, list) else type(row).__name__)
+                latest = (wall, item["value"], item.get("register"), item.get("fields"))
+            entries.append(Entry(d.device_id, boot, item["seq"], "reading", t_end, cbor2.dumps(item), wall, source,
+                                 item.get("seq_last")))
+        if wall0 is None and (d.boot_id is None or boot >= d.boot_id):
+            self._time_sync(d, now)                 # the board's newest boot has no wall time yet
+        # The whole batch is worked out: only now does the session change.
+        self._note_boot(d, boot)
+        d.role = d.role or role_name
+        if latest is not None:
+            self._latest[d.device_id] = latest
+        self.pending.extend(entries)
 
     def _trim_merged(self, device_id, boot, item):
         """Drop the part of a merged reading this store already holds as finer readings."""
@@ -302,15 +308,15 @@ class Sessions:
         if not self.accepting:
             return
         boot, seq, t_s, code, active = m[0], m[1], m[2], m[3], m[4]
-        self._note_boot(d, boot)
         wall, source = self._wall(d, boot, t_s, None)
         name = roles.alarm_name(d.role, code)
-        d.alarms[code] = (bool(active), wall, name)
         item = {"device": f"{d.device_id:08x}", "boot": boot, "seq": seq, "kind": "alarm", "role": d.role,
-                "code": code, "name": name, "active": bool(active), "detail": m.get(5, 0), "t_board_s": t_s,
+                "code": code, "name": name, "active": active, "detail": m.get(5, 0), "t_board_s": t_s,
                 "wall_t": wall, "time_source": source}
-        self.pending.append(Entry(d.device_id, boot, seq, "alarm", t_s, cbor2.dumps(item), wall,
-                                  source))
+        entry = Entry(d.device_id, boot, seq, "alarm", t_s, cbor2.dumps(item), wall, source)
+        self._note_boot(d, boot)
+        d.alarms[code] = (active, wall, name)
+        self.pending.append(entry)
 
     # -- commit and acknowledge ---------------------------------------------------------
     def _saved_window(self, device_id):

@@ -8,19 +8,32 @@
 from protocol import framing, secure
 from protocol import messages as M
 
-REASONS = framing.Reader.REASONS + secure.REASONS + ("unknown_type", "bad_payload")
+# After the tag verifies: a type this side does not know, a payload that is not its message's
+# shape (messages.decode), one whose keys break its rule (invalid_<name>, one per message type),
+# and a handler that raised (handler_error: a bug on this side, counted, never raised out).
+REASONS = framing.Reader.REASONS + secure.REASONS + (
+    "unknown_type", "bad_payload", "invalid_hello", "invalid_readings", "invalid_alarm", "invalid_health",
+    "invalid_ack", "invalid_time_sync", "invalid_config_push", "invalid_command", "invalid_command_result",
+    "handler_error")
 
 
 class Receiver:
     def __init__(self, direction, key_for, on_message, my_addr=framing.ADDR_GATEWAY, accept_any_addr=False,
-                 max_devices=64, window_for=None):
-        """key_for(device_id) -> 16-byte key or None; on_message(device_id, counter, msg_type, message);
-        window_for(device_id) -> the replay window a restarted receiver resumes from (None: a fresh one)."""
+                 max_devices=64, window_for=None, on_refused=None):
+        """key_for(device_id) -> 16-byte key or None; on_message(device_id, counter, msg_type, message)
+        gets only messages that decode and follow their rule, and returns None (accepted) or a reason of
+        REASONS it refused the message for (an exception out of it is counted as handler_error);
+        window_for(device_id) -> the replay window a restarted receiver resumes from (None: a fresh one);
+        on_refused(device_id, reason, error): told of each message refused after its tag verified
+        for its type or payload (the gateway logs it; the board only counts).
+
+        Every frame ends as one count: accepted, or refused under one reason."""
         self.direction = direction
         self.key_for = key_for
         self.on_message = on_message
         self.max_devices = max_devices
         self.window_for = window_for
+        self.on_refused = on_refused
         self.openers = {}
         self._refused = {r: 0 for r in REASONS}
         self.accepted = 0
@@ -71,16 +84,21 @@ class Receiver:
         except secure.Reject as r:
             self._refused[r.reason] += 1
             return
-        if msg_type not in M.NAMES:
-            self._refused["unknown_type"] += 1
-            return
         try:
             message = M.decode(msg_type, bytes(self._plain[:plen]))
-        except M.MessageError:
-            self._refused["bad_payload"] += 1
+        except M.MessageError as e:
+            self._refused[e.reason] += 1
+            if self.on_refused is not None:
+                self.on_refused(device_id, e.reason, e)
             return
-        self.accepted += 1
-        self.on_message(device_id, counter, msg_type, message)
+        try:
+            refused = self.on_message(device_id, counter, msg_type, message)
+        except Exception:                   # the handler's bug: counted, the link goes on
+            refused = "handler_error"
+        if refused:
+            self._refused[refused] += 1
+        else:
+            self.accepted += 1
 
 
 class Sender:

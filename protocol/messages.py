@@ -6,9 +6,13 @@
 # per batch. A role whose spec says REGISTER (the meter) sends an exact register
 # plus per-interval deltas, so the cumulative total survives any loss of a
 # frame's neighbours. Roles are numbered by protocol/roles ROLES.
+#
+# decode() is the one gate both sides use: a payload that is not a map of its
+# message's rule (RULES, below: schema.cddl's types and ranges) raises
+# MessageError, so no handler ever sees a text boot id or a seq past 32 bits.
 from protocol._compat import const
 
-from protocol import cbor
+from protocol import cbor, validate
 
 HELLO = const(1)
 READINGS = const(2)
@@ -32,7 +36,13 @@ RUNTIME_ALARMS = {A_LOG_FULL: "log_full", A_CONFIG_INVALID: "config_invalid", A_
 
 
 class MessageError(ValueError):
-    pass
+    """reason: what a receiver counts it as (protocol/link.py REASONS): "unknown_type", "bad_payload"
+    (not CBOR of the profile, not a map, a required key missing) or "invalid_<name>" (a key of the
+    wrong type or out of range)."""
+
+    def __init__(self, text, reason="bad_payload"):
+        super().__init__(text)
+        self.reason = reason
 
 
 def hello(boot_id, fw_version, board, role, config_hash, clock_synced, reset_cause, board_t_s=None, addr=None):
@@ -105,22 +115,56 @@ def command_result(command_id, ok, detail=""):
     return {0: command_id, 1: bool(ok), 2: detail}
 
 
-_REQUIRED = {HELLO: (0, 1, 2, 3, 4, 5, 6), READINGS: (0, 1, 2, 3, 4, 5, 6), ALARM: (0, 1, 2, 3, 4),
-             HEALTH: (0, 1, 2, 3, 4, 5, 6, 7, 8), ACK: (0, 1), TIME_SYNC: (0, 1), CONFIG_PUSH: (0, 1),
-             COMMAND: (0, 1, 2), COMMAND_RESULT: (0, 1)}
+# Each message's rule, as schema.cddl says: (key, name, kind, lo, hi, required), kinds as in
+# protocol/validate.py. Literal tuples only (no names), so a board keeps them in flash. Checked
+# in this order: readings' rows last, once the keys they depend on are known good.
+# Three are tighter than schema.cddl's bare uint, since a board holds them in 32 bits (its flash
+# log's wall time, its board seconds): time_sync's wall ms (seconds within a u32), readings' wall
+# time (key 8) and health's uptime (SPEC.md 5, "Validation and refusals after the tag").
+RULES = {
+    HELLO: ((0, "boot_id", "u", 0, 0xFFFFFFFF, 1), (1, "firmware", "t", 1, 32, 1), (2, "board", "t", 1, 32, 1),
+            (3, "role", "u", 0, 2, 1), (4, "config_hash", "y", 8, 8, 1), (5, "clock_synced", "u", 0, 1, 1),
+            (6, "reset_cause", "u", 0, 6, 1), (7, "board_t_s", "u", 0, 0xFFFFFFFF, 0),
+            (8, "addr", "u", 0, 254, 0)),
+    READINGS: ((0, "boot_id", "u", 0, 0xFFFFFFFF, 1), (1, "seq", "u", 0, 0xFFFFFFFF, 1),
+               (2, "t0_s", "u", 0, 0xFFFFFFFF, 1), (3, "interval_s", "u", 0, 86400, 1), (4, "role", "u", 0, 2, 1),
+               (5, "units", "m", ((0, "unit", "t", 1, 8, 1), (1, "scale", "i", -9, 9, 1),
+                                  (2, "k_factor_milli", "u", 0, None, 0)), None, 1),
+               (7, "register", "u", 0, None, 0), (8, "wall_t0", "u", 0, 0xFFFFFFFF, 0),
+               (9, "series", "u", 0, 1, 0), (10, "seq_step", "u", 2, None, 0), (6, "rows", "r", None, None, 1)),
+    ALARM: ((0, "boot_id", "u", 0, 0xFFFFFFFF, 1), (1, "seq", "u", 0, 0xFFFFFFFF, 1),
+            (2, "t_s", "u", 0, 0xFFFFFFFF, 1), (3, "code", "u", 0, None, 1), (4, "active", "b", None, None, 1),
+            (5, "detail", "i", None, None, 0)),
+    HEALTH: ((0, "boot_id", "u", 0, 0xFFFFFFFF, 1), (1, "uptime_s", "u", 0, 0xFFFFFFFF, 1),
+             (2, "heap_free", "u", 0, None, 1), (3, "heap_min", "u", 0, None, 1), (4, "resets", "u", 0, None, 1),
+             (5, "reset_cause", "u", 0, 6, 1),
+             (6, "link", "m", ((0, "sent", "u", 0, None, 1), (1, "received", "u", 0, None, 1),
+                               (2, "rejected", "u", 0, None, 1)), None, 1),
+             (7, "log_fill_permille", "u", 0, 1000, 1), (8, "flash_writes", "u", 0, None, 1),
+             (9, "lateness_us", "m", ((0, "p50", "u", 0, None, 1), (1, "p99", "u", 0, None, 1),
+                                      (2, "max", "u", 0, None, 1)), None, 0)),
+    ACK: ((0, "boot_id", "u", 0, 0xFFFFFFFF, 1), (1, "seq", "u", 0, 0xFFFFFFFF, 1)),
+    TIME_SYNC: ((0, "wall_ms", "u", 0, 4294967295999, 1), (1, "board_t_s", "u", 0, 0xFFFFFFFF, 1)),
+    CONFIG_PUSH: ((0, "id", "u", 0, None, 1), (1, "config", "s", None, None, 1)),
+    COMMAND: ((0, "id", "u", 0, None, 1), (1, "name", "t", 1, 32, 1), (2, "args", "s", None, None, 1)),
+    COMMAND_RESULT: ((0, "id", "u", 0, None, 1), (1, "ok", "b", None, None, 1), (2, "detail", "t", 0, 250, 0)),
+}
 
 
 def decode(msg_type, payload):
-    """Decode and check a payload's shape; raise MessageError naming what is wrong."""
-    if msg_type not in _REQUIRED:
-        raise MessageError("unknown message type %d" % msg_type)
+    """Decode a payload and check it against its message's rule; raise MessageError naming the
+    message and the key ("readings: key 1 (seq) is not a u32")."""
+    rules = RULES.get(msg_type)
+    if rules is None:
+        raise MessageError("unknown message type %d" % msg_type, "unknown_type")
+    name = NAMES[msg_type]
     try:
         m = cbor.decode(payload)
     except cbor.CBORError as e:
-        raise MessageError("%s: %s" % (NAMES[msg_type], e))
-    if not isinstance(m, dict):
-        raise MessageError("%s: payload is not a map" % NAMES[msg_type])
-    for k in _REQUIRED[msg_type]:
-        if k not in m:
-            raise MessageError("%s: key %d missing" % (NAMES[msg_type], k))
+        raise MessageError("%s: %s" % (name, e))
+    if type(m) is not dict:
+        raise MessageError("%s: payload is not a map" % name)
+    why = validate.problem(m, rules)
+    if why is not None:
+        raise MessageError("%s: %s" % (name, why[1]), "bad_payload" if why[0] else "invalid_" + name)
     return m

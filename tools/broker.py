@@ -64,6 +64,14 @@ class Broker:
         self.stop()
         raise RuntimeError("mosquitto did not listen within 10 s")
 
+    def restart(self):
+        """After it died (or was stopped): start again on the same port and persistence file."""
+        if self.proc.poll() is None:
+            self.kill()
+        if not self.log.closed:
+            self.log.close()
+        self.start()
+
     def stop(self):
         if self.proc.poll() is None:
             self.proc.terminate()

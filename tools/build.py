@@ -31,6 +31,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tools import args as types
 from tools import boards, image
 from tools.sim import vm as vms
 from protocol.errors import UsageError
@@ -52,12 +53,13 @@ def add_parser(sub):
         "Writes DIR/<board>-<role>.img (the vfs partition), DIR/<board>-<role>.img.sha256, "
         "DIR/manifest.json (every file with its SHA-256) and DIR/frozen_manifest.py with DIR/frozen/ "
         "(a MicroPython manifest for building your own firmware with ESP-IDF). Prints the image's SHA-256.")
-    p.add_argument("--board", required=True, help="board name from boards/ (see: prapa board list) or a .toml path")
+    p.add_argument("--board", required=True, type=types.board, help="board name from boards/ (see: prapa board list) or a .toml path")
     p.add_argument("--role", required=True, help="the role the board serves (protocol/roles: one of the roles the board fits)")
-    p.add_argument("--out", default="build", metavar="DIR", help="output folder (default: build)")
-    p.add_argument("--config", metavar="FILE.json",
-                   help="device config to put in the image (default: {\"role\": ROLE}, which leaves the board "
-                   "idle until commissioned)")
+    p.add_argument("--out", default="build", type=types.out_dir, metavar="DIR",
+                   help="output folder (default: build; created if missing)")
+    p.add_argument("--config", type=types.existing_file, metavar="FILE.json",
+                   help="device config to put in the image, checked as prapa commission checks it (default: "
+                   "{\"role\": ROLE}, which leaves the board idle until commissioned)")
     p.add_argument("--target", choices=("esp32", "virtual"), default="esp32",
                    help="esp32: a real board (default); virtual: the virtual board (virtual HAL, x64 bytecode)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
@@ -121,15 +123,16 @@ class Counter:
 
 # -- config ------------------------------------------------------------------------------------
 def load_config(path, role):
-    """The shape the board needs to leave idle; the full schema is checked on the board at boot
-    (one validator, in firmware/config.py), so a config that passes here can still idle there."""
+    """The device config as its board will check it at boot, with every default filled in: the checks
+    `prapa commission` makes (tools/role_config.py: protocol/config.py and the role's spec), so an image
+    never carries a config its board would refuse and idle on. A role's hard limits are not part of an
+    image (commissioning writes them over USB only), so they are checked when the board is commissioned."""
+    from gateway.config import parse_json, read_text
+    from tools.role_config import build_config
     where = f"--config {path}"
+    text = read_text(path, where, "give a readable device config JSON file")
     try:
-        config = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UsageError(where, "no such file", "give the path of a device config JSON file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(where, f"cannot read it ({exc.__class__.__name__})", "give a readable JSON file") from None
+        config = parse_json(text)
     except ValueError as exc:
         raise UsageError(where, f"not valid JSON ({exc})", "fix the JSON at that line and column") from None
     if not isinstance(config, dict):
@@ -145,7 +148,7 @@ def load_config(path, role):
     if "key" in config:
         raise UsageError(f"{where}: key", "a device key does not belong in the config",
                          "remove it; prapa commission provisions the key over USB")
-    return config
+    return build_config(role, dev, path)
 
 
 # -- image ---------------------------------------------------------------------------------------
@@ -266,12 +269,16 @@ def run(args):
                   for p, d in image_files(board, args.role, files, config)],
     }
     frozen_text, frozen_sources = frozen_manifest(files)
-    out.mkdir(parents=True, exist_ok=True)
-    _replace_dir(out / "frozen", frozen_sources)
-    _publish(out / "frozen_manifest.py", frozen_text.encode())
-    _publish(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
-    _publish(out / f"{name}.sha256", f"{digest}  {name}\n".encode())
-    _publish(out / name, img)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _replace_dir(out / "frozen", frozen_sources)
+        _publish(out / "frozen_manifest.py", frozen_text.encode())
+        _publish(out / "manifest.json", (json.dumps(manifest, indent=2) + "\n").encode())
+        _publish(out / f"{name}.sha256", f"{digest}  {name}\n".encode())
+        _publish(out / name, img)
+    except OSError as exc:                   # a full disk, a folder made read-only meanwhile: each file is whole
+        raise UsageError("--out", f"{out}: {exc.strerror or exc}",
+                         "free space or give another folder; every file there is the old one or the new one") from None
     app_bytes = sum(len(d) for _p, d, _s in files)
     if args.json:
         print(json.dumps({"ok": True, "image": str(out / name), "sha256": digest, "image_bytes": len(img),

@@ -10,10 +10,12 @@ message names the field and the fix, the registry is unchanged).
 """
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 
 from protocol.errors import UsageError
+from tools import args as types
 
 
 def add_devices_parser(gateway_subparsers):
@@ -25,21 +27,22 @@ def add_devices_parser(gateway_subparsers):
     imp = dsub.add_parser("import", help="load an export file (from prapa commission --export)",
                           description="Add every device of an export file to the registry, or none if one "
                                       "record is refused. Creates the registry if its folder exists and it does not.")
-    imp.add_argument("file", metavar="FILE")
-    imp.add_argument("--registry", required=True, metavar="PATH", help="the gateway's registry.db")
+    imp.add_argument("file", metavar="FILE", type=types.existing_file)
+    imp.add_argument("--registry", required=True, metavar="PATH", type=types.file_to_write,
+                     help="the gateway's registry.db")
     imp.add_argument("--json", action="store_true")
     imp.set_defaults(func=cmd_import)
     lst = dsub.add_parser("list", help="devices in the registry (never their keys)",
                           description="List the registry's devices: id, role, state, board, firmware, last seen.")
-    lst.add_argument("--registry", required=True, metavar="PATH")
+    lst.add_argument("--registry", required=True, metavar="PATH", type=types.existing_file)
     lst.add_argument("--json", action="store_true", help="one JSON object per device")
     lst.set_defaults(func=cmd_list)
     exp = dsub.add_parser("export", help="write devices with their keys to a 0600 file for another gateway",
                           description="Write devices, keys included, to a new file (mode 0600). Retire them here "
                                       "once the other gateway serves them.")
-    exp.add_argument("device_ids", nargs="+", metavar="DEVICE_ID")
-    exp.add_argument("--registry", required=True, metavar="PATH")
-    exp.add_argument("--out", required=True, metavar="FILE", help="a new file (never overwritten)")
+    exp.add_argument("device_ids", nargs="+", metavar="DEVICE_ID", type=types.device_id)
+    exp.add_argument("--registry", required=True, metavar="PATH", type=types.existing_file)
+    exp.add_argument("--out", required=True, metavar="FILE", type=types.new_file, help="a new file (never overwritten)")
     exp.set_defaults(func=cmd_export)
 
 
@@ -54,17 +57,20 @@ def _open(path, create=False):
 
 
 def cmd_import(args):
-    if not Path(args.file).is_file():
-        raise UsageError("FILE", f"{args.file}: no such file", "give the export file written by prapa commission")
+    from gateway.registry import read_export
+    read_export(Path(args.file))             # every record checked before the registry is opened or made
     created = not Path(args.registry).exists()
     reg = _open(args.registry, create=True)
     try:
         ids = reg.import_file(args.file)
-    except BaseException:
+    except BaseException as e:
         reg.close()
         if created:                     # a refused file leaves no empty registry behind
             for suffix in ("", "-wal", "-shm"):
                 Path(args.registry + suffix).unlink(missing_ok=True)
+        if isinstance(e, (OSError, sqlite3.Error)):      # a full disk: the import is all or nothing
+            raise UsageError("--registry", f"{args.registry}: {e}", "free space on its disk, then import again") \
+                from None
         raise
     reg.close()
     if args.json:
@@ -94,8 +100,7 @@ def cmd_list(args):
 
 
 def cmd_export(args):
-    from tools.role_config import parse_device_id
-    ids = [parse_device_id(i) for i in args.device_ids]
+    ids = args.device_ids
     out = Path(args.out)
     if out.exists():
         raise UsageError("--out", f"{out} exists", "give a new file name; an export is never overwritten")
@@ -104,6 +109,8 @@ def cmd_export(args):
     reg = _open(args.registry)
     try:
         reg.export_devices(ids, out)
+    except OSError as e:                     # a full disk: the export is whole or absent
+        raise UsageError("--out", f"{out}: {e.strerror or e}", "free space or give another path") from None
     finally:
         reg.close()
     print(f"exported {len(ids)} device(s) to {out} (mode 0600; it holds their keys)")

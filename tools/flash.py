@@ -27,6 +27,7 @@ from tools import boards, build
 from tools.console import BANNER, ConsoleReader
 from tools.sim import vm as vms
 from protocol.errors import BoardError, UsageError
+from tools import args as types
 
 # Where a MicroPython firmware .bin (bootloader + partition table + app) starts, per chip.
 FIRMWARE_OFFSET = {"esp32": 0x1000, "esp32s2": 0x1000, "esp32s3": 0x0, "esp32c3": 0x0}
@@ -46,14 +47,14 @@ def add_parser(sub):
         "flash", help="flash MicroPython and the app image (esptool), or the app alone (mpremote)",
         description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[2:4]))
     p.add_argument("--port", required=True, help="the board's USB serial port, e.g. /dev/ttyUSB0")
-    p.add_argument("--board", required=True, help="board name from boards/ (see: prapa board list) or a .toml path")
+    p.add_argument("--board", required=True, type=types.board, help="board name from boards/ (see: prapa board list) or a .toml path")
     p.add_argument("--role", required=True, help="the role the board serves (protocol/roles: one of the roles the board fits)")
-    p.add_argument("--firmware", metavar="BIN", help="MicroPython firmware .bin for the chip (from micropython.org); "
+    p.add_argument("--firmware", metavar="BIN", type=types.existing_file, help="MicroPython firmware .bin for the chip (from micropython.org); "
                    "written at 0x1000 (esp32) or 0x0 (esp32s3). Without it only the image is written")
-    p.add_argument("--image", metavar="IMG", help="image from prapa build (default: built now, idle until commissioned)")
+    p.add_argument("--image", metavar="IMG", type=types.existing_file, help="image from prapa build (default: built now, idle until commissioned)")
     p.add_argument("--app-only", action="store_true",
                    help="copy the app onto a board already running MicroPython (mpremote); config and key stay")
-    p.add_argument("--baud", type=int, help="serial rate (default: 460800 for esptool, the console's 115200 "
+    p.add_argument("--baud", type=types.whole(1, 5_000_000), help="serial rate (default: 460800 for esptool, the console's 115200 "
                    "for --app-only)")
     p.add_argument("--json", action="store_true", help="print one JSON object with the result")
     p.set_defaults(func=run)

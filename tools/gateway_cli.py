@@ -6,9 +6,11 @@ message names the key or argument and the fix; the service does not start).
 
 import json
 import logging
+import sqlite3
 import sys
 
 from protocol.errors import UsageError
+from tools import args as types
 
 
 def add_parser(sub):
@@ -20,14 +22,16 @@ def add_parser(sub):
                                       "and status page, as configured in one TOML file (see "
                                       "gateway/gateway.example.toml). Under systemd it notifies READY and pings "
                                       "the watchdog (deploy/prapa-gateway.service).")
-    run.add_argument("--config", required=True, metavar="TOML", help="the gateway config file")
+    run.add_argument("--config", required=True, type=types.existing_file, metavar="TOML",
+                     help="the gateway config file")
     run.set_defaults(func=cmd_run)
     cmd = gsub.add_parser("command", help="queue a command for a board (held until the board answers)",
                           description="Queue a command for a board. The gateway sends it when the board is "
                                       "heard, resends it unanswered up to 5 times, and records the board's answer; "
                                       "a command the board refuses is reported, not retried.")
-    cmd.add_argument("--config", required=True, metavar="TOML")
-    cmd.add_argument("--device", required=True, type=lambda v: int(v, 0), help="device id (decimal or 0x...)")
+    cmd.add_argument("--config", required=True, type=types.existing_file, metavar="TOML")
+    cmd.add_argument("--device", required=True, type=types.device_id,
+                     help="device id (decimal or 0x...), of a device in the gateway's registry")
     cmd.add_argument("name", choices=("ping", "reboot"), help="the command")
     cmd.add_argument("--json", action="store_true")
     cmd.set_defaults(func=cmd_command)
@@ -35,9 +39,12 @@ def add_parser(sub):
                            description="Queue a config push; the board validates it against its own schema and "
                                        "limits, stores it atomically and reboots into it, or refuses it with the "
                                        "field and the fix.")
-    push.add_argument("--config", required=True, metavar="TOML")
-    push.add_argument("--device", required=True, type=lambda v: int(v, 0))
-    push.add_argument("--file", required=True, metavar="JSON", help="the board config (as on the board's /config.json)")
+    push.add_argument("--config", required=True, type=types.existing_file, metavar="TOML")
+    push.add_argument("--device", required=True, type=types.device_id,
+                      help="device id (decimal or 0x...), of a device in the gateway's registry")
+    push.add_argument("--file", required=True, type=types.existing_file, metavar="JSON",
+                      help="the board config (as on the board's /config.json), checked here with the board's "
+                      "own schema for the device's role")
     push.add_argument("--json", action="store_true")
     push.set_defaults(func=cmd_push)
     try:
@@ -52,46 +59,74 @@ def _setup_logging(level):
 
 
 def cmd_run(args):
+    """Config, then everything the service must own (ports, links, its folder's parent), then the
+    service: a refusal at any step exits 2 with nothing created."""
     import asyncio
 
     from gateway import config
-    from gateway.service import Service
+    from gateway.service import Service, claim
     cfg = config.load(args.config)
     _setup_logging(cfg.gateway.log_level)
-    return asyncio.run(Service(cfg).run())
+    claimed = claim(cfg)
+    return asyncio.run(Service.create(cfg, claimed).run())
 
 
-def _queue(args, msg_type, body):
-    from gateway import config
-    from gateway.store import Store
-    cfg = config.load(args.config)
-    if not cfg.store_path.exists():
-        raise UsageError("--config", f"no store at {cfg.store_path}", "start the gateway once (prapa gateway run)")
-    store = Store(cfg.store_path)
+def _registered(cfg, device_id):
+    """The device's registry record: a command for a device the gateway does not serve would wait forever."""
+    from gateway.registry import Registry
+    if not cfg.registry_path.is_file():
+        raise UsageError("--config", f"no registry at {cfg.registry_path}", "start the gateway once (prapa gateway "
+                         "run) and commission the device (prapa commission --registry)")
+    reg = Registry(cfg.registry_path)
     try:
-        qid = store.queue_downlink(args.device, msg_type, json.dumps(body))
+        device = reg.get(device_id)
     finally:
-        store.close()
+        reg.close()
+    if device is None or device.state == "retired":
+        raise UsageError("--device", f"{device_id} ({device_id:#x}) is " +
+                         ("retired" if device else f"not in the registry {cfg.registry_path}"),
+                         "give the id of a device this gateway serves (see: prapa gateway devices list "
+                         f"--registry {cfg.registry_path})")
+    return device
+
+
+def _queue(args, msg_type, body, cfg):
+    from gateway.store import Store
+    if not cfg.store_path.is_file():
+        raise UsageError("--config", f"no store at {cfg.store_path}", "start the gateway once (prapa gateway run)")
+    try:
+        store = Store(cfg.store_path)
+        try:
+            qid = store.queue_downlink(args.device, msg_type, json.dumps(body))
+        finally:
+            store.close()
+    except (OSError, sqlite3.Error) as e:           # not a store, or a full disk: nothing was queued
+        raise UsageError("--config", f"cannot queue in {cfg.store_path} ({e})",
+                         "check the gateway's data_dir (disk space, permissions)") from None
     print(json.dumps({"queued": qid, "device": args.device}) if args.json else
           f"queued request {qid} for device {args.device:#x}; the gateway sends it when the board is heard")
     return 0
 
 
 def cmd_command(args):
+    from gateway import config
     from protocol import messages as M
-    return _queue(args, M.COMMAND, {"name": args.name, "args": {}})
+    cfg = config.load(args.config)
+    _registered(cfg, args.device)
+    return _queue(args, M.COMMAND, {"name": args.name, "args": {}}, cfg)
 
 
 def cmd_push(args):
+    """The file as the board will get it, once the board's own checks (tools/role_config.py, for the role
+    the registry gives the device) accept it: a push the board must refuse is refused here, exit 2."""
+    from gateway import config
     from protocol import messages as M
-    try:
-        with open(args.file) as f:
-            body = json.load(f)
-    except OSError as e:
-        raise UsageError("--file", str(e), "give the path of a board config JSON file")
-    except ValueError as e:
-        raise UsageError("--file", f"not JSON: {e}", "fix the file (it is what the board keeps as /config.json)")
+    from tools.role_config import build_config
+    cfg = config.load(args.config)
+    device = _registered(cfg, args.device)
+    body = config.read_json(args.file, "--file", "give a board config JSON file (as the board keeps /config.json)")
     if not isinstance(body, dict) or "device_id" not in body or body["device_id"] != args.device:
         raise UsageError("--file", "device_id missing or not the --device given",
                          f'set "device_id": {args.device} in the file')
-    return _queue(args, M.CONFIG_PUSH, body)
+    build_config(device.role, args.device, args.file, flag="--file")
+    return _queue(args, M.CONFIG_PUSH, body, cfg)

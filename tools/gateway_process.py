@@ -38,6 +38,9 @@ def register(folder, devices, role="meter", names=None, board=None, roles=None):
 
 
 class GatewayProcess:
+    """One `prapa gateway run` child; start() again after it died starts a new one on the same config
+    (so the same data_dir, registry and ports), its stderr appended to the same log_path."""
+
     def __init__(self, config_path, log_path=None):
         self.config_path = config_path
         self.log_path = log_path
@@ -51,22 +54,31 @@ class GatewayProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "gateway", "run", "--config",
                                       str(self.config_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, env=env)
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        self.log = []                       # this process's lines: started() looks at nothing older
+        threading.Thread(target=self._read, args=(self.proc, self.log), daemon=True).start()
         return self
 
-    def _read(self, proc):
+    def _read(self, proc, log):
         out = open(self.log_path, "a") if self.log_path else None
-        for line in proc.stderr:
-            self.log.append(line.rstrip())
-            del self.log[:-1000]
+        try:
+            for line in proc.stderr:
+                log.append(line.rstrip())
+                del log[:-1000]
+                if out:
+                    out.write(line)
+                    out.flush()
+        finally:
             if out:
-                out.write(line)
-                out.flush()
+                out.close()
+
+    def started(self):
+        """True once the process last started has said gateway_started (its links and broker set up)."""
+        return any('"gateway_started"' in line for line in self.log)
 
     def wait_started(self, timeout=20):
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            if any('"gateway_started"' in line for line in self.log):
+            if self.started():
                 return
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited {self.proc.returncode}: {self.log[-5:]}")

@@ -5,7 +5,9 @@ virtual board (a file the VM mounts at /). Building is deterministic: the same
 firmware, board and role give the same bytes.
 
 An image is written to a temporary file and renamed into place, so a failed
-or interrupted build never leaves a half-written image behind.
+or interrupted build never leaves a half-written image behind. Images are
+written 0600 by default: any image may be provisioned (or run as a virtual
+board and commissioned) later, and then it holds /device.key.
 """
 
 import json
@@ -105,8 +107,9 @@ def _write_firmware(fs, target):
             f.write(src.read_bytes())
 
 
-def write_atomically(path, data):
-    files.write_atomically(path, data)
+def write_atomically(path, data, mode=files.PRIVATE):
+    """Replace the image at path, mode 0600 from its first byte (it holds, or may come to hold, a key)."""
+    files.write_atomically(path, data, mode=mode)
 
 
 def check_existing(board, path):

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from protocol.errors import UsageError
+from tools import args as types
 from protocol.names import ENUMS, FIELDS, NESTED
 
 STATS_EVERY_S = 10.0
@@ -131,14 +132,16 @@ def add_parser(sub):
                        "It never answers or acknowledges, and never prints a key.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--port", help="serial port carrying the link (a board's UART, an RS-485 adapter)")
-    src.add_argument("--udp", metavar="HOST:PORT", help="listen for datagrams on this address")
-    p.add_argument("--registry", metavar="PATH", help="the gateway's registry.db: keys of every device")
-    p.add_argument("--key-file", metavar="F", help="one device's key: 16 raw bytes or 32 hex digits")
-    p.add_argument("--device-id", help="the device the --key-file belongs to")
+    src.add_argument("--udp", metavar="HOST:PORT", type=types.host_port, help="listen for datagrams on this address")
+    p.add_argument("--registry", metavar="PATH", type=types.existing_file,
+                   help="the gateway's registry.db: keys of every device")
+    p.add_argument("--key-file", metavar="F", type=types.existing_file,
+                   help="one device's key: 16 raw bytes or 32 hex digits")
+    p.add_argument("--device-id", type=types.device_id, help="the device the --key-file belongs to")
     p.add_argument("--direction", choices=("up", "down", "both"), default="both",
                    help="board->gateway, gateway->board, or both (default; a shared wire)")
-    p.add_argument("--count", type=int, metavar="N", help="stop after N frames decoded")
-    p.add_argument("--duration", type=float, metavar="S", help="stop after S seconds")
+    p.add_argument("--count", type=types.count, metavar="N", help="stop after N frames decoded")
+    p.add_argument("--duration", type=types.positive_seconds, metavar="S", help="stop after S seconds")
     p.add_argument("--json", action="store_true", help="one JSON object per frame (bytes as hex), then a summary")
     p.set_defaults(func=cmd_monitor)
 
@@ -156,8 +159,7 @@ def _key_source(args):
         return reg.key_for, reg.close
     if not args.key_file or args.device_id is None:
         raise UsageError("--registry", "no keys given", "pass --registry PATH, or --key-file F with --device-id N")
-    from tools.role_config import parse_device_id
-    device_id = parse_device_id(args.device_id)
+    device_id = args.device_id
     try:
         raw = Path(args.key_file).read_bytes()
     except OSError as e:
@@ -179,9 +181,13 @@ def _open_link(args):
             raise UsageError("--port", f"{args.port}: no such port", "give the link's serial port (ls /dev/tty*)")
         import serial
         try:
-            s = serial.Serial(args.port, 115200, timeout=0.1)
-        except serial.SerialException as e:
-            raise UsageError("--port", f"{args.port} cannot be opened ({e})", "close what holds it, check permissions")
+            s = serial.Serial(args.port, 115200, timeout=0.1, exclusive=True)     # a second reader steals bytes
+        except (serial.SerialException, OSError, ValueError) as e:
+            if "lock" in str(e).lower() or "busy" in str(e).lower():
+                raise UsageError("--port", f"{args.port} is busy: another program has it open",
+                                 "stop it (the gateway: watch its UDP link instead, or stop the service)") from None
+            raise UsageError("--port", f"{args.port} cannot be opened ({e})",
+                             "check it is a serial port and that you may use it (group dialout)") from None
         return (lambda: s.read(max(1, s.in_waiting))), s.close, False
     host, sep, port = args.udp.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -204,8 +210,6 @@ def _open_link(args):
 
 def cmd_monitor(args):
     from protocol import secure
-    if args.count is not None and args.count < 1:
-        raise UsageError("--count", f"{args.count} is not 1 or more", "give how many frames to decode")
     key_for, close_keys = _key_source(args)
     read, close_link, datagrams = _open_link(args)
     directions = {"up": (secure.UPLINK,), "down": (secure.DOWNLINK,),

@@ -3,21 +3,10 @@ role's spec), so a board never boots into an idle state the host could have fore
 plugs in with its spec (SCHEMA, check(); for hard limits LIMITS_PATH, LIMITS_SCHEMA, check_limits_file(),
 check_limits()) and nothing here changes."""
 
-import json
-from pathlib import Path
-
 from protocol import config as protocol_config
 from protocol.roles import catalog as roles
 from protocol.errors import ConfigError, UsageError
-
-
-def _finite(constant):
-    raise ValueError(f"{constant} is not a number a board can read")
-
-
-def _json(text):
-    """JSON without NaN and Infinity: they slip past every range check, and the board's JSON has none."""
-    return json.loads(text, parse_constant=_finite)
+from gateway.config import parse_json, read_json   # the one JSON every loader reads: no NaN, no Infinity
 
 
 def parse_device_id(text):
@@ -31,22 +20,18 @@ def parse_device_id(text):
     return value
 
 
-def build_config(role, device_id, config_file=None, sets=()):
-    """The board's /config.json as a dict with every default filled in; UsageError names the field."""
+def build_config(role, device_id, config_file=None, sets=(), flag="--config"):
+    """The board's /config.json as a dict with every default filled in; UsageError names the field
+    (flag: the option that named config_file)."""
     known = roles.available()
     if role not in known:
         raise UsageError("--role", f"{role!r} has no role spec", "use one of " + ", ".join(known))
     raw, origin = {}, "--set"
     if config_file is not None:
-        origin = f"--config {config_file}"
-        try:
-            raw = _json(Path(config_file).read_text())
-        except OSError as e:
-            raise UsageError("--config", f"{config_file}: {e.strerror}", "give the path of a JSON config file")
-        except ValueError as e:
-            raise UsageError("--config", f"{config_file} is not JSON ({e})", "write it as on the board's /config.json")
+        origin = f"{flag} {config_file}"
+        raw = read_json(config_file, flag, "give a JSON config file, written as on the board's /config.json")
         if not isinstance(raw, dict):
-            raise UsageError("--config", f"{config_file} is not a JSON object", 'write {"ROLE": {...}, "link": {...}}')
+            raise UsageError(flag, f"{config_file} is not a JSON object", 'write {"ROLE": {...}, "link": {...}}')
         for key, want in (("device_id", device_id), ("role", role)):
             if key in raw and raw[key] != want:
                 raise UsageError(f"{origin}: {key}", f"{raw[key]!r} differs from --{key.replace('_', '-')} {want}",
@@ -57,7 +42,7 @@ def build_config(role, device_id, config_file=None, sets=()):
         if not eq or not dot or not section or not key:
             raise UsageError("--set", f"{item!r} is not SECTION.KEY=VALUE", f"e.g. --set {role}.KEY=VALUE or --set link.addr=3")
         try:
-            value = _json(value)
+            value = parse_json(value)
         except ValueError:
             pass                                  # the schema says what a text value should have been
         if section in ("device_id", "role") or not isinstance(raw.setdefault(section, {}), dict):
@@ -94,13 +79,7 @@ def build_limits(role, cfg, limits_file=None, sets=(), config_sets=()):
                          f"give --limits FILE.json with {', '.join(keys)} (or --limit KEY=VALUE for each)")
     raw, origin = {}, {}
     if limits_file is not None:
-        try:
-            raw = _json(Path(limits_file).read_text())
-        except OSError as e:
-            raise UsageError("--limits", f"{limits_file}: {e.strerror}", "give the path of a JSON limits file")
-        except ValueError as e:
-            raise UsageError("--limits", f"{limits_file} is not JSON ({e})",
-                             'write {"' + '": ..., "'.join(keys) + '": ...}')
+        raw = read_json(limits_file, "--limits", 'give a JSON limits file: {"' + '": ..., "'.join(keys) + '": ...}')
         if not isinstance(raw, dict):
             raise UsageError("--limits", f"{limits_file} is not a JSON object",
                              'write {"' + '": ..., "'.join(keys) + '": ...}')
@@ -112,7 +91,7 @@ def build_limits(role, cfg, limits_file=None, sets=(), config_sets=()):
             raise UsageError("--limit", f"{item!r} is not KEY=VALUE", f"e.g. --limit {keys[0]}=VALUE; keys: "
                              + ", ".join(keys))
         try:
-            value = _json(value)
+            value = parse_json(value)
         except ValueError:
             pass                                  # the schema says what a text value should have been
         raw[key] = value

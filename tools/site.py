@@ -7,12 +7,27 @@ keys. The gateway's status page (devices, alarms, backlog, live charts) is
 printed as a URL and opened in a browser unless --headless; the terminal shows
 a compact summary. A real QoS 1 subscriber counts what reaches the broker.
 
-Ctrl-C (or SIGTERM, or --duration) stops everything and leaves nothing running;
---report writes every board's figures as JSON.
+The site supervises the broker and the gateway as systemd's Restart=on-failure
+would: one that dies (any exit, or a signal) is reported (broker_died,
+gateway_died, with its exit code or signal) and started again on the same
+ports, data_dir and registry after a delay doubling from 0.5 s to 8 s; one that
+dies more than --restart-limit times within a minute has failed for good and
+stops the site. The boards run on through a restart: their flash logs hold the
+readings until the gateway is back.
+
+Ctrl-C (or SIGTERM, or --duration) stops everything and leaves nothing running.
+However the site ends, it writes its report (every board's figures, every
+restart with its time and cause, and how it ended: duration, signal or failed)
+to report.json in its folder and to --report, and says site_stopped.
+
+exit codes: 0 the site ran until --duration or a signal, 1 a component failed
+for good or the site itself failed, 2 bad arguments (refused before anything
+is created or started).
 """
 
 import argparse
 import json
+import math
 import secrets
 import shutil
 import signal
@@ -20,10 +35,14 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 
 SITE = "demo"
 FIRST_DEVICE_ID = 0x2001
+RESTART_FIRST_S, RESTART_MAX_S = 0.5, 8.0   # RestartSec, doubling per restart within the window
+RESTART_WINDOW_S = 60.0                     # StartLimitIntervalSec
+START_TIMEOUT_S = 30.0                      # TimeoutStartSec: a restarted child not up by then is killed
 
 
 def add_parser(sub):
@@ -35,11 +54,14 @@ def add_parser(sub):
                    help="board time runs this many times faster (default 60: an hour a minute)")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: until Ctrl-C)")
     p.add_argument("--headless", action="store_true", help="no browser, no live view; JSON events on stdout")
-    p.add_argument("--report", metavar="FILE", help="write a JSON report of every board on exit")
+    p.add_argument("--report", metavar="FILE", help="also write the JSON report (see above) here")
     p.add_argument("--board", default="esp32-devkitc", help="board definition of the virtual boards")
     p.add_argument("--workdir", metavar="DIR", help="keep the site's files here (default: a new temp folder)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temp folder when the site stops (default: removed, unless the site failed)")
+    p.add_argument("--restart-limit", type=int, default=5, metavar="N",
+                   help="restarts of the broker or the gateway allowed within a minute before it has failed "
+                        "for good (default 5; 0: never restart)")
     from tools.sim import vm as vms
     vms.add_argument(p)
     p.set_defaults(func=run)
@@ -51,16 +73,19 @@ def _log(event, **fields):
 
 
 class Cloud:
-    """The cloud side: a QoS 1 subscriber with a persistent session, counting identities per device."""
+    """The cloud side: a QoS 1 subscriber with a persistent session, counting identities per device.
+
+    It subscribes on every connect: a broker killed before it saved its sessions forgets the subscription."""
 
     def __init__(self, port):
         import paho.mqtt.client as mqtt
         self.readings, self.alarms, self.first_at = {}, {}, None
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="prapa-site-cloud", clean_session=False)
+        self.client.on_connect = lambda client, *_: client.subscribe(f"prapa/v1/{SITE}/#", qos=1)
         self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(1, 2)      # back soon after a broker restart
         self.client.connect("127.0.0.1", port)
-        self.client.subscribe(f"prapa/v1/{SITE}/#", qos=1)
         self.client.loop_start()
 
     def _on_message(self, _c, _u, msg):
@@ -78,6 +103,10 @@ class Cloud:
                     self.readings.setdefault(device, set()).add((item["boot"], item["seq"]))
                 elif item.get("kind") == "alarm":
                     self.alarms.setdefault(device, {})[item["name"]] = item["active"]
+
+    def readings_count(self):
+        with self.lock:
+            return sum(len(ids) for ids in self.readings.values())
 
     def close(self):
         self.client.loop_stop()
@@ -101,60 +130,147 @@ def site_plan(kinds, boards):
     return [kinds[0]] * (boards - len(others)) + others
 
 
+def check_args(args):
+    """Every argument, before anything is created or started: (board definition, plan, VM) or UsageError."""
+    from protocol.errors import UsageError
+    from tools import boards as board_defs
+    from tools.broker import mosquitto_exe
+    from tools.sim import vm as vms
+    if not 1 <= args.boards <= 64:
+        raise UsageError("--boards", f"{args.boards} is out of range", "give 1 to 64 boards")
+    if not 1 <= args.speed <= 1000:
+        raise UsageError("--speed", f"{args.speed} is out of range", "give 1 to 1000")
+    if not 0 <= args.duration < math.inf:          # NaN fails too
+        problem = "negative" if args.duration < 0 else "not a finite number"
+        raise UsageError("--duration", f"{args.duration:g} is {problem}",
+                         "give 0 (run until Ctrl-C) or a positive number of seconds")
+    if not 0 <= args.restart_limit <= 100:
+        raise UsageError("--restart-limit", f"{args.restart_limit} is out of range", "give 0 to 100 restarts")
+    if args.workdir and Path(args.workdir).exists() and not Path(args.workdir).is_dir():
+        raise UsageError("--workdir", f"{args.workdir} is a file", "give a folder, new or existing")
+    if args.report and (Path(args.report).is_dir() or not Path(args.report).resolve().parent.is_dir()):
+        raise UsageError("--report", f"cannot write a file at {args.report}",
+                         "give a file path in an existing folder")
+    vm = vms.resolve(getattr(args, "vm", None))
+    vms.micropython_exe(vm)                  # an unknown or unbuilt VM is refused before anything starts
+    board_def = board_defs.load(args.board)
+    kinds = site_roles(board_def)
+    if not kinds:
+        raise UsageError("--board", f"no role with a world model fits {board_def.name}", "pick another board")
+    try:
+        mosquitto_exe()
+    except FileNotFoundError:
+        raise UsageError("mosquitto", "not installed", "run ./dev setup (it installs the Debian package)") from None
+    return board_def, site_plan(kinds, args.boards), vm
+
+
 def run(args):
     """The site in --workdir, or in a new temp folder removed when the site stops: kept with --keep,
-    or when the site failed (its logs say why), and then printed."""
-    from protocol.errors import UsageError
+    or when the site failed (its logs and report say why), and then printed."""
+    board_def, plan, vm = check_args(args)
     tmp = None if args.workdir else tempfile.mkdtemp(prefix="prapa-site-")
     workdir = Path(args.workdir or tmp).resolve()
     keep = bool(args.workdir or args.keep)
+    code = 1
     try:
-        return _run(args, workdir)
-    except Exception as exc:
-        keep = keep or not isinstance(exc, UsageError)
-        raise
+        code = Site(args, workdir).run(board_def, plan, vm)
+        return code
     finally:
-        if not keep:
+        if not keep and code == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         elif workdir.exists():
             print(f"prapa site: its files are in {workdir}", file=sys.stderr)
 
 
-def _run(args, workdir):
-    from tools import boards as board_defs
-    from tools import image
-    from tools.broker import Broker, free_port
-    from protocol.errors import UsageError
-    from tools.gateway_process import GatewayProcess, register, write_config
-    from tools.sim.board import prepare_flash
-    from tools.sim import vm as vms
-    from tools.sim import worlds
-    from tools.sim.process import BoardProcess
+class Supervised:
+    """One child the site keeps running, as systemd's Restart=on-failure with StartLimitBurst=limit in
+    StartLimitIntervalSec=60 would: after a death the next start waits 0.5 s, doubling per restart within
+    the window up to 8 s; the death after `limit` restarts within the window is failure for good.
 
-    vm = vms.resolve(getattr(args, "vm", None))
-    vms.micropython_exe(vm)                  # an unknown or unbuilt VM is refused before anything starts
-    if not 1 <= args.boards <= 64:
-        raise UsageError("--boards", f"{args.boards} is out of range", "give 1 to 64 boards")
-    if not 1 <= args.speed <= 1000:
-        raise UsageError("--speed", f"{args.speed} is out of range", "give 1 to 1000")
-    workdir.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    board_def = board_defs.load(args.board)
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    broker = gateway = cloud = None
-    boards = []
-    report = None
-    try:
-        broker = Broker(workdir / "broker")
-        _log("broker_started", host=broker.host, port=broker.port)
-        cloud = Cloud(broker.port)
+    proc() is the child's current Popen, launch() starts a new one (it may raise: the next poll sees the
+    death), ready() says a launched child has come up; log is where it writes why it died."""
+
+    def __init__(self, name, proc, launch, ready, limit, log):
+        self.name, self.proc, self.launch, self.ready, self.limit, self.log = name, proc, launch, ready, limit, log
+        self.restart_times = []
+        self.due = self.cause = self.note = self.pending = None     # pending: the restart not yet up
+        self.died_at = 0.0
+        self.launched_at = 0.0
+
+    def delay_s(self, now):
+        """Seconds before the next restart, or None: failed for good."""
+        recent = sum(1 for t in self.restart_times if now - t < RESTART_WINDOW_S)
+        return None if recent >= self.limit else min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** recent)
+
+
+def _exit_fields(code):
+    if code < 0:
+        name = signal.Signals(-code).name
+        return {"exit_code": None, "signal": name}, f"killed by {name}"
+    return {"exit_code": code, "signal": None}, f"exit {code}"
+
+
+class Site:
+    """The site's children and its record: started by run(), always stopped and reported by it."""
+
+    def __init__(self, args, workdir):
+        self.args, self.workdir = args, workdir
+        self.broker = self.gateway = self.cloud = self.url = None
+        self.boards, self.restarts, self.supervised = [], [], []
+        self.ended, self.failed = "failed", None    # until the site says otherwise; the component failed for good
+        self.stopped_by = None
+        self.stopping = threading.Event()
+        self.started = time.monotonic()
+
+    def _on_signal(self, signum, _frame):
+        self.stopped_by = signal.Signals(signum).name
+        self.stopping.set()
+
+    def run(self, board_def, plan, vm):
+        from protocol.errors import UsageError
+        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)    # it will hold device keys
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        code = 1
+        try:
+            started = self._start(board_def, plan, vm)
+            code = self._supervise() if started is None else started
+        except UsageError:                      # a board that did not start (BoardError): the CLI says so
+            raise
+        except Exception as exc:                # a bug in the site: a report and one line, the traceback kept
+            where = self.workdir / "site-error.txt"
+            where.write_text(traceback.format_exc())
+            _log("site_error", error=f"{type(exc).__name__}: {exc}", traceback=str(where))
+        finally:
+            report = self._stop()
+            for s, handler in old.items():
+                signal.signal(s, handler)
+            text = json.dumps(report, indent=2)
+            (self.workdir / "report.json").write_text(text)
+            if self.args.report:
+                Path(self.args.report).write_text(text)
+            _log("site_stopped", ended=self.ended, failed=self.failed, restarts=len(self.restarts), **report["totals"])
+        return code
+
+    def _start(self, board_def, plan, vm):
+        """Broker, cloud, boards, gateway; None when all are up, else the exit code (a signal came first: 0,
+        the gateway did not start: 1)."""
+        from tools import image
+        from tools.broker import Broker, free_port
+        from tools.gateway_process import GatewayProcess, register, write_config
+        from tools.sim.board import prepare_flash
+        from tools.sim import worlds
+        from tools.sim.process import BoardProcess
+
+        args, workdir = self.args, self.workdir
+        # autosave every second: a broker killed keeps the cloud's subscription and queue but the last second
+        self.broker = Broker(workdir / "broker", extra_conf=("autosave_interval 1",))
+        _log("broker_started", host=self.broker.host, port=self.broker.port, pid=self.broker.proc.pid)
+        self.cloud = Cloud(self.broker.port)
         keys, names, device_roles = {}, {}, {}
-        kinds = site_roles(board_def)
-        if not kinds:
-            raise UsageError("--board", f"no role with a world model fits {board_def.name}", "pick another board")
-        plan = site_plan(kinds, args.boards)
         for i, role in enumerate(plan):
+            if self.stopping.is_set():
+                self.ended = "signal"
+                return 0
             n = plan[:i].count(role)                 # the n-th board of its role
             device_id = FIRST_DEVICE_ID + i
             name = f"{role}-{n + 1:03d}"
@@ -166,47 +282,115 @@ def _run(args, workdir):
                             getattr(worlds.ROLE_WORLDS[role], "SITE_LIMITS", None))   # a pump's hard limits
             keys[device_id], names[device_id], device_roles[device_id] = key, name, role
             vb = BoardProcess(args.board, role, flash, speed=args.speed, seed=i, world=world, vm=vm)
-            boards.append((name, device_id, vb))
+            self.boards.append((name, device_id, vb))
             _log("board_started", device=name, id=f"{device_id:08x}", uart=vb.uart_port, console=vb.console_port,
                  vm=vb.vm)
         http_port = free_port()
-        config = write_config(workdir, [vb.uart_port for _n, _d, vb in boards], broker.port, site=SITE,
+        config = write_config(workdir, [vb.uart_port for _n, _d, vb in self.boards], self.broker.port, site=SITE,
                               http_port=http_port, extra="\n[store]\nmin_free_mb = 50\n")
         register(workdir, keys, names=names, board=board_def.name, roles=device_roles)
-        gateway = GatewayProcess(config, log_path=workdir / "gateway.log").start()
-        gateway.wait_started()
-        url = f"http://127.0.0.1:{http_port}/"
-        _log("gateway_started", status_page=url, metrics=url + "metrics", pid=gateway.proc.pid)
+        self.gateway = GatewayProcess(config, log_path=workdir / "gateway.log").start()
+        try:
+            self.gateway.wait_started()
+        except AssertionError as exc:               # it exited, or stayed silent: its log says why
+            self.failed = "gateway"
+            _log("gateway_failed", problem=str(exc), log=str(workdir / "gateway.log"))
+            return 1
+        self.url = f"http://127.0.0.1:{http_port}/"
+        _log("gateway_started", status_page=self.url, metrics=self.url + "metrics", pid=self.gateway.proc.pid)
         if not args.headless:
-            print(f"status page: {url}   (Ctrl-C stops everything)", file=sys.stderr)
+            print(f"status page: {self.url}   (Ctrl-C stops everything)", file=sys.stderr)
             import webbrowser
-            threading.Timer(1.5, webbrowser.open, args=(url,)).start()
-        while not stopping.is_set() and (not args.duration or time.monotonic() - started < args.duration):
-            if gateway.proc.poll() is not None:
-                raise RuntimeError(f"the gateway stopped (exit {gateway.proc.returncode}); "
-                                   f"see {workdir / 'gateway.log'}")
-            if not args.headless:
-                _live_view(boards, cloud, workdir, time.monotonic() - started, url)
-            stopping.wait(1.0)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if gateway is not None and cloud is not None:
-            _drain(workdir, cloud, timeout_s=5.0)
-            report = _report(boards, cloud, workdir, started)
-        if gateway is not None:
-            gateway.stop()
-        for _n, _d, vb in boards:
-            vb.close()
-        if cloud is not None:
-            cloud.close()
-        if broker is not None:
-            broker.stop()
-    if report is not None:
-        if args.report:
-            Path(args.report).write_text(json.dumps(report, indent=2))
-        _log("site_stopped", **report["totals"])
-    return 0
+            threading.Timer(1.5, webbrowser.open, args=(self.url,)).start()
+        broker, gateway, limit = self.broker, self.gateway, args.restart_limit
+        self.supervised = [Supervised("broker", lambda: broker.proc, broker.restart, lambda: True, limit,
+                                      broker.workdir / "mosquitto.log"),
+                           Supervised("gateway", lambda: gateway.proc, gateway.start, gateway.started, limit,
+                                      gateway.log_path)]
+        return None
+
+    def _supervise(self):
+        """Until --duration or a signal (exit 0) or a component failed for good (exit 1)."""
+        args, next_view = self.args, 0.0
+        while True:
+            now = time.monotonic()
+            if self.stopping.is_set():
+                self.ended = "signal"
+                return 0
+            if args.duration and now - self.started >= args.duration:
+                self.ended = "duration"
+                return 0
+            for component in self.supervised:
+                if not self._watch(component, now):
+                    self.ended = "failed"
+                    return 1
+            if not args.headless and now >= next_view:
+                _live_view(self.boards, self.cloud, self.workdir, now - self.started, self.url, self.restarts)
+                next_view = now + 1.0
+            self.stopping.wait(0.1)
+
+    def _watch(self, c, now):
+        """One look at a supervised component: note it came up, or died, or start it again when due.
+        False: it has failed for good."""
+        if self.stopping.is_set():          # Ctrl-C reaches the children too: their deaths are the stop
+            return True
+        proc = c.proc()
+        if c.due is not None:
+            if now >= c.due:
+                c.due, c.launched_at = None, now
+                c.restart_times.append(now)
+                c.pending = {"component": c.name, "cause": c.cause, "died_at_s": round(c.died_at - self.started, 2),
+                             "at_s": round(now - self.started, 2), "ts": round(time.time(), 3)}
+                self.restarts.append(c.pending)
+                try:
+                    c.launch()
+                except Exception as exc:            # it did not come up: the next look sees it dead
+                    c.note = f"did not start: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            return True
+        code = proc.poll()
+        if code is None:
+            if c.pending is not None and c.ready():
+                c.pending.update(up_at_s=round(now - self.started, 2), readings_at_broker=self.cloud.readings_count())
+                _log(f"{c.name}_restarted", pid=proc.pid, restarts=len(c.restart_times))
+                c.pending = None
+            elif c.pending is not None and now - c.launched_at > START_TIMEOUT_S:
+                c.note = f"did not start within {START_TIMEOUT_S:.0f} s"
+                proc.kill()
+            return True
+        fields, cause = _exit_fields(code)
+        c.cause, c.note, c.pending, c.died_at = c.note or cause, None, None, now
+        delay = c.delay_s(now)
+        _log(f"{c.name}_died", pid=proc.pid, **fields, cause=c.cause, restart_in_s=delay, log=str(c.log))
+        if delay is None:
+            self.failed = c.name
+            _log(f"{c.name}_failed", restarts=len(c.restart_times), limit=c.limit, window_s=RESTART_WINDOW_S,
+                 problem=f"died again after {c.limit} restarts within {RESTART_WINDOW_S:.0f} s")
+            return False
+        c.due = now + delay
+        return True
+
+    def _stop(self):
+        """Count, then stop everything (each step whatever the others did); the report."""
+        report = None
+        try:
+            up = self.supervised and all(c.due is None and c.proc().poll() is None for c in self.supervised)
+            if up and self.ended != "failed":
+                _drain(self.workdir, self.cloud, timeout_s=5.0)
+            report = _report(self.boards, self.cloud, self.workdir, self.started)
+        except Exception as exc:
+            report = {"site": SITE, "workdir": str(self.workdir), "boards": [], "totals": {},
+                      "report_error": f"{type(exc).__name__}: {exc}"}
+        steps = [self.gateway.stop] if self.gateway is not None else []
+        steps += [vb.close for _n, _d, vb in self.boards]
+        steps += [self.cloud.close] if self.cloud is not None else []
+        steps += [self.broker.stop] if self.broker is not None else []
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:
+                _log("site_stop_error", step=getattr(step, "__qualname__", str(step)), error=str(exc))
+        return {"ended": self.ended, "failed": self.failed, "signal": self.stopped_by,
+                "seconds": round(time.monotonic() - self.started, 2), **report, "restarts": self.restarts}
 
 
 def _stored(workdir):
@@ -238,25 +422,36 @@ def _drain(workdir, cloud, timeout_s):
         time.sleep(0.2)
 
 
+def _world_truth(vb):
+    """What the board's world really did, or {} if the board is gone or does not answer."""
+    from protocol.errors import BoardError
+    try:
+        return vb.status()["world"] if vb.proc.poll() is None else {}
+    except (OSError, ValueError, BoardError):
+        return {}
+
+
 def _report(boards, cloud, workdir, started):
     made = _stored(workdir)
+    at_broker, alarms, first_at = {}, {}, None
+    if cloud is not None:
+        with cloud.lock:
+            at_broker = {d: len(ids) for d, ids in cloud.readings.items()}
+            alarms = {d: sorted(a for a, on in named.items() if on) for d, named in cloud.alarms.items()}
+            first_at = cloud.first_at
     rows = []
-    with cloud.lock:
-        for name, device_id, vb in boards:
-            hexid = f"{device_id:08x}"
-            truth = vb.status()["world"] if vb.proc.poll() is None else {}
-            rows.append({"id": name, "device_id": hexid, "role": vb.role, "readings_made": made.get(hexid, 0),
-                         "readings_at_broker": len(cloud.readings.get(hexid, ())),
-                         "alarms": sorted(a for a, on in cloud.alarms.get(hexid, {}).items() if on),
-                         "world_truth": truth})
-        first = None if cloud.first_at is None else round(cloud.first_at - started, 2)
+    for name, device_id, vb in boards:
+        hexid = f"{device_id:08x}"
+        rows.append({"id": name, "device_id": hexid, "role": vb.role, "readings_made": made.get(hexid, 0),
+                     "readings_at_broker": at_broker.get(hexid, 0), "alarms": alarms.get(hexid, []),
+                     "world_truth": _world_truth(vb)})
     totals = {"boards": len(rows), "readings_made": sum(r["readings_made"] for r in rows),
               "readings_at_broker": sum(r["readings_at_broker"] for r in rows),
-              "seconds_to_first_reading_at_broker": first}
+              "seconds_to_first_reading_at_broker": None if first_at is None else round(first_at - started, 2)}
     return {"site": SITE, "workdir": str(workdir), "boards": rows, "totals": totals}
 
 
-def _live_view(boards, cloud, workdir, elapsed, url):
+def _live_view(boards, cloud, workdir, elapsed, url, restarts):
     made = _stored(workdir)
     lines = [f"\x1b[H\x1b[2Jprapa site {SITE}: {len(boards)} boards, {elapsed:6.0f} s   status page {url}   "
              "(Ctrl-C stops everything)", "",
@@ -267,5 +462,9 @@ def _live_view(boards, cloud, workdir, elapsed, url):
             alarms = ", ".join(a for a, on in cloud.alarms.get(hexid, {}).items() if on) or "-"
             lines.append(f"{name:10} {hexid:9} {made.get(hexid, 0):>10} {len(cloud.readings.get(hexid, ())):>10}"
                          f"  {alarms}")
+    if restarts:
+        last = restarts[-1]
+        lines += ["", f"restarts: {len(restarts)}, the last of the {last['component']} at {last['at_s']:.0f} s "
+                      f"({last['cause']})"]
     sys.stdout.write("\n".join(lines) + "\n")
     sys.stdout.flush()

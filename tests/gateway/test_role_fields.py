@@ -66,7 +66,7 @@ def test_doser_rows_are_stored_with_every_column_scaled_and_strokes_on_the_regis
     assert b["fields"]["residual_min_mgl"] is None and b["fields"]["residual_mean_mgl"] is None
     assert b["fields"]["residual_max_mgl"] is None and b["fields"]["stopped_s"] == 60
     assert c["fields"]["ceiling_mgl"] == 1.8 and c["fields"]["solution_ml"] == 19.05
-    assert s.rows_skipped == 0
+    assert s.counts()["invalid_readings"] == 0
     latest = s.take_latest()[DEVICE]
     assert latest == (WALL0 + 120, 38, 1078, c["fields"])
 
@@ -101,21 +101,21 @@ def test_the_boards_encoder_sends_the_same_bytes_and_the_session_stores_the_same
 
 @pytest.mark.parametrize("bad", [ROWS[0][:-1], ROWS[0] + [0], [40, 20.1] + ROWS[0][2:], [40, "x"] + ROWS[0][2:],
                                  [40, True] + ROWS[0][2:], [None] + ROWS[0][1:], 40, "40"])
-def test_a_row_that_does_not_fit_the_fields_is_skipped_and_counted_not_raised(tmp_path, caplog, bad):
+def test_a_batch_with_a_row_that_does_not_fit_the_fields_is_refused_whole_and_counted_not_raised(tmp_path, caplog,
+                                                                                                  bad):
     s, store, up, _ = rig(tmp_path)
     with caplog.at_level(logging.WARNING, logger="prapa.gateway.session"):
         up(M.readings(2, 10, 60, 60, DOSER, UNITS, [ROWS[0], bad, ROWS[2]], 1000, wall_t0=WALL0))
     s.flush()
-    stored = store.entries()
-    # The first row is stored; the bad one is not (so not acknowledged: the board keeps it), and the
-    # register chain cannot go past it, so the batch's rest waits with it.
-    assert [(i["seq"], i["register"]) for i in stored] == [(10, 1040)]
-    assert s.rows_skipped == 2 and store.acked_upto(DEVICE, 2) == 10
-    assert any("readings_row_refused" in r.getMessage() for r in caplog.records)
+    # messages.decode refuses the batch before the session sees it: nothing of it is stored or
+    # acknowledged (the board keeps it), and the refusal is counted and logged with the row it names.
+    assert store.entries() == [] and store.acked_upto(DEVICE, 2) is None
+    assert s.counts()["invalid_readings"] == 1 and s.receiver.accepted == 0
+    assert any("message_refused" in r.getMessage() and "row 1" in r.getMessage() for r in caplog.records)
     # The next good batch goes through as usual.
     up(M.readings(2, 13, 240, 60, DOSER, UNITS, [ROWS[2]], 2000, wall_t0=WALL0 + 180))
     s.flush()
-    assert [i["seq"] for i in store.entries()] == [10, 13]
+    assert [i["seq"] for i in store.entries()] == [13]
 
 
 def test_a_meter_row_is_stored_as_before(tmp_path):

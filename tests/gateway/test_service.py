@@ -227,6 +227,7 @@ def test_commands_and_config_pushes_wait_for_the_board_and_a_refusal_is_reported
     import sys
 
     from gateway.store import Store
+    from protocol import messages as M
     site = _Site(tmp_path)
     try:
         site.wait(lambda: site.sub.of_kind("reading"), 30, "a first reading")
@@ -248,9 +249,17 @@ def test_commands_and_config_pushes_wait_for_the_board_and_a_refusal_is_reported
         ping = prapa("command", "--device", "0x1001", "ping")
         assert site.wait(lambda: state(ping)[0] == "done", 20, "the ping's answer")
         assert state(ping)[1].startswith("pong")
-        bad = tmp_path / "bad.json"
-        bad.write_text(json.dumps({"device_id": 0x1001, "role": "meter", "meter": {"interval_min": 7}}))
-        refused = prapa("push-config", "--device", "0x1001", "--file", str(bad))
+        bad = {"device_id": 0x1001, "role": "meter", "meter": {"interval_min": 7}}
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        r = subprocess.run([sys.executable, "-m", "tools.cli", "gateway", "push-config", "--device", "0x1001", "--file",
+                            str(tmp_path / "bad.json"), "--config", str(site.cfg)], capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode == 2 and "meter.interval_min" in r.stderr, r.stderr   # the board's own check, here
+        store = Store(site.store_path)           # a push from elsewhere: the board refuses it the same way
+        try:
+            refused = store.queue_downlink(0x1001, M.CONFIG_PUSH, json.dumps(bad))
+        finally:
+            store.close()
         assert site.wait(lambda: state(refused)[0] == "refused", 20, "the refusal")
         assert "meter.interval_min" in state(refused)[1] and "fix:" in state(refused)[1]
         good = tmp_path / "good.json"

@@ -280,7 +280,7 @@ def images(tmp_path_factory):
     (["--image", "{images}/other_role.img"], "--image", "built for role 'drain'"),
     (["--image", "{images}/virtual.img"], "--image", "virtual board"),
     (["--image", "{images}/not_littlefs.img"], "--image", "not a prapa littlefs image"),
-    (["--image", "{images}/missing.img"], "--image", "No such file"),
+    (["--image", "{images}/missing.img"], "--image", "no such file"),
     (["--firmware", "{images}/fw.bin"], "--firmware", "not an ESP firmware image"),
     (["--app-only", "--image", "{images}/virtual.img"], "--image", "not used with --app-only"),
     (["--baud", "12345"], "--baud", "not a rate"),

@@ -12,6 +12,7 @@ def test_headless_site_report_shows_every_board_delivering_through_the_broker(tm
                         "--duration", "5", "--report", str(report)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     data = json.loads(report.read_text())
+    assert (data["ended"], data["failed"], data["restarts"]) == ("duration", None, [])
     assert len(data["boards"]) == 2
     assert [row["role"] for row in data["boards"]] == ["meter", "doser"]
     for row in data["boards"]:

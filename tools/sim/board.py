@@ -453,10 +453,15 @@ class SimBoard:
 
 
 def prepare_flash(board, role, flash_path, install_app=False):
-    """Create the image if missing (or refresh its app); refuse one of the wrong size."""
+    """Create the image if missing (or refresh its app); refuse one of the wrong size.
+
+    The image is the board's flash: commissioning writes /device.key into it in place, so it is made
+    (or, given an image others can read, e.g. a `prapa build` output, narrowed to) mode 0600."""
     path = Path(flash_path)
     if path.exists():
         image.check_existing(board, path)
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
         if install_app:
             image.install_app(board, role, path)
         return False
