@@ -11,6 +11,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from protocol.roles import catalog as role_specs
+from gateway.config import read_text      # the one way a file comes in
 from protocol.errors import UsageError
 from protocol.roles import ROLES
 
@@ -123,7 +124,7 @@ def load(name_or_path):
         raise UsageError("--board", f"unknown board {str(name_or_path)!r}",
                          f"use one of {', '.join(available())} or a path to a board .toml file")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(read_text(path, "--board", "give a board definition: a UTF-8 TOML file"))
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(str(path), f"not valid TOML ({exc})", "fix the syntax at that line") from None
     return _validate(path, data)

@@ -38,6 +38,7 @@ from protocol.errors import BoardError, UsageError
 from tools.console import ConsoleReader, parse_banner, parse_idle, parse_key_values
 from tools.console import parse_status as parse_status_line
 from tools.role_config import build_config, build_limits, check_within_limits, parse_device_id
+from tools import args as types
 
 BOOT_TIMEOUT_S = 20
 INPUTS_SETTLE_S = 3             # the app runs this long after a boot before its live inputs are read
@@ -204,7 +205,8 @@ def add_parser(sub):
                    help="set one config value, e.g. link.addr=3 or ROLE.KEY=VALUE (repeatable; applied over --config)")
     dest = p.add_mutually_exclusive_group(required=True)
     dest.add_argument("--registry", metavar="PATH", help="the gateway's registry.db (when run on the gateway)")
-    dest.add_argument("--export", metavar="FILE", help="write a 0600 export file for: prapa gateway devices import")
+    dest.add_argument("--export", metavar="FILE", type=types.file_to_write,
+                      help="write a 0600 export file for: prapa gateway devices import")
     p.add_argument("--name", help="a name for the device in the registry (e.g. its street address)")
     p.add_argument("--limits", metavar="FILE.json",
                    help="the role's hard limits as a JSON object, written to the board over USB only; required for "

@@ -31,6 +31,7 @@ from protocol.errors import BoardError
 from tools import boards
 from tools.console import ConsoleReader, parse_banner
 from tools.sim import vm as vms
+from tools import args as types
 
 
 def add_parser(sub):
@@ -41,7 +42,7 @@ def add_parser(sub):
                            description="Boot a virtual board N times (power cut and restore) and a bare VM N times.")
     boot.add_argument("--board", default="esp32-devkitc")
     boot.add_argument("--role", default="meter")
-    boot.add_argument("--boots", type=int, default=20, help="boots to time (default 20)")
+    boot.add_argument("--boots", type=types.count, default=20, help="boots to time (default 20)")
     boot.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     vms.add_argument(boot)
     boot.set_defaults(func=bench_boot)

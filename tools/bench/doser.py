@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tools.bench import bench_vm, print_figures
 from tools.sim import vm as vms
+from tools import args as types
 
 FAST = {"link": {"sample_ms": 1000, "health_s": 600}}
 DAY_US = 86400e6
@@ -29,9 +30,9 @@ DAY_US = 86400e6
 def add_parser(bsub, parser_class):
     p = bsub.add_parser("doser", help="stroke exactness, volume vs ideal, far-tap band share, jitter, heap",
                         description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--speed", type=int, default=2000, help="board clock speed (default 2000: a day in ~45 s)")
+    p.add_argument("--speed", type=types.count, default=2000, help="board clock speed (default 2000: a day in ~45 s)")
     p.add_argument("--profiles", default="0,1,2", help="demand profiles to run (default 0,1,2)")
-    p.add_argument("--jitter-s", type=int, default=90, help="real seconds of each timer-lateness run (default 90)")
+    p.add_argument("--jitter-s", type=types.count, default=90, help="real seconds of each timer-lateness run (default 90)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     vms.add_argument(p)
     p.set_defaults(func=run)

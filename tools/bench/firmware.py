@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tools.bench import bench_vm, print_figures
 from tools.sim import vm as vms
+from tools import args as types
 
 ERASE_CYCLES = 100_000          # NOR flash endurance per sector (ESP32 modules: 100k)
 
@@ -33,9 +34,9 @@ ERASE_CYCLES = 100_000          # NOR flash endurance per sector (ESP32 modules:
 def add_parser(bsub, parser_class):
     p = bsub.add_parser("firmware", help="sampling jitter, heap peak, flash wear, loss per power cut",
                         description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--jitter-s", type=float, default=25, help="seconds of each jitter run (default 25)")
-    p.add_argument("--days", type=float, default=3, help="simulated days for the flash figures (default 3)")
-    p.add_argument("--cuts", type=int, default=60, help="power cuts for the loss figure (default 60)")
+    p.add_argument("--jitter-s", type=types.positive_seconds, default=25, help="seconds of each jitter run (default 25)")
+    p.add_argument("--days", type=types.positive_seconds, default=3, help="simulated days for the flash figures (default 3)")
+    p.add_argument("--cuts", type=types.count, default=60, help="power cuts for the loss figure (default 60)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     vms.add_argument(p)
     p.set_defaults(func=run)

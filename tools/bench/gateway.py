@@ -23,6 +23,7 @@ import cbor2
 
 from gateway.store import Store
 from tools.bench import print_figures
+from tools import args as types
 
 ROWS = 32
 STEADY_RATE = 5000               # readings/s offered for the latency figure
@@ -32,8 +33,8 @@ STEADY_READINGS = 25_600         # five seconds of it
 def add_parser(bsub, parser_class):
     p = bsub.add_parser("gateway", help="readings/s through the gateway service to a real broker; latency; RSS",
                         description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--readings", type=int, default=200_000, help="readings to push through (default 200000)")
-    p.add_argument("--devices", type=int, default=50, help="simulated meters (default 50)")
+    p.add_argument("--readings", type=types.count, default=200_000, help="readings to push through (default 200000)")
+    p.add_argument("--devices", type=types.count, default=50, help="simulated meters (default 50)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     p.set_defaults(func=run)
 

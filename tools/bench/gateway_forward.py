@@ -27,6 +27,7 @@ from gateway.forwarder import Forwarder
 from gateway.store import Entry, Store
 from tools.bench import print_figures
 from tools.broker import Broker
+from tools import args as types
 
 DEVICES = 100
 FRAME = 16           # readings per frame: a board sends its log in frames, the gateway stores each reading
@@ -139,9 +140,9 @@ def forward_steady(path, broker, rate_per_s, seconds):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m tools.bench.gateway_forward", description=__doc__.split("\n\n")[0])
-    p.add_argument("--entries", type=int, default=100_000, help="readings per run (default 100000)")
-    p.add_argument("--steady-rate", type=int, default=5000, help="offered entries/s for the latency run (default 5000)")
-    p.add_argument("--steady-seconds", type=float, default=5.0, help="length of the latency run (default 5)")
+    p.add_argument("--entries", type=types.count, default=100_000, help="readings per run (default 100000)")
+    p.add_argument("--steady-rate", type=types.count, default=5000, help="offered entries/s for the latency run (default 5000)")
+    p.add_argument("--steady-seconds", type=types.positive_seconds, default=5.0, help="length of the latency run (default 5)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     args = p.parse_args(argv)
     n = args.entries - args.entries % BATCH

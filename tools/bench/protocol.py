@@ -16,6 +16,7 @@ from protocol import cbor, framing, link, secure
 from protocol import messages as M
 from protocol.examples import DEVICE_ID, KEY
 from tools.sim import vm as vms
+from tools import args as types
 
 INTERVAL_S = 900
 T0_WALL = 1795466400
@@ -147,8 +148,8 @@ def gateway_rate(frames):
 def add_parser(bsub, parser_class):
     p = bsub.add_parser("protocol", help="wire bytes per reading, board CPU and heap per report, gateway rate",
                         description=__doc__)
-    p.add_argument("--reports", type=int, default=2000, help="reports timed in the VM (default 2000)")
-    p.add_argument("--frames", type=int, default=20000, help="frames for the gateway rate (default 20000)")
+    p.add_argument("--reports", type=types.count, default=2000, help="reports timed in the VM (default 2000)")
+    p.add_argument("--frames", type=types.count, default=20000, help="frames for the gateway rate (default 20000)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     vms.add_argument(p)
     p.set_defaults(func=run)

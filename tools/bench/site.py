@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tools.bench import bench_vm, print_figures
 from tools.sim import vm as vms
+from tools import args as types
 
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -29,8 +30,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 def add_parser(bsub, parser_class):
     p = bsub.add_parser("site", help="time to the first reading, per-board CPU and memory, boards per machine",
                         description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    p.add_argument("--boards", type=int, default=4, help="boards per run (default 4)")
-    p.add_argument("--seconds", type=float, default=30, help="seconds per run (default 30)")
+    p.add_argument("--boards", type=types.count, default=4, help="boards per run (default 4)")
+    p.add_argument("--seconds", type=types.positive_seconds, default=30, help="seconds per run (default 30)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     vms.add_argument(p)
     p.set_defaults(func=run)
