@@ -82,6 +82,43 @@ def readings(boot_id, seq_first, t0_s, interval_s, role, unit_map, rows, registe
     return m
 
 
+def put_readings_head(buf, off, boot_id, seq_first, t0_s, interval_s, role, wall_t0=-1, series=SERIES_INTERVAL,
+                      seq_step=1):
+    """A readings map's head and keys 0-4 into buf at off, without allocating; a role's encoder writes
+    its units (5) and rows (6), then put_readings_tail. Together: the bytes of cbor.encode(readings(...)),
+    keys ascending (the deterministic order)."""
+    put_head, put_int = cbor.put_head, cbor.put_int
+    off = put_head(buf, off, 5, 8 + (wall_t0 >= 0) + (series != SERIES_INTERVAL) + (seq_step != 1))
+    off = put_head(buf, off, 0, 0)
+    off = put_int(buf, off, boot_id)
+    off = put_head(buf, off, 0, 1)
+    off = put_int(buf, off, seq_first)
+    off = put_head(buf, off, 0, 2)
+    off = put_int(buf, off, t0_s)
+    off = put_head(buf, off, 0, 3)
+    off = put_int(buf, off, interval_s)
+    off = put_head(buf, off, 0, 4)
+    return put_int(buf, off, role)
+
+
+def put_readings_tail(buf, off, register, wall_t0=-1, series=SERIES_INTERVAL, seq_step=1):
+    """Keys 7-10 of a readings map (the register always; wall time, series and seq step when not the
+    default), after the role's rows."""
+    put_head, put_int = cbor.put_head, cbor.put_int
+    off = put_head(buf, off, 0, 7)
+    off = put_int(buf, off, register)
+    if wall_t0 >= 0:
+        off = put_head(buf, off, 0, 8)
+        off = put_int(buf, off, wall_t0)
+    if series != SERIES_INTERVAL:
+        off = put_head(buf, off, 0, 9)
+        off = put_int(buf, off, series)
+    if seq_step != 1:
+        off = put_head(buf, off, 0, 10)
+        off = put_int(buf, off, seq_step)
+    return off
+
+
 def alarm(boot_id, seq, t_s, code, active, detail=0):
     return {0: boot_id, 1: seq, 2: t_s, 3: code, 4: bool(active), 5: detail}
 

@@ -56,7 +56,7 @@ import struct
 from micropython import const
 
 import persist
-from flashlog import K_DAILY, K_READING, Record
+from flashlog import K_DAILY, K_READING, REC, Record
 from protocol import messages as M
 from protocol.errors import ConfigError
 from protocol.framing import crc16
@@ -652,7 +652,7 @@ class Doser:
     # -- reports ------------------------------------------------------------------------------
     def encode_batch(self, buf, off, r, values, n, wall_t0, raw=None, rec_bytes=0):
         return spec.encode_readings_into(
-            buf, off, r.boot, r.seq, r.t_end, r.span, r.reg, values, raw, 34, rec_bytes, n, wall_t0,
+            buf, off, r.boot, r.seq, r.t_end, r.span, r.reg, values, raw, REC - 2, rec_bytes, n, wall_t0,
             M.SERIES_DAILY if r.kind == K_DAILY else M.SERIES_INTERVAL, r.count)
 
     def status(self):

@@ -25,7 +25,7 @@ import struct
 
 from protocol._compat import const
 
-from protocol import cbor
+from protocol import cbor, messages
 from protocol.errors import ConfigError
 
 NAME = "doser"
@@ -206,9 +206,8 @@ def check_change(old, new, waiting):
 
 
 # -- the wire: the board's send path ---------------------------------------------------------
-SERIES_INTERVAL = const(0)      # as protocol.messages.SERIES_*
+SERIES_INTERVAL = const(0)      # as protocol.messages.SERIES_INTERVAL
 ROLE_CODE = const(1)            # this role's place in protocol.roles.ROLES
-_EXTRA = struct.calcsize(EXTRA_FORMAT)
 
 
 def encode_readings_into(buf, off, boot_id, seq_first, t0_s, interval_s, register, values, raw, extra_off,
@@ -216,17 +215,8 @@ def encode_readings_into(buf, off, boot_id, seq_first, t0_s, interval_s, registe
     """The same bytes as cbor.encode(messages.readings(...)) for n doser rows: values[i] the strokes
     of record i, raw[extra_off + i * rec_bytes:] its EXTRA_FORMAT columns. Keys ascend (deterministic)."""
     put_head, put_int = cbor.put_head, cbor.put_int
-    off = put_head(buf, off, 5, 8 + (wall_t0 >= 0) + (series != SERIES_INTERVAL) + (seq_step != 1))
-    off = put_head(buf, off, 0, 0)
-    off = put_int(buf, off, boot_id)
-    off = put_head(buf, off, 0, 1)
-    off = put_int(buf, off, seq_first)
-    off = put_head(buf, off, 0, 2)
-    off = put_int(buf, off, t0_s)
-    off = put_head(buf, off, 0, 3)
-    off = put_int(buf, off, interval_s)
-    off = put_head(buf, off, 0, 4)
-    off = put_int(buf, off, ROLE_CODE)
+    off = messages.put_readings_head(buf, off, boot_id, seq_first, t0_s, interval_s, ROLE_CODE, wall_t0, series,
+                                     seq_step)
     off = put_head(buf, off, 0, 5)
     off = put_head(buf, off, 5, 2)              # {0: "stroke", 1: 0}
     off = put_head(buf, off, 0, 0)
@@ -243,15 +233,4 @@ def encode_readings_into(buf, off, boot_id, seq_first, t0_s, interval_s, registe
         off = put_int(buf, off, values[i])
         for v in struct.unpack_from(EXTRA_FORMAT, raw, extra_off + i * rec_bytes):
             off = put_int(buf, off, v)
-    off = put_head(buf, off, 0, 7)
-    off = put_int(buf, off, register)
-    if wall_t0 >= 0:
-        off = put_head(buf, off, 0, 8)
-        off = put_int(buf, off, wall_t0)
-    if series != SERIES_INTERVAL:
-        off = put_head(buf, off, 0, 9)
-        off = put_int(buf, off, series)
-    if seq_step != 1:
-        off = put_head(buf, off, 0, 10)
-        off = put_int(buf, off, seq_step)
-    return off
+    return messages.put_readings_tail(buf, off, register, wall_t0, series, seq_step)

@@ -10,7 +10,7 @@
 # litres, else millilitres), so the register after row i is the sum so far.
 from protocol._compat import const
 
-from protocol import cbor
+from protocol import cbor, messages
 from protocol.errors import ConfigError
 
 NAME = "meter"
@@ -81,7 +81,7 @@ def check_change(old, new, waiting):
 
 
 # -- the wire: the board's hot path ------------------------------------------------------------
-SERIES_INTERVAL = const(0)      # as protocol.messages.SERIES_*
+SERIES_INTERVAL = const(0)      # as protocol.messages.SERIES_INTERVAL
 ROLE_CODE = const(0)            # this role's place in protocol.roles.ROLES
 
 
@@ -91,17 +91,8 @@ def encode_readings_into(buf, off, boot_id, seq_first, t0_s, interval_s, k_facto
     wall_t0 exceed a small int). Rows are deltas[i] * mult. Keys are written in ascending order,
     which is the deterministic order."""
     put_head, put_int = cbor.put_head, cbor.put_int
-    off = put_head(buf, off, 5, 8 + (wall_t0 >= 0) + (series != SERIES_INTERVAL) + (seq_step != 1))
-    off = put_head(buf, off, 0, 0)
-    off = put_int(buf, off, boot_id)
-    off = put_head(buf, off, 0, 1)
-    off = put_int(buf, off, seq_first)
-    off = put_head(buf, off, 0, 2)
-    off = put_int(buf, off, t0_s)
-    off = put_head(buf, off, 0, 3)
-    off = put_int(buf, off, interval_s)
-    off = put_head(buf, off, 0, 4)
-    off = put_int(buf, off, ROLE_CODE)
+    off = messages.put_readings_head(buf, off, boot_id, seq_first, t0_s, interval_s, ROLE_CODE, wall_t0, series,
+                                     seq_step)
     off = put_head(buf, off, 0, 5)
     off = put_head(buf, off, 5, 3)              # {0: "L", 1: scale, 2: k_factor_milli}
     off = put_head(buf, off, 0, 0)
@@ -116,15 +107,4 @@ def encode_readings_into(buf, off, boot_id, seq_first, t0_s, interval_s, k_facto
     off = put_head(buf, off, 4, n)
     for i in range(n):
         off = put_int(buf, off, deltas[i] * mult)
-    off = put_head(buf, off, 0, 7)
-    off = put_int(buf, off, register)
-    if wall_t0 >= 0:
-        off = put_head(buf, off, 0, 8)
-        off = put_int(buf, off, wall_t0)
-    if series != SERIES_INTERVAL:
-        off = put_head(buf, off, 0, 9)
-        off = put_int(buf, off, series)
-    if seq_step != 1:
-        off = put_head(buf, off, 0, 10)
-        off = put_int(buf, off, seq_step)
-    return off
+    return messages.put_readings_tail(buf, off, register, wall_t0, series, seq_step)
