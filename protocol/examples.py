@@ -13,7 +13,7 @@ EXAMPLES = [
     (M.READINGS, M.readings(3, 10, 900, 900, roles.code("doser"), M.units("stroke", 0),
                             [[225, 11250, 1250, 480, 521, 562, 900, 0, 0, 0, 2000],
                              [0, 0, 0, 65535, 65535, 65535, 0, 0, 900, 17, 2000]], register=40211)),
-    (M.READINGS, M.readings(5, 44, 300, 300, roles.code("drain"), M.units("mm", 0), [[420, 3, 12], [455, 7, 20]],
+    (M.READINGS, M.readings(5, 44, 300, 300, roles.code("drain"), M.units("mm", 0), [[420, 0, 12, 3710, 0, 0, 1200, 1000, 5], [455, 3600, 20, 3708, 0, 0, 1200, 1000, 5]],
                             wall_t0=1795466400)),
     (M.ALARM, M.alarm(7, 131, 86400, 1, True, 24)),
     (M.HEALTH, M.health(7, 3600, 61234, 58012, 9, 0, 130, 128, 2, 12, 41)),

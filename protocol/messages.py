@@ -83,12 +83,12 @@ def readings(boot_id, seq_first, t0_s, interval_s, role, unit_map, rows, registe
 
 
 def put_readings_head(buf, off, boot_id, seq_first, t0_s, interval_s, role, wall_t0=-1, series=SERIES_INTERVAL,
-                      seq_step=1):
+                      seq_step=1, register=True):
     """A readings map's head and keys 0-4 into buf at off, without allocating; a role's encoder writes
     its units (5) and rows (6), then put_readings_tail. Together: the bytes of cbor.encode(readings(...)),
-    keys ascending (the deterministic order)."""
+    keys ascending (the deterministic order). register: False for a role whose batches carry none."""
     put_head, put_int = cbor.put_head, cbor.put_int
-    off = put_head(buf, off, 5, 8 + (wall_t0 >= 0) + (series != SERIES_INTERVAL) + (seq_step != 1))
+    off = put_head(buf, off, 5, 7 + (1 if register else 0) + (wall_t0 >= 0) + (series != SERIES_INTERVAL) + (seq_step != 1))
     off = put_head(buf, off, 0, 0)
     off = put_int(buf, off, boot_id)
     off = put_head(buf, off, 0, 1)
@@ -102,11 +102,12 @@ def put_readings_head(buf, off, boot_id, seq_first, t0_s, interval_s, role, wall
 
 
 def put_readings_tail(buf, off, register, wall_t0=-1, series=SERIES_INTERVAL, seq_step=1):
-    """Keys 7-10 of a readings map (the register always; wall time, series and seq step when not the
-    default), after the role's rows."""
+    """Keys 7-10 of a readings map (the register unless None; wall time, series and seq step when not
+    the default), after the role's rows."""
     put_head, put_int = cbor.put_head, cbor.put_int
-    off = put_head(buf, off, 0, 7)
-    off = put_int(buf, off, register)
+    if register is not None:
+        off = put_head(buf, off, 0, 7)
+        off = put_int(buf, off, register)
     if wall_t0 >= 0:
         off = put_head(buf, off, 0, 8)
         off = put_int(buf, off, wall_t0)

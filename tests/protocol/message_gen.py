@@ -23,6 +23,7 @@ MAX_PAYLOAD = 250 - secure.OVERHEAD
 DOWNLINK_TYPES = (M.ACK, M.TIME_SYNC, M.CONFIG_PUSH, M.COMMAND)
 UPLINK_TYPES = (M.HELLO, M.READINGS, M.ALARM, M.HEALTH, M.COMMAND_RESULT)
 DOSER_WIDTH = len(roles.spec("doser").FIELDS)
+WIDTH = {code: len(roles.spec(name).FIELDS) for code, name in enumerate(roles.ROLES) if code}   # 0: bare uints
 
 
 # -- the reference: schema.cddl read again, one message at a time ------------------------------
@@ -53,10 +54,7 @@ def _rows_fit(m):
     for row in rows:
         if role == 0 and not _uint(row):
             return False
-        if role == 1 and not (type(row) is list and len(row) == DOSER_WIDTH and all(_uint(c) for c in row)):
-            return False
-        if role == 2 and not (_uint(row) or (type(row) is list and 1 <= len(row) <= 16
-                                             and all(_int(c) for c in row))):
+        if role in WIDTH and not (type(row) is list and len(row) == WIDTH[role] and all(_uint(c) for c in row)):
             return False
     n = len(rows)
     return n == 0 or (m[1] + n * m.get(10, 1) - 1 <= U32 and m[2] + (n - 1) * m[3] <= U32)
@@ -188,11 +186,8 @@ def _valid_map(draw, rules):
 def _rows(draw, role):
     if role == 0:
         return draw(st.lists(_uints(0, None), max_size=20))
-    if role == 1:
-        return draw(st.lists(st.lists(st.integers(0, 65535), min_size=DOSER_WIDTH, max_size=DOSER_WIDTH),
-                             max_size=3))
-    return draw(st.lists(st.tuples(_uints(0, 2000), st.integers(-500, 500), _uints(0, 500)).map(list),
-                         max_size=6))
+    return draw(st.lists(st.lists(st.integers(0, 65535), min_size=WIDTH[role], max_size=WIDTH[role]),
+                         max_size=3))
 
 
 @st.composite
