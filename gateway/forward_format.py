@@ -13,6 +13,13 @@ can deduplicate by each item's (device, boot, seq) without any other state:
 Each item is the entry's own CBOR map (it already names device, boot, seq and
 kind), plus the gateway's wall time and its source when the store knows them.
 Replayed messages add "replay": true.
+
+The gateway's own state rides on retained topics beside the devices' ones: each catchment's
+ranked suspect devices (gateway/ranking.py) on prapa/v1/<site>/catchment/<catchment>/suspects,
+JSON, QoS 1, retained, so a consumer that subscribes later gets the newest list at once:
+
+    {"v": 1, "site": "...", "catchment": "...", "t": 1750000000.0, "raining": false,
+     "rain_mm_h": 0.0, "suspects": [{"rank": 1, "id": "0000002a", "state": "blocked", ...}, ...]}
 """
 
 import dataclasses
@@ -33,6 +40,11 @@ KIND_MAX_BYTES = 32
 KIND = re.compile(r"[a-z][a-z0-9_-]*\Z")
 SITE_FORBIDDEN = re.compile(r"[/+#\x00-\x20\x7f]")
 LONGEST_TAIL = max(KIND_MAX_BYTES, len("replay/request"))
+# A catchment (registry: a device's place) is one topic level too: letters, digits, '_', '-', '.',
+# starting with a letter or digit (never '.', '..' or a leading '-' a shell would read as a flag).
+CATCHMENT_MAX_BYTES = 32
+CATCHMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,%d}\Z" % (CATCHMENT_MAX_BYTES - 1))
+UNASSIGNED = "_unassigned"        # the devices of no catchment: a name no catchment can have
 ITEM_EXTRA_BYTES = 40            # wall_t and time_source added to an item, upper bound for sizing
 ENVELOPE_BYTES = 64              # v, site key, device, kind, items header, replay flag
 
@@ -159,7 +171,8 @@ def check_site(site, where):
     if not isinstance(site, str) or not site or site.startswith("$") or SITE_FORBIDDEN.search(site):
         raise UsageError(where, f"{site!r} cannot be an MQTT topic level",
                          "use letters, digits, '-', '_' or '.', without '/', '+', '#', spaces or a leading '$'")
-    longest = len(topic(site, 0, "x").encode()) - 1 + LONGEST_TAIL
+    longest = max(len(topic(site, 0, "x").encode()) - 1 + LONGEST_TAIL,
+                  len(f"prapa/v1/{site}/catchment/{'c' * CATCHMENT_MAX_BYTES}/suspects".encode()))
     if longest > TOPIC_MAX_BYTES:
         room = len(site.encode()) - (longest - TOPIC_MAX_BYTES)
         raise UsageError(where, f"makes topics up to {longest} bytes long (AWS IoT Core allows {TOPIC_MAX_BYTES})",
@@ -174,6 +187,15 @@ def topic(site, device_id, tail):
     """prapa/v1/<site>/<device>/<tail>; refuses a topic a managed broker would refuse."""
     t = f"prapa/v1/{site}/{device_hex(device_id)}/{tail}"
     if len(t.encode()) > TOPIC_MAX_BYTES or t.count("/") > TOPIC_MAX_SLASHES:
+        raise ValueError(f"topic {t!r} is over {TOPIC_MAX_BYTES} bytes or {TOPIC_MAX_SLASHES} slashes")
+    return t
+
+
+def catchment_topic(site, catchment):
+    """prapa/v1/<site>/catchment/<catchment>/suspects: the catchment's ranked suspects, retained."""
+    t = f"prapa/v1/{site}/catchment/{catchment}/suspects"
+    if len(t.encode()) > TOPIC_MAX_BYTES or t.count("/") > TOPIC_MAX_SLASHES or "+" in catchment \
+            or "#" in catchment or "/" in catchment:
         raise ValueError(f"topic {t!r} is over {TOPIC_MAX_BYTES} bytes or {TOPIC_MAX_SLASHES} slashes")
     return t
 

@@ -20,6 +20,11 @@ reconnects to the same host on its own, and failover must choose the broker.
 A new paho client per connection (same client id, persistent session) keeps
 paho from re-sending its own in-flight copies on top of ours; the broker keeps
 the session, and with it the replay-request subscription, across reconnects.
+
+The gateway's own state (each catchment's suspects) goes out as retained messages: retain()
+keeps the newest payload per topic in memory, the thread publishes it (QoS 1, retain) ahead of
+the backlog, and publishes every one again on each new connection, so the broker holds the
+newest whatever was lost with a connection. These are state, not entries: nothing in the store.
 """
 
 import asyncio
@@ -79,6 +84,8 @@ class Forwarder:
         self._thread = None
         self._refused_ids = set()
         self._inflight, self._inflight_ids, self._window = {}, set(), 1
+        self._retained, self._retain_due, self._retain_lock = {}, [], threading.Lock()   # topic -> payload
+        self.retained_published = 0   # retained messages sent (PUBACKs counted in acked)
 
     # -- the asyncio / service side ---------------------------------------------------------------
 
@@ -99,6 +106,16 @@ class Forwarder:
             self._wake_w.send(b"\0")
         except (BlockingIOError, OSError):
             pass
+
+    def retain(self, topic, payload, content_type="application/json"):
+        """Publish payload (bytes; b"" clears the topic) retained, QoS 1, as soon as the connection has room,
+        and again on every new connection. Safe from any thread; a newer payload for a topic replaces
+        one not yet sent."""
+        with self._retain_lock:
+            self._retained[topic] = (bytes(payload), content_type)
+            if topic not in self._retain_due:
+                self._retain_due.append(topic)
+        self.kick()
 
     async def run(self):
         """An asyncio task for the service: runs until cancelled, then stops the thread off the loop."""
@@ -260,11 +277,14 @@ class Forwarder:
         """Publish, settle PUBACKs and answer replays until the connection ends or stop() is called."""
         state = client.user_data_get()
         self._inflight, self._inflight_ids = {}, set()   # mid -> (entry ids, publish time); ids in flight
+        with self._retain_lock:                           # a new connection: the broker gets every one again
+            self._retain_due = list(self._retained)
         look, next_look = True, 0.0
         while not self._stopping.is_set() and not state["lost"]:
             self._settle(store, state["acks"])
             while state["requests"] and not state["lost"]:
                 self._replay(client, store, state["requests"].popleft())
+            self._publish_retained(client)
             now = time.monotonic()
             room = len(self._inflight) < self._window
             if room and (look or now >= next_look):
@@ -284,6 +304,30 @@ class Forwarder:
             client.disconnect()
             _log(logging.INFO, "broker_disconnected", broker=url, unacked_entries=len(self._inflight_ids))
         self.connected = False
+
+    def _publish_retained(self, client):
+        """Send the retained payloads due, newest of each topic, within the in-flight window."""
+        while len(self._inflight) < self._window:
+            with self._retain_lock:
+                if not self._retain_due:
+                    return
+                topic = self._retain_due.pop(0)
+                payload, content_type = self._retained[topic]
+                if not payload:                   # a cleared topic is published once, then forgotten
+                    del self._retained[topic]
+            props = None
+            if self.protocol == "5":
+                props = Properties(PacketTypes.PUBLISH)
+                props.ContentType = content_type
+            info = client.publish(topic, payload, qos=1, retain=True, properties=props)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                client.user_data_get()["lost"] = True
+                with self._retain_lock:               # sent again on the next connection
+                    self._retained.setdefault(topic, (payload, content_type))
+                return
+            self.published += 1
+            self.retained_published += 1
+            self._inflight[info.mid] = ((), time.monotonic())
 
     def _fill(self, client, store):
         """Publish pending entries (alarms first) up to the in-flight window; True if more may be waiting."""

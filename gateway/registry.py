@@ -1,6 +1,6 @@
 """The device registry: which boards this gateway serves, with their keys.
 
-Promise: when add, retire, import_file or next_downlink_counters returns,
+Promise: when add, set_place, retire, import_file or next_downlink_counters returns,
 the change is fsynced in SQLite's WAL (journal_mode=WAL, synchronous=FULL),
 so a killed process or a power cut never loses it. In particular a block of
 downlink counters is on disk before any counter from it is handed out, so a
@@ -14,11 +14,20 @@ The file holds AES keys, so it is created mode 0600 (SQLite gives its -wal and
 never appear in a repr, a log record or an error message; only export files
 carry them, written 0600.
 
+A device may carry a place: a location (lat, lon: WGS84 degrees) and a catchment (a short
+name, one MQTT topic level), set at commissioning or later (set_place); the ranking of
+suspects groups and maps devices by it (gateway/ranking.py).
+
+The schema is versioned by SQLite's user_version (SCHEMA_VERSION): a registry made by an older
+prapa gets the columns it lacks in one durable transaction when it is opened, its devices kept
+as they were (no place); one made by a newer prapa is refused rather than guessed at.
+
 registry.db: its SQL lives here, as the store's lives in store.py.
 """
 
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -31,6 +40,7 @@ from typing import NamedTuple
 
 from gateway import files
 from gateway.config import parse_json, read_text
+from gateway.forward_format import CATCHMENT, CATCHMENT_MAX_BYTES
 from gateway.logs import log_event
 from protocol.errors import UsageError
 from protocol.roles import ROLES
@@ -60,9 +70,19 @@ CREATE TABLE IF NOT EXISTS devices (
     firmware       TEXT,
     last_seen      REAL,                    -- Unix seconds
     added_at       REAL    NOT NULL,
-    downlink_bound INTEGER NOT NULL DEFAULT 0  -- every downlink counter below this may have been used
+    downlink_bound INTEGER NOT NULL DEFAULT 0, -- every downlink counter below this may have been used
+    lat            REAL,                    -- WGS84 degrees, with lon; NULL: no location
+    lon            REAL,
+    catchment      TEXT                     -- the catchment the device serves; NULL: none
 );
 """
+# user_version of a registry with every column above. 0: made before places (no lat, lon,
+# catchment). MIGRATIONS[v] takes a registry from version v to v + 1: columns it lacks are added,
+# each with a NULL default, so every device keeps what it had.
+SCHEMA_VERSION = 1
+MIGRATIONS = (
+    (("lat", "REAL"), ("lon", "REAL"), ("catchment", "TEXT")),
+)
 
 
 class RegistryError(UsageError):
@@ -85,6 +105,9 @@ class Device(NamedTuple):
     firmware: str | None
     last_seen: float | None
     downlink_bound: int
+    lat: float | None = None
+    lon: float | None = None
+    catchment: str | None = None
 
     def __repr__(self):
         shown = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields if f != "key")
@@ -118,6 +141,59 @@ def check_device(device_id, role, key, name=None, board=None, where=None):
         fail("board", f"{board!r} is not a board name", "use a name from boards/ (prapa board list), or leave it out")
 
 
+def _degrees(value):
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_place(location, catchment, where=None):
+    """Validate a place: location None or (lat, lon) in WGS84 degrees, catchment None or a short name;
+    raise RegistryError naming `where`'s part and the fix. Returns (lat, lon, catchment) as stored."""
+    lat = lon = None
+    at = (lambda part: f"{where}: {part}" if where else part)
+    if location is not None:
+        if not isinstance(location, (tuple, list)) or len(location) != 2:
+            raise RegistryError(at("location"), f"{location!r} is not a latitude and a longitude",
+                                "give both, in degrees: LAT,LON (e.g. 13.7563,100.5018)")
+        lat, lon = location
+        if not _degrees(lat) or not -90 <= lat <= 90:
+            raise RegistryError(at("location"), f"latitude {lat!r} is not -90 to 90 degrees",
+                                "give LAT,LON in WGS84 degrees, latitude first (e.g. 13.7563,100.5018)")
+        if not _degrees(lon) or not -180 <= lon <= 180:
+            raise RegistryError(at("location"), f"longitude {lon!r} is not -180 to 180 degrees",
+                                "give LAT,LON in WGS84 degrees, longitude second (e.g. 13.7563,100.5018)")
+        lat, lon = float(lat), float(lon)
+    if catchment is not None and (not isinstance(catchment, str) or not CATCHMENT.match(catchment)):
+        raise RegistryError(at("catchment"), f"{catchment!r} is not a catchment name",
+                            f"use 1 to {CATCHMENT_MAX_BYTES} letters, digits, '_', '-' or '.', starting with a "
+                            "letter or digit (e.g. khlong-toei-3)")
+    return lat, lon, catchment
+
+
+def parse_location(text, where="location"):
+    """LAT,LON as typed (decimal degrees, WGS84) -> (lat, lon), checked; RegistryError naming `where`."""
+    parts = str(text).split(",")
+    fix = "give both parts, in decimal degrees, latitude first: LAT,LON (e.g. 13.7563,100.5018)"
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise RegistryError(where, f"{text!r} is not LAT,LON", fix)
+    try:
+        lat, lon = (float(p) for p in parts)
+    except ValueError:
+        raise RegistryError(where, f"{text!r}: not two numbers", fix) from None
+    if not -90 <= lat <= 90:           # also NaN
+        raise RegistryError(where, f"latitude {parts[0].strip()} is not -90 to 90 degrees", fix)
+    if not -180 <= lon <= 180:
+        raise RegistryError(where, f"longitude {parts[1].strip()} is not -180 to 180 degrees", fix)
+    return lat, lon
+
+
+def parse_catchment(text, where="catchment"):
+    """A catchment name as typed, checked; RegistryError naming `where`."""
+    try:
+        return check_place(None, text)[2]
+    except RegistryError as e:
+        raise RegistryError(where, e.problem, e.fix) from None
+
+
 class Registry:
     """One SQLite file of devices; safe to share between the service's loop and its HTTP thread."""
 
@@ -146,8 +222,8 @@ class Registry:
                                     "put the registry on a local disk")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
-            self.db.execute("SELECT device_id, name, role, key, state, board, firmware, last_seen, downlink_bound"
-                            " FROM devices LIMIT 0")
+            self._migrate(bool(tables))
+            self.db.execute(f"SELECT {_COLUMNS} FROM devices LIMIT 0")
         except (OSError, sqlite3.Error, RegistryError) as e:
             if self.db is not None:
                 self.db.close()
@@ -164,6 +240,33 @@ class Registry:
                 problem = f"cannot be opened ({e})"
             raise RegistryError(str(self.path), problem, "give the gateway's registry.db (data_dir in gateway.toml), "
                                 "on a disk with space, that this user can read and write") from None
+
+    def _migrate(self, existed):
+        """Bring the schema to SCHEMA_VERSION: a new registry is stamped; an older one gets the
+        columns it lacks, each NULL for its devices, in one durable transaction."""
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RegistryError(str(self.path), f"was made by a newer prapa (schema {version}, this one knows "
+                                f"{SCHEMA_VERSION})", "run the prapa that made it, or upgrade this one")
+        if version == SCHEMA_VERSION:
+            return
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            have = {row[1] for row in self.db.execute("PRAGMA table_info(devices)")}
+            added = []
+            for step in MIGRATIONS[version:]:
+                for column, kind in step:
+                    if column not in have:
+                        self.db.execute(f"ALTER TABLE devices ADD COLUMN {column} {kind}")
+                        added.append(column)
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        if existed and added:
+            _log(logging.INFO, "registry_migrated", path=str(self.path), schema_from=version,
+                 schema_to=SCHEMA_VERSION, columns=added)
 
     def _open_private(self):
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -198,17 +301,46 @@ class Registry:
 
     # commissioning
 
-    def add(self, device_id, role, key, name=None, board=None, now=None):
-        """Commission a device: its key is durable when this returns."""
+    def add(self, device_id, role, key, name=None, board=None, now=None, location=None, catchment=None):
+        """Commission a device: its key (and place: location (lat, lon), catchment) durable when this returns."""
         check_device(device_id, role, key, name, board)
+        lat, lon, catchment = check_place(location, catchment, f"device {device_id}")
         now = time.time() if now is None else now
 
         def insert(db):
             self._check_free(db, device_id, bytes(key), f"device {device_id}")
-            db.execute("INSERT INTO devices (device_id, name, role, key, state, board, added_at)"
-                       " VALUES (?,?,?,?,?,?,?)", (device_id, name, role, bytes(key), "commissioned", board, now))
+            db.execute("INSERT INTO devices (device_id, name, role, key, state, board, added_at, lat, lon, catchment)"
+                       " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                       (device_id, name, role, bytes(key), "commissioned", board, now, lat, lon, catchment))
         self._write(insert)
-        _log(logging.INFO, "device_added", device=device_id, role=role, name=name, board=board)
+        _log(logging.INFO, "device_added", device=device_id, role=role, name=name, board=board,
+             **({"lat": lat, "lon": lon} if lat is not None else {}), **({"catchment": catchment} if catchment else {}))
+
+    def set_place(self, device_id, location=..., catchment=...):
+        """Set a device's location ((lat, lon), or None to clear it) and/or catchment (a name, or None);
+        a part not given stays as it is. Durable when this returns."""
+        where = f"device {device_id}"
+        lat, lon, name = check_place(None if location is ... else location, None if catchment is ... else catchment,
+                                     where)
+        sets, values = [], []
+        if location is not ...:
+            sets.append("lat=?, lon=?")
+            values += [lat, lon]
+        if catchment is not ...:
+            sets.append("catchment=?")
+            values.append(name)
+        if not sets:
+            raise RegistryError(f"{where}: place", "nothing to set", "give a location, a catchment, or both")
+
+        def update(db):
+            if not db.execute(f"UPDATE devices SET {', '.join(sets)} WHERE device_id=?",
+                              (*values, device_id)).rowcount:
+                raise UnknownDevice(device_id)
+        self._write(update)
+        device = self.get(device_id)
+        _log(logging.INFO, "device_placed", device=device_id, lat=device.lat, lon=device.lon,
+             catchment=device.catchment)
+        return device
 
     def _check_free(self, db, device_id, key, where):
         row = db.execute("SELECT state FROM devices WHERE device_id=?", (device_id,)).fetchone()
@@ -336,9 +468,10 @@ class Registry:
             for i, r in enumerate(records):
                 self._check_free(db, r["device_id"], r["key"], f"{path}: devices[{i}]")
                 db.execute("INSERT INTO devices (device_id, name, role, key, state, board, firmware, last_seen,"
-                           " added_at, downlink_bound) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                           " added_at, downlink_bound, lat, lon, catchment) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                            (r["device_id"], r["name"], r["role"], r["key"], "commissioned", r["board"],
-                            r["firmware"], r["last_seen"], now, r["downlink_bound"]))
+                            r["firmware"], r["last_seen"], now, r["downlink_bound"], r["lat"], r["lon"],
+                            r["catchment"]))
         self._write(insert)
         _log(logging.INFO, "devices_imported", path=str(path), devices=[r["device_id"] for r in records])
         return [r["device_id"] for r in records]
@@ -359,7 +492,7 @@ class DownlinkCounters:
         return counter
 
 
-_COLUMNS = "device_id, name, role, key, state, board, firmware, last_seen, downlink_bound"
+_COLUMNS = "device_id, name, role, key, state, board, firmware, last_seen, downlink_bound, lat, lon, catchment"
 
 
 def read_export(path):
@@ -398,6 +531,9 @@ def read_export(path):
                  "or null")
         if firmware is not None and not isinstance(firmware, str):
             fail(f"{where}.firmware", f"{firmware!r} is not a version string", "use a string or null")
+        lat, lon = r.get("lat"), r.get("lon")        # older exports have no place: none
+        lat, lon, catchment = check_place(None if lat is None and lon is None else (lat, lon), r.get("catchment"),
+                                          f"{path}: {where}")
         if r["device_id"] in seen_ids:
             fail(f"{where}.device_id", f"{r['device_id']} appears twice in the file", "keep one record per device")
         if key in seen_keys:
@@ -406,7 +542,7 @@ def read_export(path):
         seen_keys.add(key)
         records.append({"device_id": r["device_id"], "name": r.get("name"), "role": r["role"], "key": key,
                         "board": r.get("board"), "firmware": firmware, "last_seen": last_seen,
-                        "downlink_bound": bound})
+                        "downlink_bound": bound, "lat": lat, "lon": lon, "catchment": catchment})
     return records
 
 

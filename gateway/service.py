@@ -17,6 +17,16 @@ What it promises, and where each promise is kept:
   data_dir, the store or the registry exist; a refusal there, or one while
   they are made, is a UsageError (exit 2, which systemd does not restart) and
   leaves no data_dir behind.
+- A request queued for a board goes out the moment the board is heard (Sessions.on_heard), so a
+  battery board that wakes, sends and listens a few hundred ms gets it in that window (one queued
+  while the board is quiet is also sent at once, for a mains board that listens all the time); an
+  unanswered one is sent again only once the board is heard again (HEARD_RESEND_S after the
+  send), never into a sleeping board's silence. A send counts as a try only when the board was
+  heard within HEARD_RESEND_S of it (it was listening); DOWNLINK_MAX_TRIES tries and it expires.
+- Each catchment's ranked suspects (gateway/ranking.py) are in the status JSON and published
+  retained on MQTT when they change; its rain is shared with the devices without a gauge
+  (gateway/catchments.py) through the downlink queue. After a restart the ranked devices start
+  from their newest stored reading and alarms, so a restart never publishes an alarming device as ok.
 """
 
 import asyncio
@@ -35,6 +45,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+from gateway import catchments, ranking
 from gateway import forward_format as ff
 from gateway.forwarder import Forwarder
 from gateway.logs import log_event
@@ -52,8 +63,9 @@ from protocol import messages as M
 log = logging.getLogger("prapa.gateway")
 DISK_CHECK_S = 5.0
 STATUS_EVERY_S = 1.0
-DOWNLINK_RETRY_S = 10.0
+HEARD_RESEND_S = 2.0             # an unanswered request goes again when the board is heard this long after it
 DOWNLINK_MAX_TRIES = 5
+CATCHMENT_VALUES_EVERY_S = 30.0  # a catchment's list republished for new levels and scores at most this often
 SERIES_POINTS = 96
 # Readings per MQTT message. With Mosquitto's 20 messages in flight this bounds what the forwarder holds
 # in memory (about 5,000 entries) while keeping messages far under managed brokers' size limits.
@@ -284,6 +296,7 @@ class Service:
         self.sessions = Sessions(self.store, self.registry.key_for, self._nowhere,
                                  lambda d: DownlinkCounters(self.registry, d), role_of=self._role_of)
         self.sessions.on_command_result = self._command_result
+        self.sessions.on_heard = self._heard
         self.forwarder = Forwarder(self.store, forwarder_config(cfg))
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics, self.status)
         self.notifier = Notifier()
@@ -299,6 +312,13 @@ class Service:
         self._acked_seen = 0
         self._last_sync = 0.0
         self._queued = threading.BoundedSemaphore(QUEUED_CHUNKS)
+        self._downlink_devices = set()     # devices with an open request (refreshed by downlink_loop)
+        self.rain = catchments.RainSharing()
+        self._catchments = {}              # catchment -> {"suspects", "raining", "rain_mm_h", "gauges"}
+        self._published = {}               # catchment -> (suspects, raining, rain_mm_h, t) last published
+        self._topic_refused = set()
+        self._failures = set()
+        self._seed_from_store()
 
     # -- inputs ------------------------------------------------------------------------------
     @staticmethod
@@ -355,6 +375,24 @@ class Service:
         self.forwarder.kick()
         for device_id, point in self.sessions.take_latest().items():   # the live charts
             self.series[device_id].append(point)
+            d = self.sessions.devices.get(device_id)
+            self.rain.observe(device_id, d.role if d else None, point[0], point[3], self.sessions.clock())
+
+    def _seed_from_store(self):
+        """Ranked and rain-sharing devices start from their newest stored reading and alarm states."""
+        for reg in self.registry.list():
+            if reg.state == "retired" or not (ranking.participates(reg.role) or catchments.told_rain(reg.role)):
+                continue
+            item = self.store.newest_reading(reg.device_id)
+            if isinstance(item, dict) and isinstance(item.get("fields"), dict) and item.get("wall_t") is not None \
+                    and item.get("series", "interval") == "interval":
+                self.series[reg.device_id].append((item["wall_t"], item.get("value"), item.get("register"),
+                                                   item["fields"]))
+            alarms = self.store.newest_alarms(reg.device_id)
+            if alarms:
+                d = self.sessions.device(reg.device_id)
+                for code, a in alarms.items():
+                    d.alarms.setdefault(code, (a.get("active"), a.get("wall_t"), a.get("name"), a.get("detail", 0)))
 
     async def disk_guard(self):
         """Stop acknowledging before the disk is full: boards keep what they have."""
@@ -374,27 +412,48 @@ class Service:
     async def downlink_loop(self):
         while True:
             now = time.time()
-            for row in self.store.downlink_due(now - DOWNLINK_RETRY_S):
-                qid, device_id, msg_type, body, attempts = row
-                d = self.sessions.devices.get(device_id)
-                if d is None or d.link is None:
-                    continue
-                if attempts >= DOWNLINK_MAX_TRIES:
-                    self.store.finish_downlink(qid, "expired", f"no answer after {attempts} tries")
-                    _log("downlink_expired", device=device_id, id=qid)
-                    continue
-                message = json.loads(body)
-                if msg_type == M.COMMAND:
-                    self.sessions.downlink(device_id, M.COMMAND, M.command(qid, message["name"], message.get("args")))
-                else:
-                    self.sessions.downlink(device_id, M.CONFIG_PUSH, M.config_push(qid, message))
-                self.store.mark_downlink_sent(qid, now)
+            self._send_downlinks(now)
             if now - self._last_sync >= self.cfg.time.sync_interval_s:
                 self._last_sync = now
                 for d in list(self.sessions.devices.values()):
                     if d.link is not None:
                         self.sessions.time_sync(d.device_id)
             await asyncio.sleep(1.0)
+
+    def _heard(self, device_id):
+        """A message from the device was taken: its open request goes now, while it listens."""
+        if device_id in self._downlink_devices:
+            self._send_downlinks(self.sessions.clock(), device_id)
+
+    def _send_downlinks(self, now, device_id=None):
+        """Send the oldest open request of every device (or of one) heard on a link: one never sent, or
+        one unanswered although the board was heard HEARD_RESEND_S or more after it went (a board
+        answers at once: it did not get it). A board not heard since is asleep or away: nothing is
+        sent into that, and a send to a board not heard just before is no try (it may sleep)."""
+        rows = self.store.downlink_open(device_id)
+        if device_id is None:
+            self._downlink_devices = {row[1] for row in rows}
+        elif not rows:
+            self._downlink_devices.discard(device_id)
+        for qid, dev, msg_type, body, attempts, sent_at in rows:
+            d = self.sessions.devices.get(dev)
+            if d is None or d.link is None or (sent_at is not None and d.last_seen < sent_at + HEARD_RESEND_S):
+                continue
+            if attempts >= DOWNLINK_MAX_TRIES:
+                self.store.finish_downlink(qid, "expired", f"no answer after {attempts} tries")
+                _log("downlink_expired", device=dev, id=qid)
+                continue
+            try:
+                message = json.loads(body)
+            except ValueError:
+                self.store.finish_downlink(qid, "expired", "its body is not JSON")
+                _log("downlink_expired", logging.ERROR, device=dev, id=qid, problem="body is not JSON")
+                continue
+            if msg_type == M.COMMAND:
+                self.sessions.downlink(dev, M.COMMAND, M.command(qid, message["name"], message.get("args")))
+            else:
+                self.sessions.downlink(dev, M.CONFIG_PUSH, M.config_push(qid, message))
+            self.store.mark_downlink_sent(qid, now, attempt=now - d.last_seen <= HEARD_RESEND_S)
 
     def _command_result(self, device_id, m):
         state = "done" if m[1] else "refused"          # a refused command is reported, never retried
@@ -407,15 +466,35 @@ class Service:
         last_ping = 0.0
         while True:
             now = time.time()
-            self._update_metrics()
-            self._snapshot = self._build_status(now)
-            for d in self.sessions.devices.values():
-                if d.last_seen:
-                    self.registry.mark_seen(d.device_id, d.last_seen, d.firmware)
+            self.status_tick(now)
             if watchdog_s and now - last_ping >= watchdog_s:
                 self.notifier.watchdog()
                 last_ping = now
             await asyncio.sleep(STATUS_EVERY_S)
+
+    def status_tick(self, now):
+        """One turn of the status loop: metrics, the rain shared, the status page's snapshot, the
+        catchments' lists on MQTT, last_seen into the registry."""
+        self._update_metrics()
+        registered = self.registry.list()
+        placed = self._placed(registered)
+        self._guarded("rain_sharing_failed", self._share_rain, now, placed)
+        self._snapshot = self._build_status(now, registered, placed)
+        self._guarded("catchments_publish_failed", self._publish_catchments, now)
+        for d in self.sessions.devices.values():
+            if d.last_seen:
+                self.registry.mark_seen(d.device_id, d.last_seen, d.firmware)
+
+    def _guarded(self, event, fn, *args):
+        """fn(*args), a failure of which (a bug) is logged once per kind and leaves the rest of the status
+        loop running: the status page, last_seen and the watchdog do not stop for the catchments."""
+        try:
+            return fn(*args)
+        except Exception as e:
+            if (event, repr(e)) not in self._failures:
+                self._failures.add((event, repr(e)))
+                _log(event, logging.ERROR, error=repr(e), exc_info=True)
+            return None
 
     def _update_metrics(self):
         m, f = self.metrics, self.forwarder
@@ -434,13 +513,74 @@ class Service:
             if d.last_seen:
                 m.device_seen(d.device_id, d.last_seen)
 
-    def _build_status(self, now):
+    def _placed(self, registered):
+        """Every served device with its place, role, newest reading fields, alarm states and last word:
+        what gateway/ranking.py and gateway/catchments.py take (each picks the roles it knows)."""
+        out = []
+        for reg in registered:
+            if reg.state == "retired":
+                continue
+            sess = self.sessions.devices.get(reg.device_id)
+            series = self.series.get(reg.device_id)
+            out.append({"id": reg.device_id, "name": reg.name, "role": reg.role or (sess.role if sess else None),
+                        "lat": reg.lat, "lon": reg.lon, "catchment": reg.catchment,
+                        "fields": series[-1][3] if series else None, "wall_t": series[-1][0] if series else None,
+                        "alarms": {code: (a[0], a[3]) for code, a in (sess.alarms.items() if sess else ())},
+                        "last_seen": sess.last_seen if sess and sess.last_seen else reg.last_seen})
+        return out
+
+    def _share_rain(self, now, placed):
+        """Queue the rain commands the catchments' gauges call for (each replaces its device's older one)."""
+        for device_id, args in self.rain.tick(now, placed):
+            self.store.queue_downlink(device_id, M.COMMAND, json.dumps({"name": catchments.COMMAND, "args": args}),
+                                      now=now, supersede=catchments.COMMAND)
+            self._downlink_devices.add(device_id)
+
+    def _catchment_status(self, now, placed):
+        ranked = ranking.rank(placed, now)
+        rain = self.rain.state
+        dry = {"raining": False, "rain_mm_h": 0.0, "gauges": 0}
+        return {name: {"suspects": ranked.get(name, []), **rain.get(name, dry)}
+                for name in sorted(set(ranked) | set(rain))}
+
+    def _publish_catchments(self, now):
+        """Each catchment's list, retained on prapa/v1/<site>/catchment/<name>/suspects: at once when a
+        device moves, comes, goes or changes state or the rain starts or stops, at most every
+        CATCHMENT_VALUES_EVERY_S for new levels and scores; a catchment gone is cleared."""
+        site = self.cfg.gateway.site
+        for name, c in self._catchments.items():
+            before = self._published.get(name)
+            how = ranking.changed(before[0] if before else None, c["suspects"])
+            if before is not None and before[1] == c["raining"] and how != "order" and not (
+                    (how == "values" or before[2] != c["rain_mm_h"]) and now - before[3] >= CATCHMENT_VALUES_EVERY_S):
+                continue
+            try:
+                topic = ff.catchment_topic(site, name)
+            except ValueError as e:
+                if name not in self._topic_refused:
+                    self._topic_refused.add(name)
+                    _log("catchment_topic_refused", logging.ERROR, catchment=name, problem=str(e))
+                continue
+            payload = {"v": 1, "site": site, "catchment": name, "t": now, "raining": c["raining"],
+                       "rain_mm_h": c["rain_mm_h"], "suspects": c["suspects"]}
+            self.forwarder.retain(topic, json.dumps(payload, separators=(",", ":")).encode())
+            self._published[name] = (c["suspects"], c["raining"], c["rain_mm_h"], now)
+        for name in [n for n in self._published if n not in self._catchments]:
+            del self._published[name]
+            try:
+                self.forwarder.retain(ff.catchment_topic(site, name), b"")
+            except ValueError:
+                pass
+
+    def _build_status(self, now, registered=None, placed=None):
         devices, alarms = [], []
-        known = {d.device_id: d for d in self.registry.list()}
+        registered = self.registry.list() if registered is None else registered
+        placed = self._placed(registered) if placed is None else placed
+        known = {d.device_id: d for d in registered}
         for device_id in sorted(set(known) | set(self.sessions.devices)):
             reg, sess = known.get(device_id), self.sessions.devices.get(device_id)
             active = {code: a for code, a in (sess.alarms.items() if sess else ())}
-            for code, (on, wall, name) in active.items():
+            for code, (on, wall, name, _detail) in active.items():
                 alarms.append({"device": f"{device_id:08x}", "code": name, "active": on, "t": wall})
             series = list(self.series.get(device_id, ()))
             role = (reg.role if reg else None) or (sess.role if sess else None)
@@ -450,14 +590,18 @@ class Service:
                 "last_seen": sess.last_seen if sess and sess.last_seen else (reg.last_seen if reg else None),
                 "firmware": (sess.firmware if sess else None) or (reg.firmware if reg else None),
                 "state": reg.state if reg else "unknown", "readings": len(series),
-                "alarms_active": sum(1 for on, _w, _n in active.values() if on),
+                "alarms_active": sum(1 for on, *_ in active.values() if on),
                 "series": [[t, v] for t, v, *_ in series], "chart": roles.attr(role, "CHART") if role else None,
                 "register": series[-1][2] if series else None,
                 "charts": _field_charts(role, series) if role else []})
         if self.acks_withheld:
             alarms.append({"device": "gateway", "code": "disk_nearly_full", "active": True, "t": now})
         f = self.forwarder.stats()
+        ranked = self._guarded("ranking_failed", self._catchment_status, now, placed)
+        self._catchments = self._catchments if ranked is None else ranked      # a bug keeps the last lists
         return {"site": self.cfg.gateway.site, "now": now, "devices": devices, "backlog": f["backlog"],
+                "catchments": self._catchments,
+                "suspect_legend": ranking.legend(sorted({p["role"] for p in placed if p["role"]})),
                 "alarms": alarms, "utc_offset_minutes": self.cfg.time.utc_offset_minutes,
                 "brokers": [{"url": b.url, "connected": f["connected"] and f["broker"] == b.url}
                             for b in self.forwarder.config.brokers],

@@ -94,7 +94,7 @@ class Device:
         self.last_seen = 0.0
         self.last_time_sync = 0.0
         self.health = None
-        self.alarms = {}               # code -> (active, wall_t)
+        self.alarms = {}               # code -> (active, wall_t, name, detail)
         self.frames = 0
 
 
@@ -121,6 +121,7 @@ class Sessions:
         self.committed = 0
         self.acks_sent = 0
         self.on_command_result = lambda device_id, message: None
+        self.on_heard = lambda device_id: None    # after each accepted message, once it took effect
         self.accepting = True          # False: verify and drop, acknowledge nothing (the disk guard)
         # Items are encoded with keys in the order written here (cbor2's canonical sort costs a third of
         # the ingest time); any consumer decodes them as maps, so the order carries no meaning.
@@ -152,6 +153,12 @@ class Sessions:
             self._refused(device_id, "handler_error", f"{M.NAMES[msg_type]}: {e!r} at "
                                                       f"{where.filename.rsplit('/', 1)[-1]}:{where.lineno}")
             return "handler_error"
+        try:
+            self.on_heard(device_id)
+        except Exception as e:         # the message is taken; what the caller does on hearing is its own
+            if (device_id, "on_heard") not in self._logged and len(self._logged) < 65536:
+                self._logged.add((device_id, "on_heard"))
+                log_event(log, logging.ERROR, "on_heard_failed", device=f"{device_id:08x}", error=repr(e))
         return None
 
     def _refused(self, device_id, reason, problem):
@@ -315,7 +322,7 @@ class Sessions:
                 "wall_t": wall, "time_source": source}
         entry = Entry(d.device_id, boot, seq, "alarm", t_s, cbor2.dumps(item), wall, source)
         self._note_boot(d, boot)
-        d.alarms[code] = (active, wall, name)
+        d.alarms[code] = (active, wall, name, item["detail"])
         self.pending.append(entry)
 
     # -- commit and acknowledge ---------------------------------------------------------

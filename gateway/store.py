@@ -52,12 +52,14 @@ CREATE TABLE IF NOT EXISTS downlink (
     device_id   INTEGER NOT NULL,
     msg_type    INTEGER NOT NULL,           -- 7 config_push, 8 command
     body        TEXT    NOT NULL,           -- JSON: the config, or {"name", "args"}
-    state       TEXT    NOT NULL,           -- queued, sent, done, refused (by the board), expired
+    state       TEXT    NOT NULL,           -- queued, sent, done, refused (by the board), expired,
+                                            -- superseded (a newer request of the same name replaced it)
     attempts    INTEGER NOT NULL DEFAULT 0,
     created_at  REAL    NOT NULL,
     sent_at     REAL,
     result      TEXT
 );
+CREATE INDEX IF NOT EXISTS downlink_open ON downlink (state, device_id, id);
 CREATE TABLE IF NOT EXISTS replay_windows (
     device_id INTEGER NOT NULL, direction INTEGER NOT NULL, top INTEGER NOT NULL, bits INTEGER NOT NULL,
     PRIMARY KEY (device_id, direction)
@@ -242,21 +244,59 @@ class Store:
         top, bits = row
         return top, bits + (1 << 64) if bits < 0 else bits   # SQLite integers are signed 64-bit
 
+    def newest_reading(self, device_id):
+        """The item of a device's newest stored reading (its last boot's highest seq), or None."""
+        row = self.db.execute("SELECT payload FROM entries WHERE device_id=? AND kind='reading'"
+                              " ORDER BY boot_id DESC, seq DESC LIMIT 1", (device_id,)).fetchone()
+        return cbor2.loads(row[0]) if row else None
+
+    def newest_alarms(self, device_id):
+        """{code: item} of a device's newest stored alarm entry per code, in (boot, seq) order: the alarm
+        state a restarted gateway starts from."""
+        newest = {}
+        for (payload,) in self.db.execute("SELECT payload FROM entries WHERE device_id=? AND kind='alarm'"
+                                          " ORDER BY boot_id, seq", (device_id,)):
+            item = cbor2.loads(payload)
+            if isinstance(item, dict) and "code" in item:
+                newest[item["code"]] = item
+        return newest
+
     # -- downlink queue: held until the board answers --------------------------------------
-    def queue_downlink(self, device_id, msg_type, body, now=None):
-        cur = self.db.execute("INSERT INTO downlink (device_id, msg_type, body, state, created_at) VALUES"
-                              " (?,?,?,'queued',?)", (device_id, msg_type, body, time.time() if now is None else now))
+    def queue_downlink(self, device_id, msg_type, body, now=None, supersede=None):
+        """Queue a request (body: JSON text); its id. supersede: a command name whose open requests to
+        this device the new one replaces (marked 'superseded' in the same transaction), so a board that
+        was away gets only the newest, not a backlog of stale ones."""
+        now = time.time() if now is None else now
+        if supersede is None:
+            cur = self.db.execute("INSERT INTO downlink (device_id, msg_type, body, state, created_at) VALUES"
+                                  " (?,?,?,'queued',?)", (device_id, msg_type, body, now))
+            return cur.lastrowid
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("UPDATE downlink SET state='superseded', result='superseded by a newer request'"
+                            " WHERE device_id=? AND msg_type=? AND state IN ('queued','sent')"
+                            " AND CASE WHEN json_valid(body) THEN json_extract(body, '$.name') END=?",
+                            (device_id, msg_type, supersede))
+            cur = self.db.execute("INSERT INTO downlink (device_id, msg_type, body, state, created_at) VALUES"
+                                  " (?,?,?,'queued',?)", (device_id, msg_type, body, now))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
         return cur.lastrowid
 
-    def downlink_due(self, sent_before):
-        """The oldest open request per device: never sent, or sent before `sent_before` and unanswered."""
+    def downlink_open(self, device_id=None):
+        """The oldest open request of each device (or of one): (id, device_id, msg_type, body, attempts,
+        sent_at), sent_at None for one never sent."""
+        where, args = ("AND device_id=? ", (device_id,)) if device_id is not None else ("", ())
         return self.db.execute(
-            "SELECT id, device_id, msg_type, body, attempts FROM downlink WHERE id IN (SELECT MIN(id) FROM downlink"
-            " WHERE state IN ('queued','sent') GROUP BY device_id) AND (state='queued' OR sent_at < ?)",
-            (sent_before,)).fetchall()
+            "SELECT id, device_id, msg_type, body, attempts, sent_at FROM downlink WHERE id IN (SELECT MIN(id)"
+            f" FROM downlink WHERE state IN ('queued','sent') {where}GROUP BY device_id) ORDER BY id", args).fetchall()
 
-    def mark_downlink_sent(self, qid, now):
-        self.db.execute("UPDATE downlink SET state='sent', attempts=attempts+1, sent_at=? WHERE id=?", (now, qid))
+    def mark_downlink_sent(self, qid, now, attempt=True):
+        """The request went out at `now`; attempt=False: a send that does not count as one of its tries."""
+        self.db.execute("UPDATE downlink SET state='sent', attempts=attempts+?, sent_at=? WHERE id=?",
+                        (1 if attempt else 0, now, qid))
 
     def finish_downlink(self, qid, state, result):
         self.db.execute("UPDATE downlink SET state=?, result=? WHERE id=? AND state IN ('queued','sent')",

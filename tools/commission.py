@@ -189,6 +189,7 @@ def add_parser(sub):
                        description=__doc__.split("\n\n")[0] + "\n\nValidates the role config on this machine, "
                        "writes /config.json and a fresh /device.key over USB, records the device in the gateway "
                        "registry (--registry) or an export file for `prapa gateway devices import` (--export), "
+                       "with its place if given (--location, --catchment: where the gateway maps and ranks it), "
                        "then checks live: the console shows the device, the sensor reads, and (with "
                        "--uart-port) a ping round trip through the gateway's session layer. The key is never "
                        "printed.\n\nA role with hard limits needs them: --limits FILE and/or --limit KEY=VALUE, "
@@ -208,6 +209,8 @@ def add_parser(sub):
     dest.add_argument("--export", metavar="FILE", type=types.file_to_write,
                       help="write a 0600 export file for: prapa gateway devices import")
     p.add_argument("--name", help="a name for the device in the registry (e.g. its street address)")
+    from tools.devices import add_place_arguments
+    add_place_arguments(p)                  # --location LAT,LON, --catchment NAME: the device's place
     p.add_argument("--limits", metavar="FILE.json",
                    help="the role's hard limits as a JSON object, written to the board over USB only; required for "
                    "a role that has them (" + _declared("LIMITS_SCHEMA", lambda v: " ".join(r[0] for r in v)) + ")")
@@ -371,7 +374,8 @@ def cmd_commission(args):
             steps.report("calibration", True, _calibration_text(spec, args, plan.calibrated) + " (in config.json)")
         from gateway.registry import Registry
         reg = Registry(args.registry or Path(tmp.name) / "registry.db")
-        reg.add(device_id, args.role, key, name=args.name, board=ident["board"].get("name"))
+        reg.add(device_id, args.role, key, name=args.name, board=ident["board"].get("name"),
+                location=args.location, catchment=args.catchment)
         # The round trip's downlink counters are reserved before the export is written, so the
         # gateway that imports it starts above them: a (key, nonce) pair never repeats.
         counters = iter(reg.next_downlink_counters(device_id, ROUND_TRIP_COUNTERS))

@@ -3,7 +3,9 @@
 An installer without the gateway at hand commissions with `--export FILE`;
 `import` loads that file here, all records or none. `list` and `export` are
 for the operator; no listing ever shows a key (only export files carry keys,
-written mode 0600, and they should be deleted once imported).
+written mode 0600, and they should be deleted once imported). `place` sets
+where a device is (--location LAT,LON, --catchment NAME), for the ranking of
+suspect drains per catchment and its map; the running gateway picks it up.
 
 Exit codes: 0 ok, 1 failure, 2 bad input (a file or record refused: the
 message names the field and the fix, the registry is unchanged).
@@ -44,6 +46,38 @@ def add_devices_parser(gateway_subparsers):
     exp.add_argument("--registry", required=True, metavar="PATH", type=types.existing_file)
     exp.add_argument("--out", required=True, metavar="FILE", type=types.new_file, help="a new file (never overwritten)")
     exp.set_defaults(func=cmd_export)
+    pl = dsub.add_parser("place", help="set where a device is: its location and catchment",
+                         description="Set a device's location (WGS84 degrees) and/or catchment; a part not given "
+                                     "stays as it is, --clear removes both. The gateway ranks suspect drains per "
+                                     "catchment and draws them on its status page at their location; it reads "
+                                     "the change while it runs.")
+    pl.add_argument("device_id", metavar="DEVICE_ID", type=types.device_id)
+    pl.add_argument("--registry", required=True, metavar="PATH", type=types.existing_file)
+    add_place_arguments(pl)
+    pl.add_argument("--clear", action="store_true", help="remove the device's location and catchment")
+    pl.add_argument("--json", action="store_true", help="the device's record (never its key) as JSON")
+    pl.set_defaults(func=cmd_place)
+
+
+def location(text):
+    """--location LAT,LON: decimal degrees (WGS84), latitude -90..90 first, longitude -180..180."""
+    from gateway.registry import parse_location
+    return parse_location(text, where=types.WHERE)
+
+
+def catchment(text):
+    """--catchment NAME: 1 to 32 letters, digits, '_', '-', '.', starting with a letter or digit."""
+    from gateway.registry import parse_catchment
+    return parse_catchment(text, where=types.WHERE)
+
+
+def add_place_arguments(parser):
+    """--location and --catchment, as `place` and `prapa commission` take them."""
+    parser.add_argument("--location", metavar="LAT,LON", type=location,
+                        help="where the device is: latitude,longitude in decimal degrees, WGS84 "
+                             "(e.g. 13.7563,100.5018; south of the equator: --location=-33.87,151.21)")
+    parser.add_argument("--catchment", metavar="NAME", type=catchment,
+                        help="the catchment it serves: 1 to 32 letters, digits, '_', '-' or '.' (e.g. khlong-toei-3)")
 
 
 def _open(path, create=False):
@@ -93,9 +127,37 @@ def cmd_list(args):
         else:
             seen = time.strftime("%Y-%m-%d %H:%M", time.localtime(d.last_seen)) if d.last_seen else "never"
             print(f"{d.device_id:>10}  {d.role:6} {d.state:12} {d.board or '-':16} {d.firmware or '-':8} "
-                  f"seen {seen}  {d.name or ''}".rstrip())
+                  f"seen {seen}  {_place(d)}  {d.name or ''}".rstrip())
     if not devices and not args.json:
         print(f"no devices in {args.registry}")
+    return 0
+
+
+def _place(d):
+    where = f"{d.lat:.6f},{d.lon:.6f}" if d.lat is not None else "-"
+    return f"{where} {d.catchment or '-'}"
+
+
+def cmd_place(args):
+    if args.clear and (args.location is not None or args.catchment is not None):
+        raise UsageError("--clear", "given with --location or --catchment", "give --clear alone, or the parts to set")
+    if not args.clear and args.location is None and args.catchment is None:
+        raise UsageError("prapa gateway devices place", "nothing to set",
+                         "give --location LAT,LON and/or --catchment NAME (or --clear)")
+    parts = {"location": None, "catchment": None} if args.clear else {
+        k: v for k, v in (("location", args.location), ("catchment", args.catchment)) if v is not None}
+    reg = _open(args.registry)
+    try:
+        device = reg.set_place(args.device_id, **parts)
+    except sqlite3.Error as e:              # a full or read-only disk: nothing was changed
+        raise UsageError("--registry", f"{args.registry}: {e}", "free space on its disk or check its permissions, "
+                         "then run it again") from None
+    finally:
+        reg.close()
+    if args.json:
+        print(json.dumps(device.public()))
+    else:
+        print(f"device {device.device_id}: {_place(device)}")
     return 0
 
 

@@ -26,9 +26,11 @@ def add_parser(sub):
                      help="the gateway config file")
     run.set_defaults(func=cmd_run)
     cmd = gsub.add_parser("command", help="queue a command for a board (held until the board answers)",
-                          description="Queue a command for a board. The gateway sends it when the board is "
-                                      "heard, resends it unanswered up to 5 times, and records the board's answer; "
-                                      "a command the board refuses is reported, not retried.")
+                          description="Queue a command for a board. The gateway sends it at once and the moment "
+                                      "the board is heard (a battery board listens only just after it wakes), "
+                                      "again each time the board is heard without answering, up to 5 tries, and "
+                                      "records the board's answer; a command the board refuses is reported, not "
+                                      "retried.")
     cmd.add_argument("--config", required=True, type=types.existing_file, metavar="TOML")
     cmd.add_argument("--device", required=True, type=types.device_id,
                      help="device id (decimal or 0x...), of a device in the gateway's registry")
