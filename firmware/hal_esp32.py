@@ -1,5 +1,12 @@
 # HAL backend for a real ESP32: the only firmware module that imports machine
 # and esp32. Same surface as hal_virtual.py.
+#
+# Deep sleep: machine.deepsleep() ends the program; the chip boots again with
+# reset cause DEEPSLEEP_RESET. What the runtime carries through it sits in
+# machine.RTC().memory(), which this HAL empties at any other boot (the ESP32
+# keeps that RAM through a soft or watchdog reset too; the contract is "a deep
+# sleep only"), and rtc_ms() is the RTC's clock (it keeps running asleep, where
+# ticks_ms() starts again from 0).
 import gc
 import json
 import time
@@ -14,6 +21,9 @@ from ticks import wadd
 
 TICKS_PERIOD = const(1 << 30)
 _PCNT_FILTER_MAX_US = const(12)
+_TRIGGER_US = const(10)          # the JSN-SR04T starts a ping on a 10 us high pulse
+_SONAR_BAUD = const(9600)
+_FRAME_MAX_AGE_MS = const(1000)  # an A02YYUW sends ~10 frames/s: an older one is no reading
 
 _CAUSE = {
     machine.PWRON_RESET: "power_on",
@@ -99,6 +109,72 @@ class Adc:
 
     def read_uv(self):
         return self._adc.read_uv()
+
+
+class SonarEcho:
+    """JSN-SR04T (trigger/echo): a 10 us trigger pulse, then the echo's high time. Allocates nothing;
+    blocks up to timeout_us (call it from a task, not the hard timer)."""
+
+    __slots__ = ("_trig", "_echo")
+
+    def __init__(self, trig_gpio, echo_gpio):
+        self._trig = machine.Pin(trig_gpio, machine.Pin.OUT, value=0)
+        self._echo = machine.Pin(echo_gpio, machine.Pin.IN)
+
+    def ping_us(self, timeout_us):
+        self._trig.value(1)
+        time.sleep_us(_TRIGGER_US)
+        self._trig.value(0)
+        t = machine.time_pulse_us(self._echo, 1, timeout_us)
+        return t if t >= 0 else -1        # -2: no echo started, -1: it outlasted the timeout
+
+
+class SonarUart:
+    """A02YYUW (UART, 9600 baud): frames 0xFF, H, L, SUM with SUM = (0xFF + H + L) & 0xFF, distance
+    H * 256 + L mm, about ten a second. read_mm() takes what the UART holds into a preallocated
+    buffer and returns the newest valid frame's distance if it is under a second old, else -1;
+    allocates nothing. UART1's TX must go somewhere harmless (its default, GPIO10, is the WROOM's
+    flash): it drives the sensor's RX, its mode line (idle high: the processed output)."""
+
+    __slots__ = ("_uart", "_buf", "_frame", "_n", "_mm", "_at")
+
+    def __init__(self, rx_gpio, tx_gpio):
+        self._uart = machine.UART(1, baudrate=_SONAR_BAUD, rx=rx_gpio, tx=tx_gpio, timeout=0, rxbuf=256)
+        self._buf = bytearray(32)
+        self._frame = bytearray(4)
+        self._n = 0                       # bytes of the frame in progress
+        self._mm = -1
+        self._at = 0
+
+    def read_mm(self):
+        buf, f = self._buf, self._frame
+        n = self._uart.readinto(buf) or 0
+        while n:
+            for i in range(n):
+                b = buf[i]
+                if self._n == 0:
+                    if b == 0xFF:
+                        f[0] = b
+                        self._n = 1
+                    continue
+                f[self._n] = b
+                self._n += 1
+                if self._n == 4:
+                    if (0xFF + f[1] + f[2]) & 0xFF == f[3]:
+                        self._mm = (f[1] << 8) | f[2]
+                        self._at = time.ticks_ms()
+                        self._n = 0
+                    else:                     # resynchronise on the next 0xFF within the bad frame
+                        k = 1
+                        while k < 4 and f[k] != 0xFF:
+                            k += 1
+                        for j in range(k, 4):
+                            f[j - k] = f[j]
+                        self._n = 4 - k
+            n = self._uart.readinto(buf) or 0
+        if self._mm < 0 or time.ticks_diff(time.ticks_ms(), self._at) > _FRAME_MAX_AGE_MS:
+            return -1
+        return self._mm
 
 
 class Uart:
@@ -215,6 +291,9 @@ class Hal:
         with open("/board.json") as f:
             self.board = json.load(f)
         self._bdev = None
+        self._uart = None
+        if machine.reset_cause() != machine.DEEPSLEEP_RESET:
+            machine.RTC().memory(b"")     # RTC memory is a deep sleep's only: see the module's note
 
     def ticks_us(self):
         return time.ticks_us()
@@ -259,8 +338,20 @@ class Hal:
     def adc(self, gpio):
         return Adc(gpio)
 
+    def sonar_echo(self, trig_gpio, echo_gpio):
+        return SonarEcho(trig_gpio, echo_gpio)
+
+    def sonar_uart(self, rx_gpio, tx_gpio=-1):
+        """tx_gpio: where UART1's TX goes, the sensor's RX (mode) line; -1: the role's trig_out terminal,
+        which the trigger/echo sensor would use (a drain board has one sensor or the other)."""
+        if tx_gpio < 0:
+            tx_gpio = self.board["role_pins"]["trig_out"]
+        return SonarUart(rx_gpio, tx_gpio)
+
     def uart(self):
-        return Uart(self.board["link"])
+        if self._uart is None:
+            self._uart = Uart(self.board["link"])
+        return self._uart
 
     def udp(self, host, port, wifi):
         """wifi: (ssid, password) from the board's /wifi.key, never from its config."""
@@ -287,6 +378,40 @@ class Hal:
 
     def reset(self):
         machine.reset()
+
+    def deep_sleep(self, ms, wake_gpio=-1):
+        """Sleep ms (0: until the wake pin), or until wake_gpio is pulled low (an RTC GPIO: the rain
+        gauge's reed switch to GND); the chip then boots with reset cause "deepsleep". Never returns.
+        A wake pin already low (a bucket stopped on the reed) is not armed: it would wake the board
+        again at once, for ever."""
+        if self._uart is not None:
+            try:
+                self._uart._uart.flush()      # the last frame leaves the UART's FIFO before power goes
+            except (AttributeError, OSError):
+                time.sleep_ms(20)
+        if wake_gpio >= 0:
+            pin = machine.Pin(wake_gpio, machine.Pin.IN, machine.Pin.PULL_UP)
+            if pin.value():
+                esp32.wake_on_ext0(pin, esp32.WAKEUP_ALL_LOW)
+        machine.deepsleep(ms)
+
+    @staticmethod
+    def rtc_memory(data=None):
+        """Bytes kept through a deep sleep (b"" after any other reset): get, or set (at most 2 KB)."""
+        if data is None:
+            return machine.RTC().memory()
+        machine.RTC().memory(data)
+
+    @staticmethod
+    def wake_pin():
+        """True when this boot is a deep-sleep wake that the wake gpio going low caused."""
+        return machine.reset_cause() == machine.DEEPSLEEP_RESET and machine.wake_reason() == machine.EXT0_WAKE
+
+    @staticmethod
+    def rtc_ms():
+        """Milliseconds on the RTC's clock, which runs through deep sleep (ticks_ms() does not), wrapping
+        at 2**30; a power cut restarts it. Allocates (a 64-bit time): not for the sampling path."""
+        return (time.time_ns() // 1000000) & 0x3FFFFFFF
 
     def soft_reset(self):
         machine.soft_reset()

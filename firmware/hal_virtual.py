@@ -12,11 +12,18 @@
 #   time, as an ISR on the board would.
 # - Reading records, updating pins and counters allocate nothing: the sampling
 #   path may call value() and count() under micropython.heap_lock().
+# - The sonars are what the world makes of them: it sends the echo's round
+#   trip (us) or the A02YYUW's distance (mm) as ANALOG records on their pins,
+#   0 for no echo or no frame, and updates them every few world seconds.
+# - Deep sleep ends the VM (a K_SLEEP record, then K_EXIT EXIT_DEEP_SLEEP); the
+#   bench keeps the RTC memory (K_RTC records) and the board's clock through
+#   the sleep, and boots it again with reset cause "deepsleep".
 import sys
 import time
 from micropython import const
 
-from _vboard import K_ANALOG, K_LEVEL, K_OUTPUT, K_WDT  # the ROM's table of the world pipe
+import _vboard  # the ROM: its table of the world pipe, RTC memory and deep sleep
+from _vboard import K_ANALOG, K_LEVEL, K_OUTPUT, K_WDT
 from _vboard import RECORD_BYTES as _REC
 from edge_counter import EdgeCounter
 from ticks import PERIOD_MASK as _TICKS_MASK
@@ -26,7 +33,8 @@ from ticks import wdiff as _wdiff
 TICKS_PERIOD = const(1 << 30)
 _GPIO_COUNT = const(49)
 _HOST_WORD_BYTES = 8 if sys.maxsize > 0xFFFFFFFF else 4
-_MS_STEP_US = const(1000)          # host microseconds the clock advances by at a time (times speed <= 1e6)
+_STEP_BOARD_US = const(1 << 29)    # board microseconds the clock advances by at most at a time (a small int)
+_TRIGGER_US = const(10)            # the sonar's trigger pulse
 
 
 def _params():
@@ -144,6 +152,44 @@ class Adc:
         return self.hal._analog_uv[self.gpio]
 
 
+class SonarEcho:
+    """A trigger/echo ultrasonic sensor (JSN-SR04T): ping_us() is the echo's high time in board us, -1
+    when none came within timeout_us. The trigger pulse goes to the world as two outputs (optional
+    for it: the echo it sends does not wait for one). Allocates nothing."""
+
+    __slots__ = ("hal", "trig", "echo")
+
+    def __init__(self, hal, trig_gpio, echo_gpio):
+        self.hal, self.trig, self.echo = hal, trig_gpio, echo_gpio
+        if trig_gpio >= 0:
+            hal._send(K_OUTPUT, trig_gpio, 0)
+
+    def ping_us(self, timeout_us):
+        hal = self.hal
+        if self.trig >= 0:
+            now = hal.virtual_us()
+            hal._send(K_OUTPUT, self.trig, 1, now)
+            hal._send(K_OUTPUT, self.trig, 0, _wadd(now, _TRIGGER_US))
+        hal.pump()
+        echo_us = hal._analog_uv[self.echo]
+        return echo_us if 0 < echo_us <= timeout_us else -1
+
+
+class SonarUart:
+    """A UART ultrasonic sensor (A02YYUW): read_mm() is the newest valid frame's distance in mm, -1
+    when none. Allocates nothing."""
+
+    __slots__ = ("hal", "rx")
+
+    def __init__(self, hal, rx_gpio):
+        self.hal, self.rx = hal, rx_gpio
+
+    def read_mm(self):
+        self.hal.pump()
+        mm = self.hal._analog_uv[self.rx]
+        return mm if mm > 0 else -1
+
+
 class Uart:
     """The data link: the master side of the pty the gateway opens as a serial port.
 
@@ -216,14 +262,20 @@ class Hal:
         with open("/board.json") as f:
             self.board = json.load(f)
         self.speed = p["speed"]
+        # Host microseconds a step of _advance(): one step after a short while, a few after a deep sleep
+        # or a soft reset (the clock carries on from the board's epoch, perhaps hours of host time ago).
+        self._step_us = _STEP_BOARD_US // self.speed if self.speed < _STEP_BOARD_US else 1
         # Virtual time, advanced from the host's ticks_us in steps (board time = host time x speed):
         # _vt µs since the board's epoch (ticks_us is _start_us + _vt), _ms its ticks_ms (with _rem µs
-        # towards the next ms), all wrapping at 2**30 (firmware/ticks.py).
-        self._host_last = p["epoch_us"]        # this VM's ticks_us() at the board's epoch
-        self._vt = 0
+        # towards the next ms), all wrapping at 2**30 (firmware/ticks.py). The bench gives the board's
+        # time at power-on (board_us, a big int after a long run: reduced here, once) and this VM's
+        # ticks_us() then (epoch_us): a soft reset or a deep sleep carries the board's clock on.
+        board_us = p.get("board_us", 0)
+        self._host_last = p["epoch_us"]
+        self._vt = board_us & _TICKS_MASK
         self._start_us = (p["start_ticks_ms"] * 1000) & _TICKS_MASK
-        self._ms = p["start_ticks_ms"] & _TICKS_MASK
-        self._rem = 0
+        self._ms = (p["start_ticks_ms"] + board_us // 1000) & _TICKS_MASK
+        self._rem = board_us % 1000
         self._override = -1
         self._reset_cause = p["reset_cause"]
         self._uid = bytes.fromhex(p["unique_id"])
@@ -249,8 +301,9 @@ class Hal:
         if dt <= 0:
             return
         self._host_last = now
+        step_max = self._step_us
         while dt > 0:
-            step = dt if dt < _MS_STEP_US else _MS_STEP_US
+            step = dt if dt < step_max else step_max
             dt -= step
             d = step * self.speed
             self._vt = _wadd(self._vt, d)
@@ -310,6 +363,13 @@ class Hal:
     def adc(self, gpio):
         return Adc(self, gpio)
 
+    def sonar_echo(self, trig_gpio, echo_gpio):
+        return SonarEcho(self, trig_gpio, echo_gpio)
+
+    def sonar_uart(self, rx_gpio, tx_gpio=-1):
+        """tx_gpio: the sensor's mode line on an ESP32 (see hal_esp32.py); nothing here."""
+        return SonarUart(self, rx_gpio)
+
     def uart(self):
         if self._uart is None:
             self._uart = Uart(_params()["uart_fd"])
@@ -341,6 +401,25 @@ class Hal:
     def reset(self):
         sys.modules["machine"].reset()
 
+    def deep_sleep(self, ms, wake_gpio=-1):
+        """Sleep ms of board time (0: until the wake pin or a power cut), or until the world drives
+        wake_gpio low; the board then boots with reset cause "deepsleep". Never returns."""
+        _vboard.deep_sleep(ms, wake_gpio if wake_gpio >= 0 else _vboard.NO_WAKE_GPIO, self.virtual_us())
+
+    @staticmethod
+    def rtc_memory(data=None):
+        """Bytes kept through a deep sleep and lost at any other reset (b"" then): get, or set."""
+        return _vboard.rtc_memory(data)
+
+    def wake_pin(self):
+        """True when this boot is a deep-sleep wake that the wake gpio going low caused."""
+        return self._reset_cause == "deepsleep" and bool(_params().get("wake_pin"))
+
+    def rtc_ms(self):
+        """Milliseconds on the clock that runs through deep sleep, wrapping at 2**30: here the board's
+        own (the bench keeps its epoch across a sleep); a power cut restarts it."""
+        return self.ticks_ms()
+
     def soft_reset(self):
         sys.modules["machine"].soft_reset()
 
@@ -354,14 +433,21 @@ class Hal:
 
     # -- the world link --------------------------------------------------------
     def _send(self, kind, gpio, value, t=-1):
+        """One record to the world; allocates nothing (one store a byte: a 4-tuple unpack would build a tuple)."""
         b = self._out
-        b[0], b[1], b[2], b[3] = kind, gpio, 0, 0
-        b[4], b[5], b[6], b[7] = value & 255, (value >> 8) & 255, (value >> 16) & 255, (value >> 24) & 255
+        b[0] = kind
+        b[1] = gpio
+        b[4] = value & 255
+        b[5] = (value >> 8) & 255
+        b[6] = (value >> 16) & 255
+        b[7] = (value >> 24) & 255
         if t < 0:
             t = self.virtual_us()              # wrapped at 2**30: the bench unwraps it
-        b[8], b[9], b[10], b[11] = t & 255, (t >> 8) & 255, (t >> 16) & 255, t >> 24
-        b[12], b[13], b[14], b[15] = 0, 0, 0, 0
-        self._tx.write(b)
+        b[8] = t & 255
+        b[9] = (t >> 8) & 255
+        b[10] = (t >> 16) & 255
+        b[11] = t >> 24
+        self._tx.write(b)                       # bytes 2, 3 and 12..15 stay 0 from the start
 
     def pump(self):
         """Apply every world record that is due by now; never blocks, never allocates."""

@@ -14,6 +14,8 @@
 #   reason goes to the console every few seconds and, when the board has an
 #   identity, to the gateway as a config_invalid alarm; a config push can fix it.
 # - A failure is a state, not a traceback: counted in health, the loop goes on.
+# - A battery board (a role with sleep_ms()) sleeps between its samples: a wake
+#   continues the boot that slept (firmware/sleep_cycle.py says how and when).
 import array
 import asyncio
 import gc
@@ -23,6 +25,7 @@ from micropython import const
 
 import config
 import persist
+import sleep_cycle
 from flashlog import F_WALL, K_ALARM, REC, FlashLog, Record
 from protocol import messages as M
 from protocol import roles
@@ -60,14 +63,17 @@ class Runtime:
     def __init__(self, hal):
         self.hal = hal
         self.board = hal.board
-        self.boot_id = persist.next_boot_id()
         self.reset_cause = hal.reset_cause()
         self.up_s = 0
         self._ms = 0
-        self._last_ms = hal.ticks_ms()
         self.wall_boot = -1
         self.utc_offset_s = 420 * 60
         self.seq = 0
+        self.next_health_s = 5
+        self.woke = self.reset_cause == "deepsleep" and sleep_cycle.resume(self)   # the boot that slept goes on
+        if not self.woke:
+            self.boot_id = persist.next_boot_id()
+        self._last_ms = hal.ticks_ms()
         self.faults = 0
         self.last_fault = ""
         # 16-bit bins (1 KB, made without a temporary list): the timer stops a full bin at 65535 and
@@ -97,11 +103,15 @@ class Runtime:
         capacity = self.cfg["log"]["max_entries"] if self.cfg and self.cfg["log"]["max_entries"] else \
             self.board["vfs_size_bytes"] // _LOG_SHARE // (REC + extra)
         self.log = FlashLog(capacity, extra=extra)
+        if self.woke:
+            sleep_cycle.resume_log(self)
         if self.cfg:
             try:    # a role may refuse a config the schema allowed (the doser: beyond its hard limits)
                 self.role = role_module(self.cfg["role"]).make(hal, self.cfg[self.cfg["role"]], RecordSink(self))
             except config.ConfigError as e:
                 self.config_error = str(e)
+        if self.role is not None and self.wall_boot >= 0:
+            self.role.on_clock(self.up_s, self.local_sod())        # a wake: the clock is known already
         if ident:
             from uplink import Uplink
             link = self.cfg["link"] if self.cfg else {"kind": "uart", "addr": 1}
@@ -197,6 +207,8 @@ class Runtime:
         elif self.log_full_active and log.entries() < log.capacity // 2:
             self.log_full_active = 0
             self.alarm(A_LOG_FULL, 0, log.merged)
+        if self.uplink is not None:
+            self.uplink.kick()
 
     def alarm(self, code, active, detail):
         r = Record()
@@ -269,7 +281,6 @@ class Runtime:
         hal = self.hal
         wdt = hal.watchdog(WATCHDOG_MS)
         health_s = self.cfg["link"]["health_s"] if self.cfg else 900
-        next_health = 5
         next_idle_note = 0
         while True:
             wdt.feed()
@@ -280,8 +291,8 @@ class Runtime:
             free = hal.heap_free_bytes()
             if free < self.heap_min:
                 self.heap_min = free
-            if self.uplink is not None and self.up_s >= next_health:
-                next_health = self.up_s + health_s
+            if self.uplink is not None and self.up_s >= self.next_health_s:
+                self.next_health_s = self.up_s + health_s
                 self.send_health()
             if self.config_error and self.up_s >= next_idle_note:
                 next_idle_note = self.up_s + 10
@@ -319,6 +330,8 @@ class Runtime:
             asyncio.create_task(self.role_task())
         if self.uplink is not None:
             asyncio.create_task(self.uplink.run())
+        if self.role is not None and hasattr(self.role, "sleep_ms"):
+            asyncio.create_task(sleep_cycle.run(self))
         await self.housekeeping()
 
 

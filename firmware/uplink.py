@@ -110,7 +110,9 @@ class Uplink:
                 self.next_try = self.hal.link_ticks_ms()       # the next batch goes at once
             elif msg_type == M.TIME_SYNC:
                 rt.on_time_sync(m[0])
-                self.synced = True
+                if not self.synced:
+                    self.synced = True
+                    self.next_try = self.hal.link_ticks_ms()    # the backlog goes now, not a backoff later
             elif msg_type == M.CONFIG_PUSH:
                 ok, detail = rt.apply_config(m[1])
                 self.send_dict(M.COMMAND_RESULT, M.command_result(m[0], ok, detail))
@@ -148,6 +150,12 @@ class Uplink:
         self.send_dict(M.HELLO, M.hello(rt.boot_id, rt.FW_VERSION, rt.board["name"], rt.role_index(),
                                         rt.config_hash, self.synced, rt.reset_cause_index(), rt.up_s,
                                         self.addr))
+
+    def kick(self):
+        """A record was logged: with no batch out and the gateway there, it goes at the next poll, not
+        after IDLE_MS (a sleeping board's wake is as short as its link makes it)."""
+        if not self.waiting and self.synced:
+            self.next_try = self.hal.link_ticks_ms()
 
     def send_alarm(self, r):
         self.send_dict(M.ALARM, M.alarm(r.boot, r.seq, r.t_end, r.count, r.value, r.reg))

@@ -4,8 +4,10 @@ It runs the firmware in the real MicroPython VM (unix port) with the board's
 heap budget and the board's flash image mounted at /, and emulates what the
 VM alone cannot:
 
-- reboots: the unix port exits on Ctrl-D and on machine.reset(); the bench
-  restarts it on the same flash, printing what an ESP32 prints, and brings a
+- reboots: the unix port exits on Ctrl-D; machine.reset(), soft_reset() and
+  deepsleep() send K_EXIT and the bench ends the VM (a SystemExit from main.py
+  would only fall into the REPL that -i gives). The bench restarts it on the
+  same flash, printing what an ESP32 prints, and brings a
   soft reboot from the raw REPL back to the raw REPL (mpremote relies on it);
 - Ctrl-C: the VM's console is a pty that turns 0x03 into SIGINT while the app
   runs, so KeyboardInterrupt stops it and the REPL comes up;
@@ -19,6 +21,12 @@ VM alone cannot:
 - power: a power cut is SIGKILL of the VM (the flash image keeps exactly the
   blocks written so far); if the bench itself is killed, so is the VM;
 - the watchdog: a board whose firmware stops feeding it is reset;
+- deep sleep: the firmware's K_SLEEP record, then K_EXIT EXIT_DEEP_SLEEP, end the
+  VM; the bench keeps the RTC memory (K_RTC records) and the board's clock, drops
+  the world's input meanwhile (a sleeping ESP32 sees none), and boots the board
+  with reset cause "deepsleep" when its timer runs out, or at once when the world
+  pulls the wake pin low (a rain gauge's tip); a power cut meanwhile cancels the
+  wake and loses the RTC memory. No watchdog runs while it sleeps;
 - the world: sensor inputs as timestamped records (see firmware/hal_virtual.py).
 
 The UART and console pseudo-terminals live as long as the bench, so their
@@ -45,7 +53,8 @@ from pathlib import Path
 from tools import image
 from tools.sim import vm as vms
 from tools.sim.rom import _vboard                      # the ROM's table of the world pipe and exit codes
-from tools.sim.rom._vboard import EXIT_HARD_RESET, K_ANALOG, K_BOOTED, K_LEVEL, K_OUTPUT, K_WDT
+from tools.sim.rom._vboard import (EXIT_DEEP_SLEEP, EXIT_HARD_RESET, K_ANALOG, K_BOOTED, K_EXIT, K_LEVEL, K_OUTPUT,
+                                   K_RTC, K_SLEEP, K_WDT, NO_WAKE_GPIO)
 from tools.sim.worlds import ANALOG, World
 
 ROM_DIR = Path(__file__).resolve().parent / "rom"
@@ -55,6 +64,7 @@ BOARD_US_HALF = 1 << 29
 CONSOLE_HOLD_MAX = 4096
 PROMPT_HOLD_S = 3.0          # host seconds console input waits for the REPL's next prompt (then goes anyway)
 RECORD = struct.Struct(_vboard.RECORD_FORMAT)
+WORD = struct.Struct("<i")                 # a K_RTC record's 4 bytes of RTC memory, as its value field
 assert RECORD.size == _vboard.RECORD_BYTES
 RAW_BANNER = b"raw REPL; CTRL-B to exit\r\n"
 FRIENDLY_BANNER = b'Type "help()" for more information.'
@@ -67,6 +77,7 @@ FLUSHED_AFTER = {None: b"\x03", "friendly": b"\x01", "raw": b"\x02\x04"}
 LOOKAHEAD_HOST_S = 0.05
 BARE_LF = re.compile(rb"(?<!\r)\n")
 WATCHDOG_MIN_HOST_S = 1.0
+SELECT_S = 0.002             # the loop's longest wait: a board's wake is never later than this
 _PR_SET_PDEATHSIG = 1
 
 
@@ -105,6 +116,16 @@ class Log:
         self.stream.flush()
 
 
+class Sleep:
+    """A board in deep sleep: when its timer wakes it (board us, None: never), its wake pin, and the
+    world's records due after the wake (the board is up again by then)."""
+
+    def __init__(self, since_us, wake_at_us, wake_gpio, ms):
+        self.since_us, self.wake_at_us, self.wake_gpio, self.ms = since_us, wake_at_us, wake_gpio, ms
+        self.by_pin = False
+        self.held = []              # (board us, gpio, record kind, value)
+
+
 class SimBoard:
     def __init__(self, board, role, flash_path, *, speed=1, start_ticks_ms=0, world_overrides=None,
                  seed=0, control_path=None, unique_id=None, log=None, vm=None):
@@ -135,7 +156,14 @@ class SimBoard:
         self.tail = b""
         self.wdt_timeout_s = None
         self.wdt_fed = 0.0
-        self.resets = {"power_on": 0, "hard_reset": 0, "soft_reset": 0, "watchdog": 0, "panic": 0}
+        self.resets = {"power_on": 0, "hard_reset": 0, "soft_reset": 0, "watchdog": 0, "panic": 0, "deepsleep": 0}
+        self.rtc_memory = b""       # what the firmware keeps through a deep sleep (machine.RTC().memory())
+        self._rtc_new = None        # K_RTC records of a write still coming in
+        self.sleep_request = None   # (ms, wake gpio or None, board us it began or None): the VM's K_SLEEP
+        self.exit_code = None       # the VM's K_EXIT: the bench ends it with this code
+        self.asleep = None          # while asleep: Sleep
+        self.sleeps = 0
+        self.swallow_gpio = None    # the wake pin's tip that woke the board: its edges never reach the VM
         self.running = True
         self._ctl = None
 
@@ -156,8 +184,15 @@ class SimBoard:
         return (time.monotonic_ns() // 1000 - self.world_epoch) * self.speed
 
     def power_on(self, cause="power_on", run_main=True):
+        """cause "deepsleep": the wake from self.asleep (RTC memory and the board's clock kept); any
+        other cause loses the RTC memory. power_on/hard_reset/watchdog/panic restart the clock."""
         if cause in ("power_on", "hard_reset", "watchdog", "panic"):
             self.board_epoch = time.monotonic_ns() // 1000
+        sleep, self.asleep, self.sleep_request = self.asleep if cause == "deepsleep" else None, None, None
+        self.exit_code = None
+        if sleep is None:
+            self.rtc_memory = b""
+            self.swallow_gpio = None
         self.resets[cause] += 1
         master, slave = pty.openpty()
         tty.setraw(slave)
@@ -170,13 +205,18 @@ class SimBoard:
         os.set_blocking(to_vm_w, False)
         os.set_blocking(from_vm_r, False)
         uart_fd = os.dup(self.uart_master)
+        host_now_us = time.monotonic_ns() // 1000
         params = {
             "flash_path": self.flash_path, "block_size": self.board.block_size,
             "block_count": self.board.vfs_block_count, "run_main": run_main, "speed": self.speed,
-            # The board epoch as a ticks_us() value of this VM (the host clock is the same CLOCK_MONOTONIC).
-            "epoch_us": self.board_epoch % vms.TICKS_PERIOD[self.vm_name], "start_ticks_ms": self.start_ticks_ms,
+            # Now as a ticks_us() value of this VM (the host clock is the same CLOCK_MONOTONIC), and the
+            # board's microseconds since its epoch then: the VM's clock goes on from there.
+            "epoch_us": host_now_us % vms.TICKS_PERIOD[self.vm_name],
+            "board_us": (host_now_us - self.board_epoch) * self.speed,
+            "start_ticks_ms": self.start_ticks_ms,
             "reset_cause": "panic" if cause == "panic" else cause, "unique_id": self.unique_id,
             "world_in_fd": to_vm_r, "world_out_fd": from_vm_w, "uart_fd": uart_fd,
+            "rtc_memory": self.rtc_memory.hex(), "wake_pin": bool(sleep and sleep.by_pin),
         }
         env = dict(os.environ, PRAPA_VBOARD=json.dumps(params), MICROPYPATH=str(ROM_DIR))
         self.vm = subprocess.Popen(
@@ -197,10 +237,15 @@ class SimBoard:
         self.wdt_timeout_s = None
         self.pending = bytearray()
         t0 = self._board_us(self._world_now_us())
-        for gpio, level in sorted(self.world.levels().items()):
+        levels = self.world.levels()
+        if sleep is not None and sleep.by_pin:
+            levels[sleep.wake_gpio] = 1         # the tip is over by the time a board has booted
+        for gpio, level in sorted(levels.items()):
             self.pending += RECORD.pack(K_LEVEL, gpio, 0, level, max(0, t0) & BOARD_US_MASK)
         for gpio, uv in sorted(self.world.analog_levels().items()):
             self.pending += RECORD.pack(K_ANALOG, gpio, 0, int(uv), max(0, t0) & BOARD_US_MASK)
+        for t_us, gpio, rec_kind, value in (sleep.held if sleep else ()):
+            self.pending += RECORD.pack(rec_kind, gpio, 0, value, max(0, t_us) & BOARD_US_MASK)
         self.log("vm_started", pid=self.vm.pid, reset_cause=cause, run_main=run_main)
 
     def _teardown_vm(self):
@@ -220,17 +265,29 @@ class SimBoard:
         self.world.on_reset(self._world_now_us())      # the board's outputs float: a pump relay drops out
 
     def power_cut(self, then_on=True):
-        self.log("power_cut")
+        self.log("power_cut", asleep=self.asleep is not None)
         self._teardown_vm()
+        self.asleep, self.rtc_memory, self.swallow_gpio = None, b"", None    # no wake, and RTC memory is lost
+        self.sleep_request = self.exit_code = None
         if then_on:
             self.power_on("power_on")
 
     def _on_vm_exit(self):
-        code = self.vm.wait()
+        """The VM ended, or asked to end (K_EXIT): a reset, a deep sleep, a crash."""
+        while self._on_vm_world():          # its last records (a K_SLEEP, K_EXIT) before its pipe goes
+            pass
+        data = self._read_vm_console()
+        while data:                         # and its last words (the raw REPL's \x04 before a command ran)
+            self._vm_printed(data)
+            data = self._read_vm_console()
+        code = self.exit_code if self.exit_code is not None else self.vm.wait()
+        self.exit_code = None
         self._teardown_vm()
         if not self.running:
             return
-        if code == EXIT_HARD_RESET:
+        if code == EXIT_DEEP_SLEEP:
+            self._fall_asleep()
+        elif code == EXIT_HARD_RESET:
             self._console_write(b"\r\nrst:0xc (SW_CPU_RESET),boot:0x13 (SPI_FAST_FLASH_BOOT)\r\n")
             self.log("reset", kind="hard_reset")
             self.power_on("hard_reset")
@@ -242,6 +299,52 @@ class SimBoard:
             self._console_write(b"MPY: soft reboot\r\n")
             self.log("reset", kind="soft_reset", exit_code=code, repl=self.repl_mode)
             self.power_on("soft_reset", run_main=self.repl_mode != "raw")
+
+    # -- deep sleep ---------------------------------------------------------------
+    def _fall_asleep(self):
+        ms, wake_gpio, began_us = self.sleep_request or (0, None, None)
+        self.sleep_request = None
+        now_us = self._board_us(self._world_now_us())
+        since_us = now_us if began_us is None else began_us
+        wake_at_us = since_us + ms * 1000 if ms > 0 else None
+        self.asleep = Sleep(since_us, wake_at_us, wake_gpio, ms)
+        self.sleeps += 1
+        self.log("deep_sleep", ms=ms, wake_gpio=wake_gpio)
+
+    def _board_us_to_host_s(self, board_us):
+        """The host's time.monotonic() at which the board's clock reads board_us."""
+        return self.board_epoch / 1e6 + board_us / self.speed / 1e6
+
+    def _asleep_event(self, board_us, gpio, rec_kind, value):
+        """A world event while the board sleeps: the wake pin going low wakes it (from then on events are
+        held for it), events after its wake are held, the rest are lost (a sleeping ESP32 sees nothing)."""
+        sleep = self.asleep
+        wake_at = sleep.wake_at_us
+        if (sleep.wake_gpio is not None and not sleep.by_pin and rec_kind == K_LEVEL and gpio == sleep.wake_gpio
+                and value == 0 and (wake_at is None or board_us < wake_at)):
+            sleep.by_pin, sleep.wake_at_us = True, board_us
+            sleep.held = [e for e in sleep.held if e[0] > board_us]
+            self.swallow_gpio = gpio            # the tip's own edges: the board learns of it from wake_pin()
+            return
+        if wake_at is not None and board_us >= wake_at:
+            sleep.held.append((board_us, gpio, rec_kind, value))
+
+    def _check_wake(self):
+        sleep = self.asleep
+        if sleep is None or sleep.wake_at_us is None or self.vm is not None:
+            return
+        if self._board_us(self._world_now_us()) >= sleep.wake_at_us:
+            self._console_write(b"\r\nrst:0x5 (DEEPSLEEP_RESET),boot:0x13 (SPI_FAST_FLASH_BOOT)\r\n")
+            self.log("wake", by="pin" if sleep.by_pin else "timer",
+                     slept_ms=(sleep.wake_at_us - sleep.since_us) // 1000)
+            self.power_on("deepsleep")
+
+    def _select_timeout_s(self):
+        sleep = self.asleep
+        if sleep is None or sleep.wake_at_us is None:
+            return SELECT_S
+        due = self._board_us_to_host_s(sleep.wake_at_us) - time.monotonic_ns() / 1e9
+        return min(SELECT_S, max(0.0, due))
 
     # -- console ---------------------------------------------------------------
     def _console_write(self, data):
@@ -293,16 +396,25 @@ class SimBoard:
         except (BlockingIOError, OSError):
             pass
 
-    def _on_vm_console(self):
+    def _read_vm_console(self):
+        """What the VM printed since: bytes, b"" once it has gone, None when nothing is there now."""
         try:
-            data = os.read(self.vm_console, 4096)
+            return os.read(self.vm_console, 4096)
         except BlockingIOError:
-            return
+            return None
         except OSError:
-            data = b""
+            return b""
+
+    def _on_vm_console(self):
+        data = self._read_vm_console()
+        if data is None:
+            return
         if not data:
             self._on_vm_exit()
             return
+        self._vm_printed(data)
+
+    def _vm_printed(self, data):
         data = self._crlf(data)
         self._console_write(data)
         window = self.tail + data
@@ -330,10 +442,11 @@ class SimBoard:
 
     # -- world -------------------------------------------------------------------
     def _on_vm_world(self):
+        """Handle the VM's records that have come; False when none had."""
         try:
             data = os.read(self.vm_world_in, RECORD.size * 256)
         except (BlockingIOError, OSError):
-            return
+            return False
         for off in range(0, len(data) - RECORD.size + 1, RECORD.size):
             kind, gpio, _r, value, t_us = RECORD.unpack_from(data, off)
             if kind == K_BOOTED:
@@ -343,18 +456,47 @@ class SimBoard:
             elif kind == K_WDT:
                 self.wdt_timeout_s = max(value / 1000 / self.speed, WATCHDOG_MIN_HOST_S)
                 self.wdt_fed = time.monotonic()
-            elif kind == K_OUTPUT:           # the board's time wraps at 2**30 us: unwrap it against ours
-                board_now = self._board_us(self._world_now_us())      # (a pulse's end may lie ahead)
-                t_us = board_now + ((t_us - board_now + BOARD_US_HALF) & BOARD_US_MASK) - BOARD_US_HALF
+            elif kind == K_OUTPUT:           # (a pulse's end may lie ahead)
+                t_us = self._unwrap_board_us(t_us)
                 self.world.on_output(t_us + (self.board_epoch - self.world_epoch) * self.speed, gpio, value)
+            elif kind == K_RTC:
+                self._on_rtc_record(_r, t_us, value)
+            elif kind == K_EXIT:
+                self.exit_code = value
+            elif kind == K_SLEEP:
+                self.sleep_request = (max(0, value), None if gpio == NO_WAKE_GPIO else gpio,
+                                      self._unwrap_board_us(t_us) if _r else None)
+        return bool(data)
+
+    def _unwrap_board_us(self, t_us):
+        """The board's time wraps at 2**30 us: unwrap it against ours."""
+        board_now = self._board_us(self._world_now_us())
+        return board_now + ((t_us - board_now + BOARD_US_HALF) & BOARD_US_MASK) - BOARD_US_HALF
+
+    def _on_rtc_record(self, length, offset, word):
+        """One 4-byte piece of an RTC memory write; the write counts once its last piece is in."""
+        if offset == 0:
+            self._rtc_new = bytearray(length)
+        if self._rtc_new is None or len(self._rtc_new) != length:
+            return
+        self._rtc_new[offset:offset + 4] = WORD.pack(word)[:max(0, length - offset)]
+        if offset + 4 >= length:
+            self.rtc_memory, self._rtc_new = bytes(self._rtc_new), None
 
     def _step_world(self):
         horizon = self._world_now_us() + int(LOOKAHEAD_HOST_S * 1e6) * self.speed
         for t_us, gpio, kind, value in self.world.events_until(horizon):
+            rec_kind, board_us = K_ANALOG if kind == ANALOG else K_LEVEL, self._board_us(t_us)
+            if gpio == self.swallow_gpio and rec_kind == K_LEVEL:
+                if value:                       # the tip that woke the board is over: its next one counts
+                    self.swallow_gpio = None
+                continue
+            if self.asleep is not None:
+                self._asleep_event(board_us, gpio, rec_kind, int(value))
+                continue
             if self.vm is None:
                 continue
-            rec_kind = K_ANALOG if kind == ANALOG else K_LEVEL
-            self.pending += RECORD.pack(rec_kind, gpio, 0, int(value), max(0, self._board_us(t_us)) & BOARD_US_MASK)
+            self.pending += RECORD.pack(rec_kind, gpio, 0, int(value), max(0, board_us) & BOARD_US_MASK)
         if self.vm is None or not self.pending:
             return
         try:
@@ -419,7 +561,8 @@ class SimBoard:
     def status(self):
         return {"board": self.board.name, "role": self.role, "uart": self.uart_path, "console": self.console_path,
                 "flash": self.flash_path, "vm_pid": self.vm.pid if self.vm else None, "repl": self.repl_mode,
-                "resets": dict(self.resets), "speed": self.speed, "unique_id": self.unique_id,
+                "resets": dict(self.resets), "sleeps": self.sleeps, "asleep": self.asleep is not None,
+                "speed": self.speed, "unique_id": self.unique_id,
                 "world": self.world.truth(self._world_now_us())}
 
     # -- the loop --------------------------------------------------------------------
@@ -433,11 +576,12 @@ class SimBoard:
                  start_ticks_ms=self.start_ticks_ms, pid=os.getpid())
         try:
             while self.running:
-                for key, _ in self.sel.select(timeout=0.002):
+                for key, _ in self.sel.select(timeout=self._select_timeout_s()):
                     key.data()
-                if self.vm is not None and self.vm.poll() is not None:
+                if self.vm is not None and (self.exit_code is not None or self.vm.poll() is not None):
                     self._on_vm_exit()
                 self._step_world()
+                self._check_wake()
                 self._check_watchdog()
                 self._check_console_hold()
         finally:

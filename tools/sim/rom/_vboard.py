@@ -9,6 +9,7 @@ except ImportError:      # CPython: the host side of the pipe
 
 EXIT_HARD_RESET = const(90)
 EXIT_SOFT_RESET = const(91)
+EXIT_DEEP_SLEEP = const(92)     # after a K_SLEEP record: the bench wakes the board (reset cause deepsleep)
 # Pipe records, both ways: struct RECORD_FORMAT = (kind, gpio, reserved, value, t_us), t_us the
 # board's virtual microseconds since its epoch, wrapped at 2**30 (a small int on a 32-bit VM).
 RECORD_FORMAT = "<BBHiQ"
@@ -18,8 +19,62 @@ K_ANALOG = const(2)      # world -> board: analog input, microvolts
 K_OUTPUT = const(3)      # board -> world: digital output level
 K_WDT = const(4)         # board -> bench: watchdog fed, value = timeout ms
 K_BOOTED = const(5)      # ROM -> bench: the VM is running code
+K_SLEEP = const(6)       # ROM -> bench: deep sleep; value = ms (0: until the wake pin or a power cut),
+#                          gpio = the wake pin, low wakes (NO_WAKE_GPIO: none); reserved = 1 when t_us is
+#                          the board time the sleep began, 0 when the bench should take its own clock
+K_RTC = const(7)         # ROM -> bench: RTC memory, 4 bytes a record in value (little-endian, zero-padded),
+#                          t_us = their byte offset, reserved = the memory's whole length; sent in order
+#                          from offset 0 on every write (a length of 0: one record, the memory emptied)
+K_EXIT = const(8)        # ROM -> bench: the VM ends with exit code value (a reset, a soft reset, a deep sleep);
+#                          the bench ends it (a SystemExit from main.py would fall into the REPL -i gives)
+NO_WAKE_GPIO = const(255)
+RTC_MEMORY_MAX = const(2048)   # bytes, as an ESP32's machine.RTC().memory()
 
 PARAMS = {}
+
+
+def send(kind, gpio, reserved, value, t_us=0):
+    """One record to the bench (machine.py's and hal_virtual.py's slow paths; the HAL's
+    sampling path packs its own records without allocating)."""
+    import struct
+    PARAMS["world_out"].write(struct.pack(RECORD_FORMAT, kind, gpio, reserved, value, t_us))
+
+
+def rtc_memory(data=None):
+    """The RTC's slow memory: kept by the bench across a deep sleep, empty after any other reset
+    (the bench passes it in PARAMS["rtc_memory"] as hex). Get -> bytes; set -> stored at once."""
+    if data is None:
+        if "rtc" not in PARAMS:
+            PARAMS["rtc"] = bytes.fromhex(PARAMS.get("rtc_memory", ""))
+        return PARAMS["rtc"]
+    data = bytes(data)
+    if len(data) > RTC_MEMORY_MAX:
+        raise ValueError("buffer too long")
+    PARAMS["rtc"] = data
+    n = len(data)
+    for off in range(0, n if n else 1, 4):
+        word = int.from_bytes(data[off:off + 4] + bytes(4 - len(data[off:off + 4])), "little")
+        send(K_RTC, 0, n, word - (1 << 32) if word >= 1 << 31 else word, off)
+
+
+def end(code):
+    """End the VM as a reset or a deep sleep ends a board's program: the bench ends the process on
+    K_EXIT; without a bench (or from the REPL) SystemExit does. Never returns."""
+    import sys
+    import time
+    if "world_out" in PARAMS:
+        send(K_EXIT, 0, 0, code)
+        time.sleep_ms(2000)          # the bench ends the VM here; nothing else runs meanwhile
+    sys.exit(code)
+
+
+def deep_sleep(ms, wake_gpio=NO_WAKE_GPIO, t_us=-1):
+    """Tell the bench and end the VM: it wakes the board after ms of board time (0: never), or at
+    once when the world drives wake_gpio low. Never returns."""
+    ms = max(0, min(int(ms), 0x7FFFFFFF))
+    send(K_SLEEP, wake_gpio if 0 <= wake_gpio < NO_WAKE_GPIO else NO_WAKE_GPIO, 1 if t_us >= 0 else 0, ms,
+         t_us if t_us >= 0 else 0)
+    end(EXIT_DEEP_SLEEP)
 
 
 class FileBlockDevice:
