@@ -29,11 +29,15 @@ def write_config(folder, uart_ports, broker_port, site="testsite", extra="", htt
     return path
 
 
-def register(folder, devices, role="meter", names=None, board=None, roles=None):
-    """Add devices ({device_id: key}) to the folder's registry; roles ({device_id: role}) or one role."""
+def register(folder, devices, role="meter", names=None, board=None, roles=None, places=None):
+    """Add devices ({device_id: key}) to the folder's registry; roles ({device_id: role}) or one role;
+    places ({device_id: {"catchment", "lat", "lon"}}, any part missing) where a device has one."""
     reg = Registry(Path(folder) / "data" / "registry.db")
     for device_id, key in devices.items():
-        reg.add(device_id, (roles or {}).get(device_id, role), key, name=(names or {}).get(device_id), board=board)
+        place = (places or {}).get(device_id) or {}
+        location = (place["lat"], place["lon"]) if "lat" in place else None
+        reg.add(device_id, (roles or {}).get(device_id, role), key, name=(names or {}).get(device_id), board=board,
+                location=location, catchment=place.get("catchment"))
     reg.close()
 
 

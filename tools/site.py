@@ -48,8 +48,9 @@ START_TIMEOUT_S = 30.0                      # TimeoutStartSec: a restarted child
 def add_parser(sub):
     p = sub.add_parser("site", help="run a simulated site: broker, gateway, virtual boards, live view",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--boards", type=int, default=3,
-                   help="number of virtual boards: one of each role but the first, the rest of the first (default 3)")
+    p.add_argument("--boards", type=int, default=8,
+                   help="number of virtual boards: the boards each other role's world asks for (one doser, a "
+                        "catchment of four drains), the rest of the first role, the meter (default 8)")
     p.add_argument("--speed", type=int, default=60,
                    help="board time runs this many times faster (default 60: an hour a minute)")
     p.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: until Ctrl-C)")
@@ -79,7 +80,7 @@ class Cloud:
 
     def __init__(self, port):
         import paho.mqtt.client as mqtt
-        self.readings, self.alarms, self.first_at = {}, {}, None
+        self.readings, self.alarms, self.first_at, self.suspects = {}, {}, None, {}
         self.lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="prapa-site-cloud", clean_session=False)
         self.client.on_connect = lambda client, *_: client.subscribe(f"prapa/v1/{SITE}/#", qos=1)
@@ -90,9 +91,20 @@ class Cloud:
 
     def _on_message(self, _c, _u, msg):
         import cbor2
+        if msg.topic.endswith("/suspects"):          # the gateway's retained ranking of a catchment: JSON
+            try:
+                body = json.loads(msg.payload) if msg.payload else {}
+            except ValueError:
+                return
+            with self.lock:
+                if body.get("catchment"):
+                    self.suspects[body["catchment"]] = body.get("suspects", [])
+            return
         try:
             body = cbor2.loads(msg.payload)
         except ValueError:
+            return
+        if not isinstance(body, dict):
             return
         with self.lock:
             if self.first_at is None:
@@ -120,14 +132,21 @@ def site_roles(board_def):
     return [r for r in roles.available() if worlds.site_board_for(r) and r in board_def.roles_fit]
 
 
-def site_plan(kinds, boards):
-    """The role of each of `boards` boards: every role but the first (in the registry's order) gets one
-    board, the first role gets the rest, and at least one; the first role's boards come first.
+def site_plan(kinds, boards, wanted=None):
+    """The role of each of `boards` boards: every role but the first (in the registry's order) gets the
+    boards its world asks for (wanted {role: n}, its SITE_BOARDS; default one) while there is room, the
+    first role gets the rest, and at least one; the first role's boards come first.
 
-    A site is mostly the first role (the meter: a town's households) with one of each other kind of
-    board beside it (a doser for the whole plant), not the roles in turn."""
-    others = list(kinds[1:])[:max(0, boards - 1)]
+    A site is mostly the first role (the meter: a town's households) with the other kinds beside it (a
+    doser for the whole plant, a catchment of drains along a street), not the roles in turn."""
+    others = [role for role in kinds[1:] for _ in range((wanted or {}).get(role, 1))][:max(0, boards - 1)]
     return [kinds[0]] * (boards - len(others)) + others
+
+
+def site_wanted(kinds):
+    """{role: boards its world wants at a site} (its module's SITE_BOARDS, default 1)."""
+    from tools.sim import worlds
+    return {role: getattr(worlds.ROLE_WORLDS[role], "SITE_BOARDS", 1) for role in kinds}
 
 
 def check_args(args):
@@ -161,7 +180,7 @@ def check_args(args):
         mosquitto_exe()
     except FileNotFoundError:
         raise UsageError("mosquitto", "not installed", "run ./dev setup (it installs the Debian package)") from None
-    return board_def, site_plan(kinds, args.boards), vm
+    return board_def, site_plan(kinds, args.boards, site_wanted(kinds)), vm
 
 
 def run(args):
@@ -266,7 +285,7 @@ class Site:
         self.broker = Broker(workdir / "broker", extra_conf=("autosave_interval 1",))
         _log("broker_started", host=self.broker.host, port=self.broker.port, pid=self.broker.proc.pid)
         self.cloud = Cloud(self.broker.port)
-        keys, names, device_roles = {}, {}, {}
+        keys, names, device_roles, places = {}, {}, {}, {}
         for i, role in enumerate(plan):
             if self.stopping.is_set():
                 self.ended = "signal"
@@ -281,6 +300,9 @@ class Site:
             image.provision(board_def, flash, {"device_id": device_id, "role": role, role: section}, key,
                             getattr(worlds.ROLE_WORLDS[role], "SITE_LIMITS", None))   # a pump's hard limits
             keys[device_id], names[device_id], device_roles[device_id] = key, name, role
+            site_place = getattr(worlds.ROLE_WORLDS[role], "site_place", None)     # where it is (a drain's catchment)
+            if site_place is not None:
+                places[device_id] = site_place(n)
             vb = BoardProcess(args.board, role, flash, speed=args.speed, seed=i, world=world, vm=vm)
             self.boards.append((name, device_id, vb))
             _log("board_started", device=name, id=f"{device_id:08x}", uart=vb.uart_port, console=vb.console_port,
@@ -288,7 +310,7 @@ class Site:
         http_port = free_port()
         config = write_config(workdir, [vb.uart_port for _n, _d, vb in self.boards], self.broker.port, site=SITE,
                               http_port=http_port, extra="\n[store]\nmin_free_mb = 50\n")
-        register(workdir, keys, names=names, board=board_def.name, roles=device_roles)
+        register(workdir, keys, names=names, board=board_def.name, roles=device_roles, places=places)
         self.gateway = GatewayProcess(config, log_path=workdir / "gateway.log").start()
         try:
             self.gateway.wait_started()
@@ -448,7 +470,12 @@ def _report(boards, cloud, workdir, started):
     totals = {"boards": len(rows), "readings_made": sum(r["readings_made"] for r in rows),
               "readings_at_broker": sum(r["readings_at_broker"] for r in rows),
               "seconds_to_first_reading_at_broker": None if first_at is None else round(first_at - started, 2)}
-    return {"site": SITE, "workdir": str(workdir), "boards": rows, "totals": totals}
+    suspects = {}
+    if cloud is not None:
+        with cloud.lock:
+            suspects = {c: [{k: e.get(k) for k in ("rank", "name", "id", "state", "score")} for e in entries]
+                        for c, entries in cloud.suspects.items()}
+    return {"site": SITE, "workdir": str(workdir), "boards": rows, "totals": totals, "catchments": suspects}
 
 
 def _live_view(boards, cloud, workdir, elapsed, url, restarts):
@@ -462,6 +489,9 @@ def _live_view(boards, cloud, workdir, elapsed, url, restarts):
             alarms = ", ".join(a for a, on in cloud.alarms.get(hexid, {}).items() if on) or "-"
             lines.append(f"{name:10} {hexid:9} {made.get(hexid, 0):>10} {len(cloud.readings.get(hexid, ())):>10}"
                          f"  {alarms}")
+        for catchment, entries in sorted(cloud.suspects.items()):
+            top = ", ".join(f"{e.get('rank')}. {e.get('name')} ({e.get('state')})" for e in entries[:3]) or "-"
+            lines += ["", f"catchment {catchment}, crews go first to: {top}"]
     if restarts:
         last = restarts[-1]
         lines += ["", f"restarts: {len(restarts)}, the last of the {last['component']} at {last['at_s']:.0f} s "

@@ -32,3 +32,7 @@ def test_a_site_runs_one_board_of_each_role_but_the_first_and_the_rest_of_the_fi
     assert site_plan(["meter"], 3) == ["meter"] * 3
     assert site_plan(["meter", "doser", "drain"], 3) == ["meter", "doser", "drain"]
     assert site_plan(["meter", "doser", "drain"], 2) == ["meter", "doser"]
+    wanted = {"doser": 1, "drain": 4}           # a catchment of drains beside the plant's doser
+    assert site_plan(["meter", "doser", "drain"], 8, wanted) == ["meter"] * 3 + ["doser"] + ["drain"] * 4
+    assert site_plan(["meter", "doser", "drain"], 4, wanted) == ["meter", "doser", "drain", "drain"]
+    assert site_plan(["meter", "doser", "drain"], 1, wanted) == ["meter"]

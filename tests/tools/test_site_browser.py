@@ -1,7 +1,8 @@
 """`prapa site`'s live view in a real browser: Debian's headless Chromium driven by Selenium.
 
-The page must list every device (meters and one doser), show an alarm and draw a chart from live data,
-the doser's one per charted field with its band and ceiling;
+The page must list every device (meters, one doser, a catchment of drains), show an alarm and draw a
+chart from live data, the doser's one per charted field with its band and ceiling, and, in the storm
+the site runs, the partly blocked drain first on its catchment's list and red on its map;
 a screenshot is kept in artifacts/ (CI uploads that folder)."""
 
 import json
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from protocol.roles import doser
+from tools.sim.worlds.drain import SITE_CATCHMENT
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = Path(os.environ.get("PRAPA_ARTIFACTS", ROOT / "artifacts"))
@@ -40,8 +42,8 @@ def test_the_status_page_shows_devices_an_alarm_and_live_charts(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     report = tmp_path / "report.json"
-    site = subprocess.Popen([sys.executable, "-m", "tools.cli", "site", "--headless", "--boards", "4",
-                             "--duration", "120", "--workdir", str(tmp_path / "site"), "--report", str(report)],
+    site = subprocess.Popen([sys.executable, "-m", "tools.cli", "site", "--headless", "--boards", "8",
+                             "--duration", "150", "--workdir", str(tmp_path / "site"), "--report", str(report)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     driver = None
     try:
@@ -63,7 +65,7 @@ def test_the_status_page_shows_devices_an_alarm_and_live_charts(tmp_path):
                     raise
                 time.sleep(0.5)
         wait = WebDriverWait(driver, 60, poll_frequency=0.5)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#devices tr[data-device]")) == 4)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#devices tr[data-device]")) == 8)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.alarm.active"))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "svg.chart polyline")) >= 3)
         names = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#devices tr[data-device]")]
@@ -87,6 +89,16 @@ def test_the_status_page_shows_devices_an_alarm_and_live_charts(tmp_path):
         # the doser's nearly empty tank: the tank_low interlock stopped its pump and shows as an alarm
         wait.until(lambda d: any("tank_low" in e.text and "00002004" in e.text
                                  for e in d.find_elements(By.CSS_SELECTOR, "tr.alarm.active")))
+        # The storm: the partly blocked drain (drain-002) heads its catchment's list, in flood colours, and
+        # every drain of the street is on the map.
+        assert len(driver.find_elements(By.CSS_SELECTOR, "svg.catchment-map circle[data-device]")) == 4
+        first = '.catchment[data-catchment="%s"] ol.suspects li[data-rank="1"]' % SITE_CATCHMENT
+        WebDriverWait(driver, 120, poll_frequency=1).until(
+            lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, first)
+                       if e.get_attribute("data-device") == "00002006"
+                       and e.get_attribute("data-state") in ("flood_danger", "blocked")])
+        dot = driver.find_element(By.CSS_SELECTOR, 'svg.catchment-map circle[data-device="00002006"]')
+        assert dot.get_attribute("data-state") in ("flood_danger", "blocked")
         ARTIFACTS.mkdir(exist_ok=True)
         assert driver.save_screenshot(str(ARTIFACTS / "site-status-page.png"))
     finally:
@@ -95,7 +107,10 @@ def test_the_status_page_shows_devices_an_alarm_and_live_charts(tmp_path):
         site.send_signal(signal.SIGTERM)
         site.wait(60)
     data = json.loads(report.read_text())
-    assert all(b["readings_at_broker"] > 0 for b in data["boards"])
+    assert all(b["readings_at_broker"] > 0 for b in data["boards"]), [(b["id"], b["readings_made"],
+                                                                     b["readings_at_broker"]) for b in data["boards"]]
     assert "burst" in data["boards"][2]["alarms"]
     assert "tank_low" in data["boards"][3]["alarms"]
-    assert [b["role"] for b in data["boards"]] == ["meter", "meter", "meter", "doser"]
+    assert [b["role"] for b in data["boards"]] == ["meter", "meter", "meter", "doser"] + ["drain"] * 4
+    assert {"flood_danger", "level_warning"} <= set(data["boards"][5]["alarms"])
+    assert data["catchments"][SITE_CATCHMENT][0]["name"] == "drain-002", data["catchments"]   # the crew's first stop

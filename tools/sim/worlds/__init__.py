@@ -4,7 +4,10 @@ Each role's world is one module here named after the role (worlds/meter.py for
 protocol/roles/meter.py): it lists its model classes in MODELS and says how a
 `prapa site` board of that role is set up in site_board(n) -> (the role's config
 section, world overrides) for the n-th board of the role. Nothing else here
-names a role: the modules are found through the role registry.
+names a role: the modules are found through the role registry. A world may
+also say how many boards of its role a site runs (SITE_BOARDS, default 1: a
+catchment of drains wants several) and where the n-th stands (site_place(n) ->
+{"catchment", "lat", "lon"}, registered with the board's key).
 
 A model is a class with:
 - `NAME` and `ROLES` (the roles whose boards it is wired to);
