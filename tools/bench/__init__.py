@@ -10,6 +10,9 @@
             lost per power cut (the meter runtime on a virtual board)
   doser     stroke count error, solution delivered vs ideal, far-tap share in band for
             three demand profiles, control-timer lateness and heap (a simulated day each)
+  drain     detection lead time before overflow over seeded storms, false alarms per
+            drain-month, the blocked drain ranked first, battery life, heap (the board's
+            logic on the VM against the world model; power and heap on virtual boards)
   boot   power-on to the app's banner on a virtual board, against a bare start
          of the same MicroPython VM (same heap); heap free after boot in bytes
          and as a share of the board's budget.
@@ -46,8 +49,8 @@ def add_parser(sub):
     boot.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     vms.add_argument(boot)
     boot.set_defaults(func=bench_boot)
-    from tools.bench import doser, firmware, gateway, protocol, site
-    for subject in (protocol, site, firmware, gateway, doser):
+    from tools.bench import doser, drain, firmware, gateway, protocol, site
+    for subject in (protocol, site, firmware, gateway, doser, drain):
         subject.add_parser(bsub, type(p))
 
 
