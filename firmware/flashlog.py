@@ -160,6 +160,22 @@ class FlashLog:
     def _rewrite(self, index, n):
         persist.write_atomic(self._name(index), memoryview(self.seg)[:n * self.rec])
 
+    # -- the acknowledged cursor, for a wake that goes on with the same boot (sleep_cycle.py) -----------
+    def cursor(self):
+        """(segment number, record) of the first record not acknowledged: a place that stays true while
+        older segments are deleted."""
+        return self.first + self.cursor_seg, self.cursor_rec
+
+    def set_cursor(self, segment, rec):
+        """Move the cursor back to where cursor() was, if that place still exists; True when it did.
+        (At boot the log starts from its oldest record: acknowledgements inside a segment are not on
+        flash, and a deep-sleep wake need not send those records again.)"""
+        seg = segment - self.first
+        if 0 <= seg < len(self.counts) and 0 <= rec <= self.counts[seg]:
+            self.cursor_seg, self.cursor_rec = seg, rec
+            return True
+        return False
+
     # -- append ----------------------------------------------------------------
     def entries(self):
         """Records not yet acknowledged."""

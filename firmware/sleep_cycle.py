@@ -91,9 +91,7 @@ def resume_log(rt):
     log = rt.log
     fields = _record(rt)
     if fields is not None:
-        seg, rec = fields[9] - log.first, fields[10]
-        if 0 <= seg < len(log.counts) and rec <= log.counts[seg]:
-            log.cursor_seg, log.cursor_rec = seg, rec
+        log.set_cursor(fields[9], fields[10])
     last = log.last
     if last.kind and last.boot == rt.boot_id and last.seq_last() > rt.seq:
         rt.seq = last.seq_last()
@@ -105,9 +103,9 @@ def rtc_record(rt, sleep_ms):
     ms = rt._ms + hal.ticks_diff(hal.ticks_ms(), rt._last_ms)     # board time since the last tick too
     rec = bytearray(_RTC_BYTES)
     log = rt.log
+    segment, first_unacked = log.cursor()
     struct.pack_into(_RTC_FMT, rec, 0, _RTC_MAGIC, rt.boot_id, rt.seq, rt.up_s + ms // 1000, ms % 1000,
-                     hal.rtc_ms(), sleep_ms, rt.wall_boot, rt.next_health_s, log.first + log.cursor_seg,
-                     log.cursor_rec)
+                     hal.rtc_ms(), sleep_ms, rt.wall_boot, rt.next_health_s, segment, first_unacked)
     c = crc16(rec, 0, _RTC_BYTES - 2)
     rec[_RTC_BYTES - 2], rec[_RTC_BYTES - 1] = c >> 8, c & 255
     return rec
