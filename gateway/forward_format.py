@@ -39,7 +39,7 @@ CLIENT_ID_MAX_BYTES = 128        # AWS IoT Core
 KIND_MAX_BYTES = 32
 KIND = re.compile(r"[a-z][a-z0-9_-]*\Z")
 SITE_FORBIDDEN = re.compile(r"[/+#\x00-\x20\x7f]")
-LONGEST_TAIL = max(KIND_MAX_BYTES, len("replay/request"))
+LONGEST_TAIL = max(KIND_MAX_BYTES, len("replay/request"), len("command/result"))
 # A catchment (registry: a device's place) is one topic level too: letters, digits, '_', '-', '.',
 # starting with a letter or digit (never '.', '..' or a leading '-' a shell would read as a flag).
 CATCHMENT_MAX_BYTES = 32
@@ -189,6 +189,19 @@ def topic(site, device_id, tail):
     if len(t.encode()) > TOPIC_MAX_BYTES or t.count("/") > TOPIC_MAX_SLASHES:
         raise ValueError(f"topic {t!r} is over {TOPIC_MAX_BYTES} bytes or {TOPIC_MAX_SLASHES} slashes")
     return t
+
+
+def command_topic(site, device, result=False):
+    """prapa/v1/<site>/<device>/command (the cloud's requests; device: 8 hex digits, or "+" to subscribe)
+    and .../command/result (the gateway's answers, QoS 1, not retained). Payloads, JSON or CBOR as the
+    forward format (a request is taken in either):
+
+        request: {"id": "<1-64 chars>", "name": "ping"|"reboot"|"config"|"replay"|<role command>, "args": {...}}
+        result:  {"id", "state": "accepted"|"refused"|"delivered"|"confirmed"|"failed"|"timed_out",
+                  "detail", and with a refusal "field", "limit" (where the schema has one), "fix"}
+    """
+    dev = device if isinstance(device, str) else device_hex(device)
+    return f"prapa/v1/{site}/{dev}/command" + ("/result" if result else "")
 
 
 def catchment_topic(site, catchment):

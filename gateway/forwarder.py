@@ -86,6 +86,10 @@ class Forwarder:
         self._inflight, self._inflight_ids, self._window = {}, set(), 1
         self._retained, self._retain_due, self._retain_lock = {}, [], threading.Lock()   # topic -> payload
         self.retained_published = 0   # retained messages sent (PUBACKs counted in acked)
+        # Commands from the cloud: on_command(topic, payload) is called on this thread for each message on
+        # prapa/v1/<site>/<device>/command (the service takes it from there); publish() sends the results.
+        self.on_command = None
+        self._outbox, self._asked = collections.deque(), collections.deque()   # (topic, payload); replays
 
     # -- the asyncio / service side ---------------------------------------------------------------
 
@@ -115,6 +119,19 @@ class Forwarder:
             self._retained[topic] = (bytes(payload), content_type)
             if topic not in self._retain_due:
                 self._retain_due.append(topic)
+        self.kick()
+
+    def publish(self, topic, payload, content_type="application/json"):
+        """Publish payload once, QoS 1, not retained, as soon as the connection has room (a command's
+        result). Safe from any thread. Held in memory only: one lost with a connection is not sent again
+        (the cloud asks again with the same command id and gets the current state)."""
+        self._outbox.append((topic, bytes(payload), content_type))
+        self.kick()
+
+    def replay_between(self, device_id, from_t, to_t, on_done):
+        """Republish a device's stored entries with wall time from_t..to_t (Unix s), as a replay request
+        on MQTT would, then .../replay/done; on_done(count, truncated) on this thread when done."""
+        self._asked.append((device_id, {"since_time": from_t, "until_time": to_t}, on_done))
         self.kick()
 
     async def run(self):
@@ -236,6 +253,7 @@ class Forwarder:
         # not enforce it, so the window does.
         self._window = min(cfg.max_inflight, getattr(state["props"], "ReceiveMaximum", cfg.max_inflight))
         client.subscribe(ff.topic(cfg.site, 0, "replay/request").replace("/00000000/", "/+/"), qos=1)
+        client.subscribe(ff.command_topic(cfg.site, "+"), qos=1)
         _log(logging.INFO, "broker_connected", broker=broker.url, protocol=self.protocol, client_id=client_id,
              window=self._window)
         return client
@@ -283,8 +301,19 @@ class Forwarder:
         while not self._stopping.is_set() and not state["lost"]:
             self._settle(store, state["acks"])
             while state["requests"] and not state["lost"]:
-                self._replay(client, store, state["requests"].popleft())
+                msg = state["requests"].popleft()
+                if msg.topic.endswith("/command"):
+                    if self.on_command is not None:
+                        self.on_command(msg.topic, msg.payload)
+                else:
+                    self._replay(client, store, msg)
+            while self._asked and not state["lost"]:
+                device_id, req, on_done = self._asked.popleft()
+                served = self._serve_replay(client, store, device_id, req)
+                if served is not None:
+                    on_done(*served)
             self._publish_retained(client)
+            self._publish_outbox(client)
             now = time.monotonic()
             room = len(self._inflight) < self._window
             if room and (look or now >= next_look):
@@ -327,6 +356,20 @@ class Forwarder:
                 return
             self.published += 1
             self.retained_published += 1
+            self._inflight[info.mid] = ((), time.monotonic())
+
+    def _publish_outbox(self, client):
+        while self._outbox and len(self._inflight) < self._window:
+            topic, payload, content_type = self._outbox.popleft()
+            props = None
+            if self.protocol == "5":
+                props = Properties(PacketTypes.PUBLISH)
+                props.ContentType = content_type
+            info = client.publish(topic, payload, qos=1, properties=props)
+            if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                client.user_data_get()["lost"] = True
+                return
+            self.published += 1
             self._inflight[info.mid] = ((), time.monotonic())
 
     def _fill(self, client, store):
@@ -418,13 +461,13 @@ class Forwarder:
                 raise ValueError(f"device {parts[3]!r} is not 8 hex digits")
             device_id = int(parts[3], 16)
             req = ff.decode_request(msg.payload)
-            limit = cfg.replay_max_entries + 1
+            if "since_time" not in req and not ("since_boot" in req and "since_seq" in req):
+                raise ValueError("give since_boot and since_seq, or since_time (and until_time)")
             if "since_time" in req:
-                rows = store.since_time(device_id, float(req["since_time"]), limit=limit)
-            elif "since_boot" in req and "since_seq" in req:
-                rows = store.since(device_id, int(req["since_boot"]), int(req["since_seq"]))[:limit]
+                float(req["since_time"])
+                float(req.get("until_time", "inf"))
             else:
-                raise ValueError("give since_boot and since_seq, or since_time")
+                int(req["since_boot"]), int(req["since_seq"])
         except (ValueError, TypeError, IndexError) as e:
             _log(logging.WARNING, "replay_request_refused", topic=msg.topic, problem=str(e))
             if len(parts) > 3 and len(parts[3]) == 8 and all(c in "0123456789abcdef" for c in parts[3]):
@@ -433,6 +476,19 @@ class Forwarder:
                     self._publish(client, ff.topic(cfg.site, int(parts[3], 16), "replay/done"),
                                   ff.encode(done, cfg.format), [(0, int(parts[3], 16), 0, 0)])
             return
+        self._serve_replay(client, store, device_id, req)
+
+    def _serve_replay(self, client, store, device_id, req):
+        """Republish what req asks for (since_boot + since_seq, or since_time with an optional until_time),
+        then .../replay/done; (count, truncated), or None when the connection went first."""
+        cfg = self.config
+        limit = cfg.replay_max_entries + 1
+        if "since_time" in req:
+            until = req.get("until_time")
+            rows = store.since_time(device_id, float(req["since_time"]), limit=limit,
+                                    until=None if until is None else float(until))
+        else:
+            rows = store.since(device_id, int(req["since_boot"]), int(req["since_seq"]))[:limit]
         truncated = len(rows) > cfg.replay_max_entries
         rows = rows[:cfg.replay_max_entries]
         for run in ff.group([r for r in rows if ff.kind_ok(r[4])], cfg.max_items, cfg.max_payload_bytes, cfg.site):
@@ -440,18 +496,19 @@ class Forwarder:
                 if payload is None:
                     continue
                 if not self._wait_for_room(client, store):
-                    return                # the cloud asks again: no replay/done was sent
+                    return None           # the cloud asks again: no replay/done was sent
                 self._publish(client, ff.topic(cfg.site, device_id, part[0][4]), payload, part, replay=True)
         done = {"v": 1, "site": cfg.site, "device": ff.device_hex(device_id), "count": len(rows),
                 "truncated": truncated, "request": req}
         if truncated:
             done["next"] = {"since_boot": rows[-1][2], "since_seq": rows[-1][3]}
         if not self._wait_for_room(client, store):
-            return
+            return None
         self._publish(client, ff.topic(cfg.site, device_id, "replay/done"), ff.encode(done, cfg.format),
                       rows or [(0, device_id, 0, 0)])
         self.replays += 1
         _log(logging.INFO, "replay_served", device=ff.device_hex(device_id), count=len(rows), truncated=truncated)
+        return len(rows), truncated
 
     def _housekeeping(self, store):
         now = time.monotonic()

@@ -23,6 +23,10 @@ What it promises, and where each promise is kept:
   unanswered one is sent again only once the board is heard again (HEARD_RESEND_S after the
   send), never into a sleeping board's silence. A send counts as a try only when the board was
   heard within HEARD_RESEND_S of it (it was listening); DOWNLINK_MAX_TRIES tries and it expires.
+- A command from the cloud (prapa/v1/<site>/<device>/command) goes through gateway/commands.py's
+  submit(), as the CLI's do: checked, queued with its id in one transaction, its result published
+  on .../command/result at each step (accepted or refused, delivered, confirmed or failed, timed_out).
+  The forwarder's thread hands it over (_inbox); the loop thread alone writes the store.
 - Each catchment's ranked suspects (gateway/ranking.py) are in the status JSON and published
   retained on MQTT when they change; its rain is shared with the devices without a gauge
   (gateway/catchments.py) through the downlink queue. After a restart the ranked devices start
@@ -45,7 +49,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from gateway import catchments, ranking
+from gateway import catchments, commands, ranking
 from gateway import forward_format as ff
 from gateway.forwarder import Forwarder
 from gateway.logs import log_event
@@ -298,6 +302,9 @@ class Service:
         self.sessions.on_command_result = self._command_result
         self.sessions.on_heard = self._heard
         self.forwarder = Forwarder(self.store, forwarder_config(cfg))
+        self.forwarder.on_command = self._command_arrived
+        self._inbox = collections.deque()     # work handed from the forwarder's thread to the loop's
+        self._loop = None
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics, self.status)
         self.notifier = Notifier()
         self.serial_links = []
@@ -312,7 +319,9 @@ class Service:
         self._acked_seen = 0
         self._last_sync = 0.0
         self._queued = threading.BoundedSemaphore(QUEUED_CHUNKS)
-        self._downlink_devices = set()     # devices with an open request (refreshed by downlink_loop)
+        # devices with an open request (refreshed by downlink_loop): from the store at once, so a request
+        # queued before a restart goes to a board heard in the first second after it
+        self._downlink_devices = {row[1] for row in self.store.downlink_open()}
         self.rain = catchments.RainSharing()
         self._catchments = {}              # catchment -> {"suspects", "raining", "rain_mm_h", "gauges"}
         self._published = {}               # catchment -> (suspects, raining, rain_mm_h, t) last published
@@ -412,6 +421,7 @@ class Service:
     async def downlink_loop(self):
         while True:
             now = time.time()
+            self.serve_commands()
             self._send_downlinks(now)
             if now - self._last_sync >= self.cfg.time.sync_interval_s:
                 self._last_sync = now
@@ -442,6 +452,8 @@ class Service:
             if attempts >= DOWNLINK_MAX_TRIES:
                 self.store.finish_downlink(qid, "expired", f"no answer after {attempts} tries")
                 _log("downlink_expired", device=dev, id=qid)
+                self._command_moved(qid, "timed_out", f"no answer after {attempts} tries",
+                                    only_from=("accepted", "delivered"))
                 continue
             try:
                 message = json.loads(body)
@@ -449,16 +461,87 @@ class Service:
                 self.store.finish_downlink(qid, "expired", "its body is not JSON")
                 _log("downlink_expired", logging.ERROR, device=dev, id=qid, problem="body is not JSON")
                 continue
+            # Marked before the send: a board that answers within the send (a test's stand-in) finds it sent.
+            self.store.mark_downlink_sent(qid, now, attempt=now - d.last_seen <= HEARD_RESEND_S)
+            self._command_moved(qid, "delivered", "sent to the board", only_from=("accepted",))
             if msg_type == M.COMMAND:
                 self.sessions.downlink(dev, M.COMMAND, M.command(qid, message["name"], message.get("args")))
             else:
                 self.sessions.downlink(dev, M.CONFIG_PUSH, M.config_push(qid, message))
-            self.store.mark_downlink_sent(qid, now, attempt=now - d.last_seen <= HEARD_RESEND_S)
 
     def _command_result(self, device_id, m):
         state = "done" if m[1] else "refused"          # a refused command is reported, never retried
         self.store.finish_downlink(m[0], state, m.get(2, ""))
         _log("downlink_result", device=device_id, id=m[0], state=state, detail=m.get(2, ""))
+        self._command_moved(m[0], "confirmed" if m[1] else "failed", str(m.get(2, "")),
+                            only_from=("accepted", "delivered"))
+
+    # -- commands from the cloud -------------------------------------------------------------------
+    def _command_arrived(self, topic, payload):
+        """On the forwarder's thread: hand the message to the loop thread."""
+        self._inbox.append(lambda: self._command(topic, payload))
+        self._wake()
+
+    def _wake(self):
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.serve_commands)
+
+    def serve_commands(self):
+        """Take what the forwarder's thread handed over (commands, replays served), on the loop thread."""
+        while self._inbox:
+            self._guarded("command_failed", self._inbox.popleft())
+
+    def _command(self, topic, payload):
+        dev = topic.split("/")[3]
+        if len(dev) != 8 or any(c not in "0123456789abcdef" for c in dev):
+            _log("command_refused", logging.WARNING, topic=topic, problem="device is not 8 hex digits")
+            return
+        device_id = int(dev, 16)
+        try:
+            req = ff.decode_request(payload)
+        except ValueError as e:
+            self._publish_result(device_id, commands.Outcome("refused", str(e), "payload", None,
+                                 'send {"id": ..., "name": ..., "args": {...}} as JSON or CBOR').result(None))
+            return
+        cmd_id, name = req.get("id"), req.get("name")
+        outcome = commands.submit(self.store, self.registry, device_id, name, req.get("args"),
+                                  command_id=cmd_id if cmd_id is not None else "", replay=self._replay)
+        _log("command", device=dev, id=cmd_id, name=name, state=outcome.state, repeated=outcome.repeated,
+             field=outcome.field)
+        self._publish_result(device_id, outcome.result(cmd_id))
+        if outcome.state == "accepted" and outcome.downlink_id is not None and not outcome.repeated:
+            self._downlink_devices.add(device_id)
+            self._send_downlinks(self.sessions.clock(), device_id)
+
+    def _replay(self, device_id, from_s, to_s, cmd_id):
+        def done(count, truncated):                  # on the forwarder's thread
+            self._inbox.append(lambda: self._replayed(device_id, cmd_id, count, truncated))
+            self._wake()
+        self.forwarder.replay_between(device_id, from_s, to_s, done)
+
+    def _replayed(self, device_id, cmd_id, count, truncated):
+        if cmd_id is None:
+            return
+        detail = f"{count} entries republished" + (" (truncated: ask again from the last)" if truncated else "")
+        self.store.set_command_state(device_id, cmd_id, "confirmed", detail)
+        self._publish_result(device_id, commands.Outcome.of(self.store.command(device_id, cmd_id)).result(cmd_id))
+
+    def _command_moved(self, qid, state, detail, only_from):
+        """A queued request of the cloud's moved on: record the command's new state, then publish it."""
+        ref = self.store.command_of_downlink(qid)
+        if ref is None:
+            return
+        device_id, cmd_id = ref
+        row = self.store.command(device_id, cmd_id)
+        if row["state"] not in only_from:
+            return
+        self.store.set_command_state(device_id, cmd_id, state, detail)
+        self._publish_result(device_id, commands.Outcome.of(self.store.command(device_id, cmd_id)).result(cmd_id))
+
+    def _publish_result(self, device_id, result):
+        fmt = self.forwarder.config.format
+        self.forwarder.publish(ff.command_topic(self.cfg.gateway.site, device_id, result=True), ff.encode(result, fmt),
+                               "application/cbor" if fmt == "cbor" else "application/json")
 
     # -- observability -------------------------------------------------------------------------------
     async def status_loop(self):
@@ -614,6 +697,7 @@ class Service:
     # -- life cycle ------------------------------------------------------------------------------------
     async def run(self):
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self.stopping = threading.Event()
         done = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -14,11 +14,12 @@ flash log in one sequence per boot, so a resent entry is recognised and kept
 once. A board is acknowledged "up to seq" for a boot: the highest seq such
 that everything from the first seq this gateway saw for that boot is stored.
 
-All SQL on store.db (entries, acks, downlink, replay_windows) lives in this module: the
+All SQL on store.db (entries, acks, downlink, commands, replay_windows) lives in this module: the
 service, the forwarder, the CLI, the simulator, benchmarks and tests go through Store's
 methods, and open a live service's store with readonly=True to look at it.
 """
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -60,6 +61,21 @@ CREATE TABLE IF NOT EXISTS downlink (
     result      TEXT
 );
 CREATE INDEX IF NOT EXISTS downlink_open ON downlink (state, device_id, id);
+CREATE TABLE IF NOT EXISTS commands (       -- requests from the cloud by their client-chosen id
+    device_id   INTEGER NOT NULL,
+    command_id  TEXT    NOT NULL,           -- 1-64 characters, the cloud's
+    name        TEXT    NOT NULL,
+    downlink_id INTEGER,                    -- the queued request; NULL: refused here, or a replay
+    state       TEXT    NOT NULL,           -- accepted, refused, delivered, confirmed, failed, timed_out
+    detail      TEXT,
+    field       TEXT,
+    limit_json  TEXT,                       -- JSON: the limit a refused field broke
+    fix         TEXT,
+    created_at  REAL    NOT NULL,
+    updated_at  REAL    NOT NULL,
+    PRIMARY KEY (device_id, command_id)
+);
+CREATE INDEX IF NOT EXISTS commands_downlink ON commands (downlink_id);
 CREATE TABLE IF NOT EXISTS replay_windows (
     device_id INTEGER NOT NULL, direction INTEGER NOT NULL, top INTEGER NOT NULL, bits INTEGER NOT NULL,
     PRIMARY KEY (device_id, direction)
@@ -121,16 +137,29 @@ class Store:
         db = self.db
         db.execute("BEGIN IMMEDIATE")
         try:
+            again = {(e.device_id, e.boot_id, e.seq) for e in entries if e.kind == "alarm" and e.seq > 0 and db.execute(
+                "SELECT 1 FROM entries WHERE device_id=? AND boot_id=? AND seq=?",
+                (e.device_id, e.boot_id, e.seq)).fetchone()}
             db.executemany(
                 "INSERT OR IGNORE INTO entries (device_id, boot_id, seq, seq_last, kind, priority, board_t_s,"
                 " wall_t, time_source, payload, received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 [(e.device_id, e.boot_id, e.seq, e.seq_last, e.kind, 0 if e.kind == "alarm" else 1, e.board_t_s,
                   e.wall_t, e.time_source, bytes(e.payload), now) for e in entries])
+            lowest = {}
             for e in entries:
                 if e.seq < 0:
                     continue
                 key = (e.device_id, e.boot_id)
-                touched[key] = min(touched.get(key, e.seq), e.seq)
+                if key not in lowest or e.seq < lowest[key].seq:
+                    lowest[key] = e
+            for key, e in lowest.items():
+                # Where a boot the store has never acknowledged starts: its lowest seq here, unless that is an
+                # alarm seen for the first time. A board sends an alarm the moment it is raised, ahead of
+                # the older records it still holds; counting from it would acknowledge those unseen records,
+                # and the board would delete them. Readings, and an alarm sent again (in its turn: it is
+                # then the oldest the board holds), come from the board's cursor.
+                ahead = e.kind == "alarm" and e.seq > 1 and (e.device_id, e.boot_id, e.seq) not in again
+                touched[key] = None if ahead else e.seq
             for w in windows:
                 self.save_window(*w)
             acks = {key: self._advance(key, first_seen) for key, first_seen in touched.items()}
@@ -141,8 +170,13 @@ class Store:
         return acks
 
     def _advance(self, key, lowest_in_batch):
+        """The boot's acknowledged seq after this commit: contiguous from where it started (its row), or
+        for a boot new here from lowest_in_batch - 1; None (no acknowledgement yet) for a new boot whose
+        start is not known (lowest_in_batch None: only an alarm sent ahead of the board's backlog)."""
         device_id, boot_id = key
         row = self.db.execute("SELECT acked_upto FROM acks WHERE device_id=? AND boot_id=?", key).fetchone()
+        if row is None and lowest_in_batch is None:
+            return None
         upto = row[0] if row else lowest_in_batch - 1
         for seq, seq_last in self.db.execute(
                 "SELECT seq, COALESCE(seq_last, seq) FROM entries WHERE device_id=? AND boot_id=? AND seq>?"
@@ -185,13 +219,14 @@ class Store:
             " WHERE device_id=? AND (boot_id>? OR (boot_id=? AND seq>?)) ORDER BY boot_id, seq",
             (device_id, boot_id, boot_id, seq)).fetchall()
 
-    def since_time(self, device_id, t, limit=None):
+    def since_time(self, device_id, t, limit=None, until=None):
         """Replay by time: a device's entries whose wall time (or, when unknown, arrival here) is at or
-        after `t` (Unix seconds), forwarded or not, in (boot_id, seq) order; at most `limit` rows."""
+        after `t` (and, given `until`, at or before it; Unix seconds), forwarded or not, in (boot_id, seq)
+        order; at most `limit` rows."""
         return self.db.execute(
             "SELECT id, device_id, boot_id, seq, kind, board_t_s, wall_t, time_source, payload FROM entries"
-            " WHERE device_id=? AND COALESCE(wall_t, received_at) >= ? ORDER BY boot_id, seq LIMIT ?",
-            (device_id, t, -1 if limit is None else limit)).fetchall()
+            " WHERE device_id=? AND COALESCE(wall_t, received_at) BETWEEN ? AND ? ORDER BY boot_id, seq LIMIT ?",
+            (device_id, t, float("inf") if until is None else until, -1 if limit is None else limit)).fetchall()
 
     # -- reading the store: status, the CLI, the simulator, benchmarks, tests ----------------------
     def count(self, kind=None, forwarded=None):
@@ -262,28 +297,71 @@ class Store:
         return newest
 
     # -- downlink queue: held until the board answers --------------------------------------
-    def queue_downlink(self, device_id, msg_type, body, now=None, supersede=None):
+    def queue_downlink(self, device_id, msg_type, body, now=None, supersede=None, command=None):
         """Queue a request (body: JSON text); its id. supersede: a command name whose open requests to
         this device the new one replaces (marked 'superseded' in the same transaction), so a board that
-        was away gets only the newest, not a backlog of stale ones."""
+        was away gets only the newest, not a backlog of stale ones. command: (command_id, name) of a
+        request from the cloud, recorded 'accepted' in the same transaction, so the id and the request
+        are durable together."""
         now = time.time() if now is None else now
-        if supersede is None:
-            cur = self.db.execute("INSERT INTO downlink (device_id, msg_type, body, state, created_at) VALUES"
-                                  " (?,?,?,'queued',?)", (device_id, msg_type, body, now))
-            return cur.lastrowid
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.execute("UPDATE downlink SET state='superseded', result='superseded by a newer request'"
-                            " WHERE device_id=? AND msg_type=? AND state IN ('queued','sent')"
-                            " AND CASE WHEN json_valid(body) THEN json_extract(body, '$.name') END=?",
-                            (device_id, msg_type, supersede))
+            if supersede is not None:
+                self.db.execute("UPDATE downlink SET state='superseded', result='superseded by a newer request'"
+                                " WHERE device_id=? AND msg_type=? AND state IN ('queued','sent')"
+                                " AND CASE WHEN json_valid(body) THEN json_extract(body, '$.name') END=?",
+                                (device_id, msg_type, supersede))
+                self.db.execute("UPDATE commands SET state='failed', detail='superseded by a newer request',"
+                                " updated_at=? WHERE state IN ('accepted','delivered') AND downlink_id IN"
+                                " (SELECT id FROM downlink WHERE device_id=? AND state='superseded')",
+                                (now, device_id))
             cur = self.db.execute("INSERT INTO downlink (device_id, msg_type, body, state, created_at) VALUES"
                                   " (?,?,?,'queued',?)", (device_id, msg_type, body, now))
+            if command is not None:
+                self._insert_command(device_id, command[0], command[1], "accepted", now, downlink_id=cur.lastrowid)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
         return cur.lastrowid
+
+    # -- commands from the cloud: one row per (device, command id), so a repeated id does the work once --
+    COMMAND_COLUMNS = ("device_id", "command_id", "name", "downlink_id", "state", "detail", "field", "limit",
+                       "fix", "created_at", "updated_at")
+
+    def _insert_command(self, device_id, command_id, name, state, now, downlink_id=None, detail=None, field=None,
+                        limit=None, fix=None):
+        self.db.execute("INSERT INTO commands VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        (device_id, command_id, name, downlink_id, state, detail, field,
+                         None if limit is None else json.dumps(limit), fix, now, now))
+
+    def record_command(self, device_id, command_id, name, state, now=None, detail=None, field=None, limit=None,
+                       fix=None):
+        """A command with no queued request (refused here, or served by the gateway itself), durably."""
+        now = time.time() if now is None else now
+        self._insert_command(device_id, command_id, name, state, now, detail=detail, field=field, limit=limit,
+                             fix=fix)
+
+    def command(self, device_id, command_id):
+        """The command's row as a dict (COMMAND_COLUMNS; limit decoded), or None for an id never seen."""
+        row = self.db.execute("SELECT * FROM commands WHERE device_id=? AND command_id=?",
+                              (device_id, command_id)).fetchone()
+        if row is None:
+            return None
+        out = dict(zip(self.COMMAND_COLUMNS, row))
+        out["limit"] = None if out["limit"] is None else json.loads(out["limit"])
+        return out
+
+    def command_of_downlink(self, downlink_id):
+        """(device_id, command_id) of the cloud's command that queued this request, or None."""
+        return self.db.execute("SELECT device_id, command_id FROM commands WHERE downlink_id=?",
+                               (downlink_id,)).fetchone()
+
+    def set_command_state(self, device_id, command_id, state, detail=None, now=None):
+        """Move a command on (delivered, confirmed, failed, timed_out); durable when it returns."""
+        now = time.time() if now is None else now
+        self.db.execute("UPDATE commands SET state=?, detail=COALESCE(?, detail), updated_at=? WHERE device_id=?"
+                        " AND command_id=?", (state, detail, now, device_id, command_id))
 
     def downlink_open(self, device_id=None):
         """The oldest open request of each device (or of one): (id, device_id, msg_type, body, attempts,

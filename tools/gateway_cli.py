@@ -34,7 +34,10 @@ def add_parser(sub):
     cmd.add_argument("--config", required=True, type=types.existing_file, metavar="TOML")
     cmd.add_argument("--device", required=True, type=types.device_id,
                      help="device id (decimal or 0x...), of a device in the gateway's registry")
-    cmd.add_argument("name", choices=("ping", "reboot"), help="the command")
+    cmd.add_argument("name", help="ping, reboot, or a command the device's role declares (doser: reset_interlock; "
+                                  "drain: rain); checked as a command over MQTT is (gateway/commands.py)")
+    cmd.add_argument("--args", default="{}", metavar="JSON", help='the command\'s arguments as a JSON object, '
+                     'e.g. \'{"mm_h": 30, "for_s": 1800}\' (default {})')
     cmd.add_argument("--json", action="store_true")
     cmd.set_defaults(func=cmd_command)
     push = gsub.add_parser("push-config", help="queue a new role config for a board",
@@ -92,19 +95,28 @@ def _registered(cfg, device_id):
     return device
 
 
-def _queue(args, msg_type, body, cfg):
+def _submit(args, name, body, cfg, flag):
+    """gateway/commands.py's submit(), the same check and queue as a command over MQTT; a refusal is a
+    UsageError naming `flag` and the field (exit 2), nothing queued."""
+    from gateway import commands
+    from gateway.registry import Registry
     from gateway.store import Store
     if not cfg.store_path.is_file():
         raise UsageError("--config", f"no store at {cfg.store_path}", "start the gateway once (prapa gateway run)")
     try:
-        store = Store(cfg.store_path)
+        store, registry = Store(cfg.store_path), Registry(cfg.registry_path)
         try:
-            qid = store.queue_downlink(args.device, msg_type, json.dumps(body))
+            outcome = commands.submit(store, registry, args.device, name, body)
         finally:
             store.close()
+            registry.close()
     except (OSError, sqlite3.Error) as e:           # not a store, or a full disk: nothing was queued
         raise UsageError("--config", f"cannot queue in {cfg.store_path} ({e})",
                          "check the gateway's data_dir (disk space, permissions)") from None
+    if outcome.state == "refused":
+        limit = "" if outcome.limit is None else f" (limit {outcome.limit})"
+        raise UsageError(f"{flag}: {outcome.field}", outcome.detail + limit, outcome.fix or "")
+    qid = outcome.downlink_id
     print(json.dumps({"queued": qid, "device": args.device}) if args.json else
           f"queued request {qid} for device {args.device:#x}; the gateway sends it when the board is heard")
     return 0
@@ -112,23 +124,24 @@ def _queue(args, msg_type, body, cfg):
 
 def cmd_command(args):
     from gateway import config
-    from protocol import messages as M
     cfg = config.load(args.config)
     _registered(cfg, args.device)
-    return _queue(args, M.COMMAND, {"name": args.name, "args": {}}, cfg)
+    try:
+        command_args = json.loads(args.args)
+    except ValueError as e:
+        raise UsageError("--args", f"not JSON ({e})", 'give a JSON object, e.g. \'{"mm_h": 30}\'') from None
+    return _submit(args, args.name, command_args, cfg, "command")
 
 
 def cmd_push(args):
-    """The file as the board will get it, once the board's own checks (tools/role_config.py, for the role
-    the registry gives the device) accept it: a push the board must refuse is refused here, exit 2."""
+    """The file as the board will get it, once the board's own checks (gateway/commands.py: the schema
+    of the role the registry gives the device) accept it: a push the board must refuse is refused here,
+    exit 2. The doser's hard limits are on the board only: a push beyond them the board refuses."""
     from gateway import config
-    from protocol import messages as M
-    from tools.role_config import build_config
     cfg = config.load(args.config)
-    device = _registered(cfg, args.device)
+    _registered(cfg, args.device)
     body = config.read_json(args.file, "--file", "give a board config JSON file (as the board keeps /config.json)")
     if not isinstance(body, dict) or "device_id" not in body or body["device_id"] != args.device:
         raise UsageError("--file", "device_id missing or not the --device given",
                          f'set "device_id": {args.device} in the file')
-    build_config(device.role, args.device, args.file, flag="--file")
-    return _queue(args, M.CONFIG_PUSH, body, cfg)
+    return _submit(args, "config", body, cfg, f"--file {args.file}")

@@ -29,6 +29,19 @@ def test_a_gateway_meeting_a_boot_midway_acks_from_what_it_first_saw(tmp_path):
     assert st.commit(entries(2, 3, range(57, 60))) == {(2, 3): 59}
 
 
+def test_an_alarm_sent_ahead_of_a_new_boots_backlog_acknowledges_nothing_the_board_still_has_to_send(tmp_path):
+    """A board sends an alarm the moment it is raised, ahead of older records it holds: seq 3 may be the
+    first this gateway sees of a boot. Acknowledging 3 would make the board delete readings 1-2 that never
+    arrived; the store waits for the board's cursor (readings, or the alarm sent again in its turn)."""
+    st = Store(tmp_path / "g.db")
+    assert st.commit(entries(1, 7, [3], "alarm")) == {(1, 7): None}          # ahead of the backlog: no ack
+    assert st.commit(entries(1, 7, [1, 2])) == {(1, 7): 3}                     # the backlog: 1-3 held, ack 3
+    # A boot whose oldest record the board holds is an alarm (the rest acknowledged by an earlier gateway):
+    assert st.commit(entries(1, 8, [5], "alarm")) == {(1, 8): None}           # first seen: maybe ahead
+    assert st.commit(entries(1, 8, [5], "alarm")) == {(1, 8): 5}              # sent again in its turn: the oldest
+    assert st.commit(entries(1, 9, [1], "alarm")) == {(1, 9): 1}              # a boot's first record: no doubt
+
+
 def test_alarms_go_first_and_only_forwarded_entries_are_pruned(tmp_path):
     st = Store(tmp_path / "g.db")
     st.commit(entries(1, 1, range(0, 3)) + entries(1, 1, [3], kind="alarm"), now=1000)
