@@ -5,7 +5,11 @@ virtual boards (one of each role that exists, the rest of the first role: see si
 the real MicroPython VM with the world simulator, commissioned with their own
 keys. The gateway's status page (devices, alarms, backlog, live charts) is
 printed as a URL and opened in a browser unless --headless; the terminal shows
-a compact summary. A real QoS 1 subscriber counts what reaches the broker.
+a compact summary. A real QoS 1 subscriber counts what reaches the broker, and the
+reference consumer (`prapa ledger`, tools/ledger.py) stands in for the cloud beside
+it: it checks every message against the northbound contract and keeps the readings,
+and when the site stops it prints the billing export of this month for each meter
+beside the world's true consumption (report: "billing" and "contract").
 
 The site supervises the broker and the gateway as systemd's Restart=on-failure
 would: one that dies (any exit, or a signal) is reported (broker_died,
@@ -234,7 +238,8 @@ class Site:
 
     def __init__(self, args, workdir):
         self.args, self.workdir = args, workdir
-        self.broker = self.gateway = self.cloud = self.url = None
+        self.broker = self.gateway = self.cloud = self.url = self.ledger = None
+        self.plan_sections = {}                     # device -> its role's config section (the K-factor)
         self.boards, self.restarts, self.supervised = [], [], []
         self.ended, self.failed = "failed", None    # until the site says otherwise; the component failed for good
         self.stopped_by = None
@@ -285,6 +290,8 @@ class Site:
         self.broker = Broker(workdir / "broker", extra_conf=("autosave_interval 1",))
         _log("broker_started", host=self.broker.host, port=self.broker.port, pid=self.broker.proc.pid)
         self.cloud = Cloud(self.broker.port)
+        from tools.ledger import Ledger
+        self.ledger = Ledger(workdir / "ledger.db", SITE, port=self.broker.port, client_id="prapa-site-ledger").start()
         keys, names, device_roles, places = {}, {}, {}, {}
         for i, role in enumerate(plan):
             if self.stopping.is_set():
@@ -297,6 +304,7 @@ class Site:
             flash = workdir / f"{name}.img"
             prepare_flash(board_def, role, flash)
             section, world = worlds.site_board_for(role)(n)
+            self.plan_sections[device_id] = section
             image.provision(board_def, flash, {"device_id": device_id, "role": role, role: section}, key,
                             getattr(worlds.ROLE_WORLDS[role], "SITE_LIMITS", None))   # a pump's hard limits
             keys[device_id], names[device_id], device_roles[device_id] = key, name, role
@@ -398,13 +406,17 @@ class Site:
             up = self.supervised and all(c.due is None and c.proc().poll() is None for c in self.supervised)
             if up and self.ended != "failed":
                 _drain(self.workdir, self.cloud, timeout_s=5.0)
+                _drain_ledger(self.workdir, self.ledger, timeout_s=5.0)
+            bill = _ledger_export(self.ledger)       # before the world's truth: the world is never behind it
             report = _report(self.boards, self.cloud, self.workdir, self.started)
+            report.update(_billing(report["boards"], bill, self.plan_sections, say=self.ended != "failed"))
         except Exception as exc:
             report = {"site": SITE, "workdir": str(self.workdir), "boards": [], "totals": {},
                       "report_error": f"{type(exc).__name__}: {exc}"}
         steps = [self.gateway.stop] if self.gateway is not None else []
         steps += [vb.close for _n, _d, vb in self.boards]
         steps += [self.cloud.close] if self.cloud is not None else []
+        steps += [self.ledger.stop] if self.ledger is not None else []
         steps += [self.broker.stop] if self.broker is not None else []
         for step in steps:
             try:
@@ -442,6 +454,103 @@ def _drain(workdir, cloud, timeout_s):
             if all(len(cloud.readings.get(d, ())) >= n for d, n in made.items()):
                 return
         time.sleep(0.2)
+
+
+def _drain_ledger(workdir, ledger, timeout_s):
+    """Let the ledger commit every reading the gateway holds before billing."""
+    end = time.monotonic() + timeout_s
+    while ledger is not None and time.monotonic() < end:
+        if ledger.counts()["stored_readings"] >= sum(_stored(workdir).values()):
+            return
+        time.sleep(0.2)
+
+
+BILLING_TZ = "+07:00"
+
+
+def _ledger_export(ledger):
+    """The ledger's billing export of this month (the town's time: the month of the newest reading, as board
+    time runs ahead of the wall clock at --speed), each device's newest register and the contract counts, in
+    one look (its ingest waits meanwhile); None without a ledger."""
+    if ledger is None:
+        return None
+    import datetime as dt
+    from tools import ledger as L
+    try:
+        tz = L.parse_tz(BILLING_TZ)
+        with ledger.store.lock:
+            newest_t = ledger.store.newest_wall_t()
+            period = (dt.datetime.now(tz) if newest_t is None else dt.datetime.fromtimestamp(newest_t, tz)) \
+                .strftime("%Y-%m")
+            export = L.billing(ledger.store, period, tz)
+            newest = {r["device"]: ledger.store.newest(r["device"]) for r in export["rows"]}
+            counts = ledger.counts()
+    except Exception as exc:                       # the report stays whole: the error is one of its fields
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"period": period, "export": export, "newest": newest, "counts": counts}
+
+
+def _billing(rows, bill, sections, say=True):
+    """{"billing": [...], "contract": {...}}: the ledger's export of this month (the town's time) for each
+    board whose role keeps a register, beside what its world really ran (pulses x the board's K-factor:
+    what a perfect counter counted); and what the ledger checked against the northbound contract. say: print
+    the table (stderr) and the billing and contract events.
+
+    The stated bound: billed <= world, and world - billed is the flow in the board minutes after its newest
+    register (unbilled_min: the interval still open and what the board had not yet sent when the truth was
+    read), plus at most checkpoint_pulses x k_factor_l per power cut (pulses a board never counted)."""
+    if bill is None:
+        return {}
+    if "error" in bill:
+        return {"billing_error": bill["error"]}
+    from protocol.roles import catalog as roles
+    from tools import ledger as L
+    from tools.sim import worlds
+    period = bill["period"]
+    by_device = {r["device"]: r for r in bill["export"]["rows"]}
+    billing = []
+    for row in rows:
+        role = row["role"]
+        if role not in L.BILLED_ROLES:
+            continue
+        model, counter = getattr(worlds.ROLE_WORLDS[role], "TRUTH", (None, None))
+        section = sections.get(int(row["device_id"], 16), {})
+        k_l = section.get("k_factor_l", next((d for key, _k, d, *_ in roles.attr(role, "SCHEMA", ())
+                                               if key == "k_factor_l"), 1))
+        truth = (row.get("world_truth") or {}).get(model) or {}
+        world_m3 = None if truth.get(counter) is None else round(truth[counter] * k_l / 1000, 3)
+        b = by_device.get(row["device_id"], {})
+        newest = bill["newest"].get(row["device_id"])
+        unbilled_min = None if newest is None or truth.get("t_us") is None or newest[1] is None else \
+            round((truth["t_us"] / 1e6 - newest[1]) / 60, 3)
+        billing.append({"device": row["device_id"], "id": row["id"], "period": period, "tz": BILLING_TZ,
+                        "from": b.get("from"),
+                        "start_at": b.get("start_at"), "start_m3": b.get("start_m3"), "end_at": b.get("end_at"),
+                        "end_m3": b.get("end_m3"), "consumption_m3": b.get("consumption_m3"),
+                        "world_m3": world_m3, "readings": b.get("readings", 0), "gaps": b.get("gaps", []),
+                        "exact": b.get("exact", False), "alarms": [a["name"] for a in b.get("alarms", ())
+                                                                   if a["active"]],
+                        "revision": b.get("revision", 0), "unbilled_min": unbilled_min})
+    counts = bill["counts"]
+    contract = {k: counts[k] for k in ("messages", "validated", "invalid", "undecodable", "by_kind",
+                                       "stored_readings", "stored_alarms", "duplicates", "conflicts", "validator")}
+    lines = [f"billing {period} ({BILLING_TZ}), from the ledger beside the world's truth:",
+             f"{'board':10} {'device':9} {'start m3':>12} {'end m3':>12} {'billed m3':>10} {'world m3':>10}  gaps"]
+    for r in billing:
+        world = "-" if r["world_m3"] is None else f"{r['world_m3']:.3f}"
+        gaps = f"{len(r['gaps'])} ({'all exact' if r['exact'] else 'NOT all exact'})"
+        lines.append(f"{r['id']:10} {r['device']:9} {r['start_m3'] or '-':>12} {r['end_m3'] or '-':>12} "
+                     f"{r['consumption_m3'] or '-':>10} {world:>10}  {gaps}")
+    lines.append(f"contract: {contract['validated']} messages valid, {contract['invalid']} invalid "
+                 f"(validator: {contract['validator']})")
+    if not say:                                    # a failed site's last words are its failure: the report has these
+        return {"billing": billing, "contract": contract}
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    for r in billing:
+        _log("billing", **{k: r[k] for k in ("device", "period", "start_m3", "end_m3", "consumption_m3",
+                                             "world_m3", "exact")}, gaps=len(r["gaps"]))
+    _log("contract", validated=contract["validated"], invalid=contract["invalid"], by_kind=contract["by_kind"])
+    return {"billing": billing, "contract": contract}
 
 
 def _world_truth(vb):
