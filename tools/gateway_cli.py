@@ -34,8 +34,9 @@ def add_parser(sub):
     cmd.add_argument("--config", required=True, type=types.existing_file, metavar="TOML")
     cmd.add_argument("--device", required=True, type=types.device_id,
                      help="device id (decimal or 0x...), of a device in the gateway's registry")
-    cmd.add_argument("name", help="ping, reboot, or a command the device's role declares (doser: reset_interlock; "
-                                  "drain: rain); checked as a command over MQTT is (gateway/commands.py)")
+    cmd.add_argument("name", metavar="NAME", choices=_command_names(),
+                     help="ping, reboot, or a command the device's role declares (doser: reset_interlock; "
+                          "drain: rain); checked as a command over MQTT is (gateway/commands.py)")
     cmd.add_argument("--args", default="{}", metavar="JSON", help='the command\'s arguments as a JSON object, '
                      'e.g. \'{"mm_h": 30, "for_s": 1800}\' (default {})')
     cmd.add_argument("--json", action="store_true")
@@ -120,6 +121,16 @@ def _submit(args, name, body, cfg, flag):
     print(json.dumps({"queued": qid, "device": args.device}) if args.json else
           f"queued request {qid} for device {args.device:#x}; the gateway sends it when the board is heard")
     return 0
+
+
+def _command_names():
+    """Every command a board of some role takes: refused before any file is read when it is none of them
+    (whether the device's own role takes it is checked with the registry, by submit())."""
+    from protocol.roles import catalog
+    names = ["ping", "reboot"]
+    for role in catalog.available():
+        names += [n for n in catalog.attr(role, "COMMANDS", ()) if n not in names]
+    return names
 
 
 def cmd_command(args):
