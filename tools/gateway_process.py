@@ -16,13 +16,17 @@ from tools.broker import free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_config(folder, uart_ports, broker_port, site="testsite", extra="", http_port=None):
-    """A gateway.toml for serial links on this machine and a local broker; data in folder/data."""
+def write_config(folder, uart_ports, broker_port, site="testsite", extra="", http_port=None, sync_interval_s=60):
+    """A gateway.toml for serial links on this machine and a local broker; data in folder/data.
+
+    sync_interval_s: how often the gateway sets the boards' wall clocks. A board running N times faster
+    than real time runs its wall clock N times faster too, and each sync pulls it back to the gateway's:
+    a run that reads wall times as a calendar (the site's billing) wants one sync only (86400)."""
     folder = Path(folder)
     links = "".join(f'[[links]]\ntype = "serial"\nport = "{p}"\n\n' for p in uart_ports)
     text = (f'[gateway]\nsite = "{site}"\ndata_dir = "{folder / "data"}"\nlog_level = "info"\n\n{links}'
             f'[[brokers]]\nurl = "mqtt://127.0.0.1:{broker_port}"\nclient_id = "prapa-{site}-gw"\n\n'
-            f'[http]\nlisten = "127.0.0.1:{http_port or free_port()}"\n\n[time]\nsync_interval_s = 60\n{extra}')
+            f'[http]\nlisten = "127.0.0.1:{http_port or free_port()}"\n\n[time]\nsync_interval_s = {sync_interval_s}\n{extra}')
     path = folder / "gateway.toml"
     path.write_text(text)
     (folder / "data").mkdir(mode=0o700, exist_ok=True)
