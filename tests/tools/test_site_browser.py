@@ -39,6 +39,7 @@ def _browser():
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver "
                                                            "(./dev setup installs them)")
 def test_the_status_page_shows_devices_an_alarm_and_live_charts(tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     report = tmp_path / "report.json"
@@ -64,7 +65,8 @@ def test_the_status_page_shows_devices_an_alarm_and_live_charts(tmp_path):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
-        wait = WebDriverWait(driver, 60, poll_frequency=0.5)
+        # The page redraws from a poll every 2 s: an element found a moment ago may be gone (stale); look again.
+        wait = WebDriverWait(driver, 60, poll_frequency=0.5, ignored_exceptions=(StaleElementReferenceException,))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#devices tr[data-device]")) == 8)
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "tr.alarm.active"))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "svg.chart polyline")) >= 3)
@@ -93,12 +95,12 @@ def test_the_status_page_shows_devices_an_alarm_and_live_charts(tmp_path):
         # every drain of the street is on the map.
         assert len(driver.find_elements(By.CSS_SELECTOR, "svg.catchment-map circle[data-device]")) == 4
         first = '.catchment[data-catchment="%s"] ol.suspects li[data-rank="1"]' % SITE_CATCHMENT
-        WebDriverWait(driver, 120, poll_frequency=1).until(
+        WebDriverWait(driver, 120, poll_frequency=1, ignored_exceptions=(StaleElementReferenceException,)).until(
             lambda d: [e for e in d.find_elements(By.CSS_SELECTOR, first)
                        if e.get_attribute("data-device") == "00002006"
                        and e.get_attribute("data-state") in ("flood_danger", "blocked")])
-        dot = driver.find_element(By.CSS_SELECTOR, 'svg.catchment-map circle[data-device="00002006"]')
-        assert dot.get_attribute("data-state") in ("flood_danger", "blocked")
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, 'svg.catchment-map circle[data-device="00002006"]')
+                   .get_attribute("data-state") in ("flood_danger", "blocked"))
         ARTIFACTS.mkdir(exist_ok=True)
         assert driver.save_screenshot(str(ARTIFACTS / "site-status-page.png"))
     finally:
