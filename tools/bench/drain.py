@@ -18,8 +18,8 @@
 How it runs: the storms and the month are the board's own logic (firmware/roles/drain.py) on the real
 MicroPython VM, its sonar and gauge replayed at the HAL seam from the world model (tools/sim/worlds/
 drain.py: the same events a virtual board gets), board time stepped as fast as the VM goes; the
-gateway's rain sharing is replayed as the gateway does it (the gauge's rain of the last 10 minutes,
-every 15 minutes while it rains, once dry). The transport is not in this loop: tests/tools/
+gateway's rain sharing is its own code (gateway/catchments.py RainSharing) fed the gauge's tips as a
+reading a minute. The transport is not in this loop: tests/tools/
 test_drain_catchment.py runs one storm end to end through the gateway and the broker. The power and
 heap figures come from virtual boards on the bench (deep sleep and all).
 """
@@ -39,8 +39,6 @@ from tools.sim import vm as vms
 
 ROOT = Path(__file__).resolve().parents[2]
 STEP_S = 5                     # board seconds per replay step: the world's ping_update_s
-SHARE_EVERY_S = 900            # the gateway refreshes shared rain every RAIN_HOLD_S / 2
-RAIN_WINDOW_S = 600
 DANGER_MM = 1000                # the spec's defaults: grate 1200 mm, margin 200 mm
 # ESP32-WROOM-32 typical currents (Espressif ESP32 Series Datasheet, "Power Consumption by Power Modes"
 # and "RF Power-Consumption Specifications"): deep sleep with the RTC timer and RTC memory 10 uA; CPU at
@@ -230,17 +228,20 @@ def _events(world, end_s):
 
 
 def _shared_rain(tips, mm_tip, end_s):
-    """The gateway's rain commands for drains without a gauge, from the gauge's tips: [(t, mm_h x10)]."""
-    out, raining, last_sent = [], False, -SHARE_EVERY_S
+    """The gateway's rain commands for the drains without a gauge, [(t, mm_h x10)]: the gauge's tips
+    as a reading a minute, through the gateway's own rule (gateway/catchments.py RainSharing)."""
+    from gateway.catchments import RainSharing
+    from protocol.roles.drain import STATE_HAS_GAUGE
+    sharing, out, k = RainSharing(), [], 0
+    told = {"id": 2, "role": "drain", "catchment": "bench", "fields": {"state": 0}, "wall_t": None}
     for t in range(60, int(end_s), 60):
-        recent = sum(1 for x in tips if t - RAIN_WINDOW_S < x <= t) * mm_tip
-        mm_h_x10 = int(round(recent * 3600 / RAIN_WINDOW_S * 10))
-        if mm_h_x10 and (not raining or t - last_sent >= SHARE_EVERY_S):
-            out.append((t, mm_h_x10))
-            raining, last_sent = True, t
-        elif not mm_h_x10 and raining:
-            out.append((t, 0))
-            raining = False
+        n = k
+        while k < len(tips) and tips[k] <= t:
+            k += 1
+        gauge = {"id": 1, "role": "drain", "catchment": "bench", "wall_t": t,
+                 "fields": {"rain_mm": (k - n) * mm_tip, "state": STATE_HAS_GAUGE}}
+        sharing.observe(1, "drain", t, gauge["fields"], t)
+        out += [(t, args["mm_h"]) for _device, args in sharing.tick(t, [gauge, told])]
     return out
 
 
