@@ -11,13 +11,11 @@ reading, every alarm with the instant it reached the broker, and the newest rank
 import json
 import secrets
 import threading
-import time
 import urllib.request
 
-from protocol.roles import catalog as roles
 from tools import boards, image
 from tools.broker import Broker, free_port
-from tools.gateway_process import GatewayProcess, write_config
+from tools.gateway_process import GatewayProcess, register, write_config
 from tools.rigs.board import BOARD, wait_for
 from tools.sim.board import prepare_flash
 from tools.sim.process import BoardProcess
@@ -33,7 +31,7 @@ class Subscriber:
     def __init__(self, port, site=SITE):
         import paho.mqtt.client as mqtt
         self.lock = threading.Lock()
-        self.readings, self.alarms, self.raised_at, self.suspects = {}, {}, {}, {}
+        self.readings, self.alarms, self.suspects = {}, {}, {}
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="catchment-rig", clean_session=False)
         self.client.on_connect = lambda client, *_: client.subscribe(f"prapa/v1/{site}/#", qos=1)
         self.client.on_message = self._on_message
@@ -57,12 +55,11 @@ class Subscriber:
                     self.readings.setdefault(device, {})[(item["boot"], item["seq"])] = item
                 elif item.get("kind") == "alarm":
                     self.alarms.setdefault(device, []).append(item)
-                    if item["active"]:
-                        self.raised_at.setdefault((device, item["name"]), time.monotonic())
 
-    def alarm_names(self, device, active_only=False):
+    def alarm_names(self, device):
+        """Every alarm the device raised (and maybe cleared since)."""
         with self.lock:
-            return {a["name"] for a in self.alarms.get(device, ()) if a["active"] or not active_only}
+            return {a["name"] for a in self.alarms.get(device, ()) if a["active"]}
 
     def close(self):
         self.client.loop_stop()
@@ -78,8 +75,7 @@ class Catchment:
         board_def = boards.load(BOARD)
         self.broker = Broker(tmp_path / "broker")
         self.cloud = Subscriber(self.broker.port)
-        self.boards, self.names, keys = [], {}, {}
-        self.places = {}
+        self.boards, names, keys, places = [], {}, {}, {}
         try:
             for i, (section, world, place) in enumerate(drains):
                 device_id = FIRST_DEVICE_ID + i
@@ -88,20 +84,13 @@ class Catchment:
                 flash = tmp_path / f"{name}.img"
                 prepare_flash(board_def, "drain", flash)
                 image.provision(board_def, flash, {"device_id": device_id, "role": "drain", "drain": section}, key)
-                keys[device_id], self.names[device_id], self.places[device_id] = key, name, place
+                keys[device_id], names[device_id], places[device_id] = key, name, place
                 self.boards.append((device_id, BoardProcess(BOARD, "drain", flash, speed=speed, seed=seed * 100 + i,
                                                             world=world, vm=vm)))
             self.http_port = free_port()
             config = write_config(tmp_path, [vb.uart_port for _d, vb in self.boards], self.broker.port, site=SITE,
                                   http_port=self.http_port)
-            from gateway.registry import Registry
-            reg = Registry(tmp_path / "data" / "registry.db")
-            for device_id, key in keys.items():
-                place = self.places[device_id] or {}
-                location = (place["lat"], place["lon"]) if "lat" in place else None
-                reg.add(device_id, "drain", key, name=self.names[device_id], board=BOARD, location=location,
-                        catchment=place.get("catchment"))
-            reg.close()
+            register(tmp_path, keys, role="drain", names=names, board=BOARD, places=places)
             self.gateway = GatewayProcess(config, log_path=tmp_path / "gateway.log").start()
             self.gateway.wait_started()
         except BaseException:
@@ -134,7 +123,3 @@ class Catchment:
                 except Exception:      # noqa: BLE001 - close everything that can be closed
                     pass
 
-
-def spec_alarm(name):
-    """An alarm code's name of the drain role (so tests say names, never numbers)."""
-    return {v: k for k, v in roles.spec("drain").ALARMS.items()}[name]
