@@ -74,25 +74,6 @@ CREATE TABLE IF NOT EXISTS counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL);
 ITEM_KINDS = {"reading": "readings", "alarm": "alarms"}
 
 
-def _problems_fn():
-    """gateway.northbound.problems, the contract; ("builtin", a minimal envelope check) until it exists."""
-    try:
-        from gateway.northbound import problems
-        return "northbound", problems
-    except ImportError:
-        return "builtin", _envelope_problems
-
-
-def _envelope_problems(topic, body):
-    if not isinstance(body, dict):
-        return ["not a map"]
-    if body.get("v") != 1:
-        return ["v is not 1"]
-    if "items" in body and not isinstance(body["items"], list):
-        return ["items is not a list"]
-    return []
-
-
 def _jsonable(value):
     if isinstance(value, (bytes, bytearray)):
         return bytes(value).hex()
@@ -151,7 +132,8 @@ class LedgerStore:
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.executescript(SCHEMA)
         self.lock = threading.RLock()          # held across billing() and newest() for one consistent look
-        self.validator, self._problems = _problems_fn()
+        from gateway.northbound import problems
+        self.validator, self._problems = "northbound", problems     # the contract (docs/northbound.md)
 
     def close(self):
         self.db.close()
