@@ -13,6 +13,7 @@ sit in the config: a broker password lives in its own file (password_file),
 and no error message ever echoes a secret.
 """
 
+import datetime
 import difflib
 import ipaddress
 import json
@@ -94,7 +95,9 @@ class ForwardSection(NamedTuple):
 
 class TimeSection(NamedTuple):
     utc_offset_minutes: int      # local time of the site for display; stored times are UTC
-    sync_interval_s: int         # how often boards are given wall time
+    sync_interval_s: int         # how often boards are given wall time (in the wall clock's seconds)
+    simulate_speed: int = 1      # a simulated site only: the wall clock runs this many times faster
+    simulate_from: float = None  # a simulated site only: the wall clock's reading at start (UTC s; None: now)
 
 
 class HttpSection(NamedTuple):
@@ -412,9 +415,15 @@ class _Checker:
                               1, self.choice(t, "forward", "protocol", "auto", ("auto", "5", "3.1.1")))
 
     def time(self, t):
-        self.keys(t, "time", ("utc_offset_minutes", "sync_interval_s"))
+        self.keys(t, "time", ("utc_offset_minutes", "sync_interval_s", "simulate_speed", "simulate_from"))
+        start = t.get("simulate_from")
+        if start is not None and not (isinstance(start, datetime.datetime) and start.tzinfo is not None):
+            self.fail("time.simulate_from", start, "must be a date and time with its UTC offset",
+                      "write it without quotes, e.g. simulate_from = 2027-01-31T16:30:00Z, or remove it")
         return TimeSection(self.integer(t, "time", "utc_offset_minutes", 420, -720, 840, " minutes (Thailand: 420)"),
-                           self.integer(t, "time", "sync_interval_s", 3600, 10, 86400, " s"))
+                           self.integer(t, "time", "sync_interval_s", 3600, 10, 86400, " s"),
+                           self.integer(t, "time", "simulate_speed", 1, 1, 1_000_000, "x (1 in the field)"),
+                           None if start is None else start.timestamp())
 
     def http(self, t):
         self.keys(t, "http", ("listen",))

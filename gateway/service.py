@@ -118,6 +118,19 @@ def _field_charts(role, series):
 
 
 # -- start-up: claim what the service must own before anything is created --------------------------
+def wall_clock(time_cfg):
+    """The wall time the gateway gives its boards: the host's, or for a simulated site ([time]
+    simulate_speed / simulate_from) a clock that starts at simulate_from and runs simulate_speed times
+    faster, as the virtual boards' clocks and their world do; then a board that reboots is synced onto
+    the calendar it left, not back to the host's day. Liveness, resends and commit times stay on the
+    host's clock."""
+    if time_cfg.simulate_speed == 1 and time_cfg.simulate_from is None:
+        return time.time
+    start_wall = time.time() if time_cfg.simulate_from is None else time_cfg.simulate_from
+    start_host, speed = time.monotonic(), time_cfg.simulate_speed
+    return lambda: start_wall + (time.monotonic() - start_host) * speed
+
+
 class Claimed(NamedTuple):
     """The links' ports, opened and bound by claim(), in the order of cfg.links."""
     serial_links: list           # SerialLink, flock'ed: no second reader on the wire
@@ -298,7 +311,8 @@ class Service:
         self.registry = Registry(cfg.registry_path)
         self.metrics = Metrics(cfg.gateway.site)
         self.sessions = Sessions(self.store, self.registry.key_for, self._nowhere,
-                                 lambda d: DownlinkCounters(self.registry, d), role_of=self._role_of)
+                                 lambda d: DownlinkCounters(self.registry, d), role_of=self._role_of,
+                                 wall_clock=wall_clock(cfg.time))
         self.sessions.on_command_result = self._command_result
         self.sessions.on_heard = self._heard
         self.forwarder = Forwarder(self.store, forwarder_config(cfg))
@@ -423,8 +437,9 @@ class Service:
             now = time.time()
             self.serve_commands()
             self._send_downlinks(now)
-            if now - self._last_sync >= self.cfg.time.sync_interval_s:
-                self._last_sync = now
+            wall = self.sessions.wall_clock()
+            if wall - self._last_sync >= self.cfg.time.sync_interval_s:
+                self._last_sync = wall
                 for d in list(self.sessions.devices.values()):
                     if d.link is not None:
                         self.sessions.time_sync(d.device_id)

@@ -99,7 +99,7 @@ class Device:
 
 
 class Sessions:
-    def __init__(self, store, key_for, send, downlink_counters, clock=time.time, role_of=None):
+    def __init__(self, store, key_for, send, downlink_counters, clock=time.time, role_of=None, wall_clock=None):
         """key_for(device_id) -> key or None; send(addr, wire_bytes) writes to the link of a device
         not heard on a known link (feed(data, link) records where each device is);
         downlink_counters(device_id) -> an object with next() (persisted by the caller)."""
@@ -107,7 +107,8 @@ class Sessions:
         self.key_for = key_for
         self.send = send
         self.downlink_counters = downlink_counters
-        self.clock = clock
+        self.clock = clock                  # the host's time: liveness, resends, commit times
+        self.wall_clock = wall_clock or clock   # the wall time given to boards (a simulated site's runs faster)
         self.role_of = role_of or (lambda device_id: None)
         self.devices = {}
         self.pending = []              # entries received, not yet committed
@@ -188,7 +189,7 @@ class Sessions:
             d.health = dict(m)
             self._note_boot(d, m[0])
             if m[0] not in d.wall_origin:
-                d.wall_origin[m[0]] = now - m[1]
+                d.wall_origin[m[0]] = self.wall_clock() - m[1]
         elif msg_type == M.COMMAND_RESULT:
             self.on_command_result(device_id, m)
 
@@ -202,14 +203,14 @@ class Sessions:
         if 8 in m:
             d.addr = m[8]
         if 7 in m:
-            d.wall_origin[m[0]] = now - m[7]
+            d.wall_origin[m[0]] = self.wall_clock() - m[7]
         self._time_sync(d, now, force=True)
 
     def _time_sync(self, d, now, force=False):
         if not force and now - d.last_time_sync < TIME_SYNC_MIN_INTERVAL_S:
             return
         d.last_time_sync = now
-        self._downlink(d, M.TIME_SYNC, M.time_sync(int(now * 1000), 0))
+        self._downlink(d, M.TIME_SYNC, M.time_sync(int(self.wall_clock() * 1000), 0))
 
     def time_sync(self, device_id):
         self._time_sync(self.device(device_id), self.clock(), force=True)

@@ -2,6 +2,7 @@
 
 Used by `prapa site`, the gateway benchmark and the tests."""
 
+import datetime
 import os
 import signal
 import subprocess
@@ -16,17 +17,25 @@ from tools.broker import free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write_config(folder, uart_ports, broker_port, site="testsite", extra="", http_port=None, sync_interval_s=60):
+def _toml_utc(t):
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_config(folder, uart_ports, broker_port, site="testsite", extra="", http_port=None, sync_interval_s=60,
+                 simulate_speed=1, simulate_from=None):
     """A gateway.toml for serial links on this machine and a local broker; data in folder/data.
 
-    sync_interval_s: how often the gateway sets the boards' wall clocks. A board running N times faster
-    than real time runs its wall clock N times faster too, and each sync pulls it back to the gateway's:
-    a run that reads wall times as a calendar (the site's billing) wants one sync only (86400)."""
+    sync_interval_s: how often the gateway sets the boards' wall clocks (in its wall clock's seconds).
+    simulate_speed / simulate_from: boards running N times faster than real time run their wall clocks N
+    times faster too; a gateway whose wall clock runs as fast (from simulate_from, a UTC timestamp, or
+    now) syncs them onto one calendar, and a board that reboots goes on where it was, not back to today."""
     folder = Path(folder)
     links = "".join(f'[[links]]\ntype = "serial"\nport = "{p}"\n\n' for p in uart_ports)
     text = (f'[gateway]\nsite = "{site}"\ndata_dir = "{folder / "data"}"\nlog_level = "info"\n\n{links}'
             f'[[brokers]]\nurl = "mqtt://127.0.0.1:{broker_port}"\nclient_id = "prapa-{site}-gw"\n\n'
-            f'[http]\nlisten = "127.0.0.1:{http_port or free_port()}"\n\n[time]\nsync_interval_s = {sync_interval_s}\n{extra}')
+            f'[http]\nlisten = "127.0.0.1:{http_port or free_port()}"\n\n[time]\nsync_interval_s = {sync_interval_s}\n'
+            f'simulate_speed = {simulate_speed}\n' + ("" if simulate_from is None else
+                                                    f"simulate_from = {_toml_utc(simulate_from)}\n") + extra)
     path = folder / "gateway.toml"
     path.write_text(text)
     (folder / "data").mkdir(mode=0o700, exist_ok=True)

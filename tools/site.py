@@ -318,7 +318,7 @@ class Site:
         http_port = free_port()
         config = write_config(workdir, [vb.uart_port for _n, _d, vb in self.boards], self.broker.port, site=SITE,
                               http_port=http_port, extra="\n[store]\nmin_free_mb = 50\n",
-                              sync_interval_s=86400)     # the boards' clocks run at --speed: one sync, no pull-backs
+                              sync_interval_s=3600, simulate_speed=args.speed)   # one calendar for boards and gateway
         register(workdir, keys, names=names, board=board_def.name, roles=device_roles, places=places)
         self.gateway = GatewayProcess(config, log_path=workdir / "gateway.log").start()
         try:

@@ -4,6 +4,8 @@ import os
 import re
 from pathlib import Path
 
+import time
+
 import pytest
 
 from gateway.config import Broker, ConfigError, SerialLink, UdpLink, load
@@ -56,6 +58,7 @@ def test_a_minimal_config_gets_the_documented_defaults(tmp_path):
     assert config.brokers[0].client_id == "prapa-town-1"
     assert (config.forward.format, config.forward.protocol) == ("cbor", "auto")
     assert config.time.utc_offset_minutes == 420
+    assert (config.time.simulate_speed, config.time.simulate_from) == (1, None)     # the host's own clock
     assert (config.http.host, config.http.port) == ("127.0.0.1", 9466)
     assert config.registry_path == tmp_path / "data" / "registry.db"
 
@@ -85,6 +88,9 @@ URL = 'url = "mqtt://127.0.0.1:1883"'
     ('[forward]\nformat = "xml"', "forward.format", "'xml'", "'cbor', 'json'"),
     ("[forward]\nprotocol = 5", "forward.protocol", "5", "'3.1.1'"),
     ("[time]\nutc_offset_minutes = 900", "time.utc_offset_minutes", "900", "420"),
+    ("[time]\nsimulate_speed = 0", "time.simulate_speed", "0", "1 in the field"),
+    ('[time]\nsimulate_from = "2027-02-01"', "time.simulate_from", "'2027-02-01'", "2027-01-31T16:30:00Z"),
+    ("[time]\nsimulate_from = 2027-02-01T00:00:00", "time.simulate_from", None, "its UTC offset"),
     ('[http]\nlisten = "9466"', "http.listen", "'9466'", "127.0.0.1:9466"),
     ('[htpp]\nlisten = "127.0.0.1:1"', "htpp", None, "did you mean 'http'"),
 ])
@@ -196,3 +202,17 @@ def test_the_config_objects_are_immutable(tmp_path):
     with pytest.raises(AttributeError):
         config.store.retention_days = 1
     assert isinstance(config.links, tuple) and isinstance(config.brokers, tuple)
+
+
+def test_a_simulated_sites_wall_clock_starts_where_asked_and_runs_at_its_speed(tmp_path):
+    from gateway.service import wall_clock
+    config = load(write(tmp_path, MINIMAL + "[time]\nsimulate_speed = 20000\nsimulate_from = 2027-01-31T23:30:00+07:00\n"))
+    assert config.time.simulate_from == 1801413000.0        # 2027-01-31T16:30:00Z
+    clock = wall_clock(config.time)
+    t0 = time.monotonic()
+    first = clock()
+    time.sleep(0.05)
+    elapsed = time.monotonic() - t0
+    assert 1801413000.0 <= first < 1801413000.0 + 20000 * elapsed
+    assert clock() - first >= 20000 * 0.05 * 0.9       # 50 ms of the host's is 1,000 s of the site's
+    assert wall_clock(load(write(tmp_path, MINIMAL)).time) is time.time

@@ -51,3 +51,30 @@ def test_world_time_is_independent_of_how_it_is_sliced():
             out.extend(w.events_until(t))
         return out
     assert run(1_000_000) == run(60_000_000)
+
+
+def test_a_forced_flow_that_ends_hands_back_to_the_daily_profile_without_time_going_back():
+    """A test closes the taps (forced_lpm 0) for a while and hands back (-1): draws the profile had
+    scheduled in the meantime are not replayed into the past; time and the truth only go forward."""
+    w = World("meter", {"pulse_in": 27}, {"flow_meter": {"daily_litres": 3000.0, "bounce_flips_max": 0}}, seed=5)
+    out = w.events_until(6 * 3600_000_000)
+    w.set_param("flow_meter", "forced_lpm", 0)
+    out += w.events_until(12 * 3600_000_000)          # hours: draws were due meanwhile
+    closed = w.truth()["flow_meter"]
+    w.set_param("flow_meter", "forced_lpm", -1)
+    out += w.events_until(24 * 3600_000_000)
+    times = [e[0] for e in out]
+    assert times == sorted(times)
+    truth = w.truth()["flow_meter"]
+    assert truth["t_us"] == 24 * 3600_000_000 and truth["pulses"] > closed["pulses"]
+    assert replay_levels(out)[1] == truth["pulses"]
+    assert abs(truth["litres"] - truth["pulses"]) < 1.0     # 1 L a pulse: the volume and the count agree
+
+
+def test_a_shut_main_valve_stops_every_pulse_inside_its_window_and_only_there():
+    w = World("meter", {"pulse_in": 27}, {"flow_meter": {"daily_litres": 5000.0, "bounce_flips_max": 0,
+                                                          "shut_from_s": 3 * 3600.0, "shut_to_s": 9 * 3600.0}}, seed=2)
+    w.events_until(12 * 3600_000_000)
+    closures = list(w.models[0].closures)
+    assert closures and not [t for t in closures if 3 * 3600e6 <= t < 9 * 3600e6]
+    assert [t for t in closures if t < 3 * 3600e6] and [t for t in closures if t >= 9 * 3600e6]

@@ -546,6 +546,11 @@ class SimBoard:
         cmd = request.get("cmd")
         if cmd == "status":
             return {"ok": True, **self.status()}
+        if cmd == "truth":            # what the world had done by an earlier instant of its clock
+            t_us = request.get("t_us")
+            if isinstance(t_us, bool) or not isinstance(t_us, int) or not 0 <= t_us <= self._world_now_us():
+                return {"ok": False, "error": "t_us: give the world's microseconds, from 0 to now"}
+            return {"ok": True, "world": self.world.truth(t_us)}
         if cmd == "power_cut":
             truth = self.world.truth(self._world_now_us())   # as the power went: what a board could have counted
             self.power_cut()
@@ -556,14 +561,17 @@ class SimBoard:
         if cmd == "stop":
             self.running = False
             return {"ok": True}
-        return {"ok": False, "error": f"unknown command {cmd!r}: use status, power_cut, set or stop"}
+        return {"ok": False, "error": f"unknown command {cmd!r}: use status, truth, power_cut, set or stop"}
 
     def status(self):
         return {"board": self.board.name, "role": self.role, "uart": self.uart_path, "console": self.console_path,
                 "flash": self.flash_path, "vm_pid": self.vm.pid if self.vm else None, "repl": self.repl_mode,
                 "resets": dict(self.resets), "sleeps": self.sleeps, "asleep": self.asleep is not None,
                 "speed": self.speed, "unique_id": self.unique_id,
-                "world": self.world.truth(self._world_now_us())}
+                # the world's clock and this boot's board clock at one instant: their difference maps a
+                # reading's t_board_s onto the world's time (truth(t_us) at the instant a reading ended)
+                "board_us": self._board_us(world_us := self._world_now_us()),
+                "world": self.world.truth(world_us)}
 
     # -- the loop --------------------------------------------------------------------
     def run(self):

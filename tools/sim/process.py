@@ -82,6 +82,10 @@ class BoardProcess:
     def status(self):
         return self.control({"cmd": "status"})
 
+    def truth(self, t_us):
+        """The world's truth at an earlier instant of its clock (status()["world"]["t_us"] is now)."""
+        return self.control({"cmd": "truth", "t_us": int(t_us)})["world"]
+
     def power_cut(self):
         """Cut and restore power; return the world's truth at the instant of the cut."""
         return self.control({"cmd": "power_cut"})["world"]

@@ -4,7 +4,8 @@ Flow is a leak (constant) plus tap draws that start at random, more often in
 the morning and evening, each at `draw_lpm` for an exponential time. The reed
 contact closes (pulls the input low) once per `litres_per_pulse` and opens
 half a pulse later; every transition bounces a random number of times within
-`bounce_max_us`, as a worn reed switch does. `forced_lpm` >= 0 replaces the
+`bounce_max_us`, as a worn reed switch does. A shut main valve
+(`shut_from_s`..`shut_to_s`, world time) stops all flow. `forced_lpm` >= 0 replaces the
 profile with a constant flow, for tests that need an exact rate.
 """
 
@@ -27,6 +28,8 @@ class FlowMeter:
         "mean_draw_min": (2.5, "min", "mean length of a tap draw"),
         "leak_lpm": (0.0, "L/min", "constant leak through the meter (0: none)"),
         "forced_lpm": (-1.0, "L/min", "constant flow instead of the daily profile (-1: off)"),
+        "shut_from_s": (-1.0, "s", "the main valve is shut from this world time on (-1: never): no flow at all"),
+        "shut_to_s": (-1.0, "s", "and open again from this world time on"),
         "start_hour": (6.0, "h", "local time of day when the world starts"),
         "bounce_max_us": (5000.0, "us", "contact bounce lasts at most this long after a transition"),
         "bounce_flips_max": (3.0, "count", "at most this many extra open/close flips per transition"),
@@ -64,17 +67,28 @@ class FlowMeter:
                 return t
         return t
 
+    def _shut(self):
+        """(from_us, to_us) of the main valve's shut window, or None."""
+        p = self.params
+        if p["shut_from_s"] < 0 or p["shut_to_s"] <= p["shut_from_s"]:
+            return None
+        return int(p["shut_from_s"] * _US), int(p["shut_to_s"] * _US)
+
     def flow_lps(self, t_us):
         p = self.params
+        shut = self._shut()
+        if shut is not None and shut[0] <= t_us < shut[1]:
+            return 0.0
         if p["forced_lpm"] >= 0:
             return p["forced_lpm"] / 60
         drawing = t_us < self.draw_until_us
         return (p["leak_lpm"] + (p["draw_lpm"] if drawing else 0)) / 60
 
     def _next_flow_change(self):
-        if self.params["forced_lpm"] >= 0:
-            return math.inf
-        return self.draw_until_us if self.t_us < self.draw_until_us else self.next_draw_us
+        edges = [e for e in (self._shut() or ()) if e > self.t_us]      # the valve shutting or opening
+        if self.params["forced_lpm"] < 0:
+            edges.append(max(self.t_us, self.draw_until_us if self.t_us < self.draw_until_us else self.next_draw_us))
+        return min(edges, default=math.inf)
 
     def _flow_change(self, t_us):
         if t_us >= self.next_draw_us and t_us >= self.draw_until_us:
