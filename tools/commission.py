@@ -53,6 +53,7 @@ STATUS_QUERY = ("import runtime\nrt = runtime.current\nif rt is None or rt.role 
 # stopped by the raw REPL right after a reset into it, and its sampling timer here, which a board's
 # hardware timer would otherwise keep running: only the method drives the outputs until the reset
 # that follows); a refusal (ConfigError) comes back as its text.
+PRIME_MOST_S = 25          # the longest prime a board makes (firmware: its watchdog's 30 s less a margin)
 METHOD_CALL = ("import runtime\nrt = runtime.current\nif rt is None or rt.role is None:\n print('app=stopped')\n"
                "else:\n if rt.timer is not None:\n  rt.timer.stop()\n try:\n"
                "  print('made=%d' % rt.role.{method}({n}))\n except ValueError as e:\n  print('refused:', e)\n")
@@ -428,8 +429,10 @@ def _prime_step(steps, board, spec, device_id, n, status, name):
 
     def call():
         try:
+            # silent while it works: n strokes at the slowest rate, but never past the 25 s a board's prime
+            # may take (its watchdog is not fed meanwhile): a board that hangs fails the step, not us
             out = board.exec(METHOD_CALL.format(method=method, n=int(n)), soft_reset=False,
-                             timeout=10 + n * s_each)
+                             timeout=10 + min(n * s_each, PRIME_MOST_S))
         finally:
             after = _boot_check(board, device_id)     # the app again, whatever the call did
             booted[0] = after[3]

@@ -39,12 +39,13 @@ def test_intervals_align_to_the_wall_clock_and_add_up_across_the_tick_wrap(tmp_p
         rig.close()
 
 
-def test_a_hundred_thousand_bouncing_pulses_at_random_rates_are_counted_exactly(tmp_path):
+@pytest.mark.parametrize("pulses", [30_000, pytest.param(100_000, marks=pytest.mark.soak)])
+def test_bouncing_pulses_at_random_rates_are_counted_exactly(tmp_path, pulses):
     rng = random.Random(5)
     rig = Rig(tmp_path, "meter", {"interval_min": 1, "debounce_us": 5000}, speed=100,
               world=["flow_meter.bounce_max_us=5000", "flow_meter.bounce_flips_max=3"])
     try:
-        while rig.truth_count() < 100_000:
+        while rig.truth_count() < pulses:
             rig.board.set_world("flow_meter", "forced_lpm", rng.uniform(60, 3000))   # 1 to 50 pulses/s
             time.sleep(rng.uniform(0.2, 1.0))
         rig.board.set_world("flow_meter", "forced_lpm", 0)
@@ -64,12 +65,13 @@ def test_a_hundred_thousand_bouncing_pulses_at_random_rates_are_counted_exactly(
         rig.close()
 
 
-def test_power_cuts_at_200_random_instants_never_lose_more_than_the_checkpoint_bound(tmp_path):
+@pytest.mark.parametrize("cuts", [60, pytest.param(210, marks=pytest.mark.soak)])
+def test_power_cuts_at_random_instants_never_lose_more_than_the_checkpoint_bound(tmp_path, cuts):
     """SIGKILL the board (bench power cut) while it counts, checkpoints, logs and sends; it restarts
     on the same flash. Flow stops while it boots, so every pulse not counted is a checkpoint loss."""
     rig = Rig(tmp_path, "meter", {"interval_min": 1}, speed=100, world=["flow_meter.forced_lpm=6"])  # 0.1 pulse/s
     try:
-        losses = power_cut_campaign(rig, 210, random.Random(11), busy=6)
+        losses = power_cut_campaign(rig, cuts, random.Random(11), busy=6)
         assert min(losses) >= 0 and max(losses) <= 10, losses
         # Everything logged reaches the gateway once: the register chain holds, no identity twice.
         rig.board.set_world("flow_meter", "forced_lpm", 6)

@@ -3,6 +3,8 @@
 import random
 import time
 
+import pytest
+
 from hil_tests.support.cloud import GatewayProcess, Subscriber, register, write_config
 from tools.broker import Broker
 from hil_tests.support.checks import check_register_chain
@@ -61,7 +63,8 @@ def _dedup(items):
     return [seen[k] for k in sorted(seen)]
 
 
-def test_sigkill_the_gateway_200_times_and_every_acknowledged_reading_reaches_the_cloud(tmp_path):
+@pytest.mark.parametrize("kills", [60, pytest.param(200, marks=pytest.mark.soak)])
+def test_sigkill_the_gateway_again_and_again_and_every_acknowledged_reading_reaches_the_cloud(tmp_path, kills):
     """Kill -9 the gateway at random instants (starting, ingesting, committing, forwarding) and
     restart it. Boards delete only what was acknowledged; so if the subscriber's series of each
     board is unbroken up to the true total, nothing acknowledged was lost anywhere."""
@@ -82,7 +85,7 @@ def test_sigkill_the_gateway_200_times_and_every_acknowledged_reading_reaches_th
         time.sleep(1.0)                                # the boards are up: from here every pulse is counted
         for b in boards.values():
             b.set_world("flow_meter", "forced_lpm", 30)
-        for k in range(200):
+        for k in range(kills):
             gw.start()
             if k % 3 == 0:
                 gw.wait_started()                      # then die while ingesting and forwarding
