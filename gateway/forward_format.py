@@ -204,6 +204,22 @@ def command_topic(site, device, result=False):
     return f"prapa/v1/{site}/{dev}/command" + ("/result" if result else "")
 
 
+def status_topic(site):
+    """prapa/v1/<site>/gateway/status: the gateway's own state, retained; its last will says "offline"."""
+    return f"prapa/v1/{site}/gateway/status"
+
+
+def gateway_status(site, state, reason, since=None):
+    """The payload on status_topic: {"v", "site", "state": "online"|"offline", "reason", "since"}. Online at
+    each connection (reason "connected"), offline on a clean stop ("stopped") or, as the last will the
+    broker publishes when the connection dies without one, "connection_lost" (no time: it is written at
+    connect)."""
+    body = {"v": 1, "site": site, "state": state, "reason": reason}
+    if since is not None:
+        body["since"] = round(since, 3)
+    return body
+
+
 def catchment_topic(site, catchment):
     """prapa/v1/<site>/catchment/<catchment>/suspects: the catchment's ranked suspects, retained."""
     t = f"prapa/v1/{site}/catchment/{catchment}/suspects"

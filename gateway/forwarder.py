@@ -21,10 +21,13 @@ A new paho client per connection (same client id, persistent session) keeps
 paho from re-sending its own in-flight copies on top of ours; the broker keeps
 the session, and with it the replay-request subscription, across reconnects.
 
-The gateway's own state (each catchment's suspects) goes out as retained messages: retain()
+The gateway's own state (its status, each catchment's suspects) goes out as retained messages: retain()
 keeps the newest payload per topic in memory, the thread publishes it (QoS 1, retain) ahead of
 the backlog, and publishes every one again on each new connection, so the broker holds the
 newest whatever was lost with a connection. These are state, not entries: nothing in the store.
+The status (prapa/v1/<site>/gateway/status) is "online" at each connection, "offline" on a clean
+stop, and "offline"/"connection_lost" as the connection's last will, which the broker publishes when
+the gateway dies without a DISCONNECT (SIGKILL, power, network).
 """
 
 import asyncio
@@ -209,6 +212,13 @@ class Forwarder:
         client.on_publish = lambda _c, _u, mid, _rc, _p: state["acks"].append((mid, time.monotonic()))
         client.on_message = lambda _c, _u, msg: state["requests"].append(msg)
         client.user_data_set(state)
+        # The last will: the broker says "offline" for us when this connection dies without a DISCONNECT.
+        will_props = None
+        if v5:
+            will_props = Properties(PacketTypes.WILLMESSAGE)
+            will_props.ContentType = self._content_type
+        client.will_set(ff.status_topic(cfg.site), self._status("offline", "connection_lost", None), qos=1,
+                        retain=True, properties=will_props)
         where = f"broker {broker.url}"
         try:
             if broker.tls:
@@ -252,6 +262,9 @@ class Forwarder:
         # MQTT 5: the broker says how many unacknowledged QoS 1 messages it takes (Mosquitto: 20); paho does
         # not enforce it, so the window does.
         self._window = min(cfg.max_inflight, getattr(state["props"], "ReceiveMaximum", cfg.max_inflight))
+        with self._retain_lock:           # "online", retained: the first thing this connection publishes
+            self._retained[ff.status_topic(cfg.site)] = (self._status("online", "connected", time.time()),
+                                                         self._content_type)
         client.subscribe(ff.topic(cfg.site, 0, "replay/request").replace("/00000000/", "/+/"), qos=1)
         client.subscribe(ff.command_topic(cfg.site, "+"), qos=1)
         _log(logging.INFO, "broker_connected", broker=broker.url, protocol=self.protocol, client_id=client_id,
@@ -330,9 +343,36 @@ class Forwarder:
                  unacked_entries=len(self._inflight_ids))
         else:
             self._settle(store, state["acks"])
+            self._say_offline(client, state)
             client.disconnect()
             _log(logging.INFO, "broker_disconnected", broker=url, unacked_entries=len(self._inflight_ids))
         self.connected = False
+
+    @property
+    def _content_type(self):
+        return "application/cbor" if self.config.format == "cbor" else "application/json"
+
+    def _status(self, state, reason, since):
+        return ff.encode(ff.gateway_status(self.config.site, state, reason, since), self.config.format)
+
+    def _say_offline(self, client, state, wait_s=2.0):
+        """A clean stop: "offline" retained in place of "online" (a DISCONNECT discards the last will), and
+        a short wait for its PUBACK so the broker has it before we go."""
+        props = None
+        if self.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = self._content_type
+        info = client.publish(ff.status_topic(self.config.site), self._status("offline", "stopped", time.time()),
+                              qos=1, retain=True, properties=props)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return
+        deadline = time.monotonic() + wait_s
+        while not state["lost"] and time.monotonic() < deadline:
+            if any(mid == info.mid for mid, _t in state["acks"]):
+                break
+            self._io(client, state, 0.05)
+        with self._retain_lock:           # the next connection says "online" afresh
+            self._retained.pop(ff.status_topic(self.config.site), None)
 
     def _publish_retained(self, client):
         """Send the retained payloads due, newest of each topic, within the in-flight window."""

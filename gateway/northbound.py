@@ -276,6 +276,19 @@ def command_result():
             "required": ["id", "state"]}
 
 
+def gateway_status():
+    """The gateway's own state (forward_format.gateway_status), retained; the last will is "offline"."""
+    return {"$schema": DIALECT, "$id": f"{ID_BASE}gateway_status", "title": "gateway_status", "type": "object",
+            "description": "whether the gateway is connected (retained): online at each connection, offline "
+                           "on a clean stop, and offline/connection_lost as its last will when the broker "
+                           "loses it (a crash, a power cut, the network)",
+            "properties": {"v": {"const": VERSION}, "site": {"type": "string", "minLength": 1},
+                           "state": {"enum": ["online", "offline"]},
+                           "reason": {"type": "string", "description": "connected, stopped or connection_lost"},
+                           "since": {"type": "number", "description": "Unix seconds (not in the last will)"}},
+            "required": ["v", "site", "state", "reason"]}
+
+
 @functools.lru_cache(maxsize=1)
 def _schemas():
     return {"reading": envelope("reading", reading_item(), "reading"),
@@ -285,7 +298,8 @@ def _schemas():
             "replay_done": replay_done(),
             "catchment_suspects": suspects(),
             "command_request": command_request(),
-            "command_result": command_result()}
+            "command_result": command_result(),
+            "gateway_status": gateway_status()}
 
 
 def schemas():
@@ -303,10 +317,11 @@ TOPICS = {
     "catchment_suspects": PREFIX + "/{site}/catchment/{catchment}/suspects",
     "command_request": PREFIX + "/{site}/{device}/command",
     "command_result": PREFIX + "/{site}/{device}/command/result",
+    "gateway_status": PREFIX + "/{site}/gateway/status",
 }
 # What the gateway receives (the cloud publishes); the rest it publishes.
 RECEIVED = ("replay_request", "command_request")
-RETAINED = ("catchment_suspects",)
+RETAINED = ("catchment_suspects", "gateway_status")
 
 
 def which(topic):
@@ -317,6 +332,8 @@ def which(topic):
     site = parts[2]
     if len(parts) == 6 and parts[3] == "catchment" and parts[5] == "suspects":
         return "catchment_suspects", {"site": site, "catchment": parts[4]}
+    if len(parts) == 5 and parts[3] == "gateway" and parts[4] == "status":
+        return "gateway_status", {"site": site}
     if not re.fullmatch(DEVICE_PATTERN[1:-1], parts[3]):
         return None, f"topic {topic!r}: {parts[3]!r} is not a device (8 hex digits)"
     params = {"site": site, "device": parts[3]}

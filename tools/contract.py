@@ -108,6 +108,9 @@ def examples():
     suspects = {"v": 1, "site": SITE, "catchment": "nimman", "t": float(WALL0 + 3600), "raining": False,
                 "rain_mm_h": 0.0, "suspects": ranked["nimman"]}
     out.append(("catchment_suspects", ff.catchment_topic(SITE, "nimman"), suspects))
+    out.append(("gateway_status", ff.status_topic(SITE), ff.gateway_status(SITE, "online", "connected",
+                                                                            float(WALL0))))
+    out.append(("gateway_status", ff.status_topic(SITE), ff.gateway_status(SITE, "offline", "connection_lost")))
     return out
 
 
@@ -128,6 +131,7 @@ _SUMMARY = {
     "catchment_suspects": "A catchment's drains in the order a crew should visit them (retained).",
     "command_request": "A command or config push for a board, by the cloud's id.",
     "command_result": "What became of a command, published with its id at each step.",
+    "gateway_status": "Whether the gateway is connected (retained); its last will says offline.",
 }
 
 
@@ -212,7 +216,7 @@ def cddl():
         "; Maps are open (* tstr => any): within v1 keys are only added, and a consumer ignores unknown ones.",
         "; The catchment suspects lists are JSON only (their schema is in docs/asyncapi.yaml).",
         "",
-        "northbound = reading-message / alarm-message / replay-done",
+        "northbound = reading-message / alarm-message / replay-done / gateway-status",
         "",
         "device = tstr .regexp \"[0-9a-f]{8}\"",
         "u32 = uint .size 4",
@@ -264,6 +268,12 @@ def cddl():
         "  ? \"truncated\": bool, ? \"request\": { * any => any },",
         "  ? \"next\": { \"since_boot\": u32, \"since_seq\": u32 },",
         "  ? \"error\": tstr, * tstr => any",
+        "}",
+        "",
+        "; retained; the last will (state offline, reason connection_lost) carries no since",
+        "gateway-status = {",
+        "  \"v\": 1, \"site\": tstr, \"state\": \"online\" / \"offline\", \"reason\": tstr,",
+        "  ? \"since\": int / float, * tstr => any",
         "}",
     ]
     return "\n".join(lines) + "\n"

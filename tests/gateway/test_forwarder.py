@@ -72,8 +72,13 @@ class Subscriber:
         self.client.loop_start()
         assert self.subscribed.wait(5), "subscriber did not subscribe"
 
+    statuses = None
+
     def _on_message(self, _c, _u, msg):
         with self.lock:
+            if msg.topic.endswith("/gateway/status"):       # the gateway's own state, kept apart
+                self.statuses = (self.statuses or []) + [(msg.topic, msg.payload, msg.retain)]
+                return
             self.messages.append((msg.topic, msg.payload, msg.properties))
 
     def decoded(self, fmt="cbor"):
@@ -460,3 +465,53 @@ def test_messages_stay_under_the_payload_limit_and_a_bad_kind_is_kept_not_sent(t
     wait_for(lambda: pending_count(store) == 1, what="the good entries")
     assert store.pending()[0][4] == "bad/kind" and fwd.refused == 1
     sub.close()
+
+
+def _status_states(sub, fmt="cbor"):
+    with sub.lock:
+        got = list(sub.statuses or ())
+    return [(cbor2.loads(p) if fmt == "cbor" else json.loads(p)) for _t, p, _r in got]
+
+
+def test_the_gateway_status_is_online_retained_offline_on_a_clean_stop_and_its_last_will_on_sigkill(tmp_path, broker):
+    """prapa/v1/<site>/gateway/status: "online" at connect (retained: a consumer that comes later sees it),
+    "offline"/"stopped" on a clean stop, and the broker's "offline"/"connection_lost" (the last will) when
+    the gateway process is killed with no DISCONNECT. Every payload is valid for the contract."""
+    from gateway import northbound as nb
+    from tools.broker import free_port
+    from tools.gateway_process import GatewayProcess, write_config
+    path = write_config(tmp_path, [], broker.port, site=SITE)
+    path.write_text(f'[[links]]\ntype = "udp"\nbind = "127.0.0.1:{free_port()}"\n\n' + path.read_text())
+    topic = f"prapa/v1/{SITE}/gateway/status"
+    gw = GatewayProcess(path, log_path=tmp_path / "gateway.log").start()
+    sub = later = None
+    try:
+        gw.wait_started()
+        sub = Subscriber("127.0.0.1", broker.port, "status-watch", topic=topic)
+        wait_for(lambda: _status_states(sub), what="the retained status")
+        first = _status_states(sub)[0]
+        assert (first["state"], first["reason"], first["site"]) == ("online", "connected", SITE)
+        assert sub.statuses[0][2], "a subscriber that comes after the connect gets it as a retained message"
+        gw.kill()                                          # SIGKILL: no DISCONNECT, the broker sends the will
+        wait_for(lambda: len(_status_states(sub)) >= 2, what="the last will")
+        will = _status_states(sub)[1]
+        assert (will["state"], will["reason"]) == ("offline", "connection_lost") and "since" not in will
+        gw.start().wait_started()
+        wait_for(lambda: len(_status_states(sub)) >= 3, what="online again")
+        assert _status_states(sub)[2]["state"] == "online"
+        gw.stop()                                          # SIGTERM: a clean stop says so itself
+        wait_for(lambda: len(_status_states(sub)) >= 4, what="the clean stop's offline")
+        stopped = _status_states(sub)[3]
+        assert (stopped["state"], stopped["reason"]) == ("offline", "stopped") and stopped["since"] > 1.7e9
+        time.sleep(0.3)
+        assert len(_status_states(sub)) == 4, "a clean stop sends no will"
+        later = Subscriber("127.0.0.1", broker.port, "status-late", topic=topic)
+        wait_for(lambda: _status_states(later), what="the retained offline")
+        assert _status_states(later)[-1]["reason"] == "stopped"
+        for body in _status_states(sub):
+            assert nb.problems(topic, body) == [], body
+    finally:
+        gw.stop()
+        for s in (sub, later):
+            if s is not None:
+                s.close()

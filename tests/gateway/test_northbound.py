@@ -240,7 +240,7 @@ def test_every_example_in_the_guide_is_valid_for_its_topic():
     guide = (contract.ROOT / "docs" / "northbound.md").read_text()
     found = re.findall(r"`(prapa/v1/[^`]+)` \((\w+)\):\n\n```json\n(.*?)\n```", guide, re.S)
     assert {name for _topic, name, _body in found} == {"reading", "alarm", "replay_request", "replay_done",
-                                                       "catchment_suspects"}
+                                                       "catchment_suspects", "gateway_status"}
     for topic, name, body in found:
         assert nb.which(topic)[0] == name
         assert nb.problems(topic, json.loads(body)) == [], topic
