@@ -129,6 +129,7 @@ class PulseCounter:
 
     def __init__(self, hal, gpio, active_level, filter_us):
         self.hal, self.gpio = hal, gpio
+        hal.pump()                              # the pin's level now (the power-on levels are records too)
         self._edges = EdgeCounter(hal._levels[gpio], active_level, filter_us)
         hal._listeners.add(gpio, self)
 

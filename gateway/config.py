@@ -91,13 +91,17 @@ class ForwardSection(NamedTuple):
     max_payload_bytes: int
     qos: int                     # always 1: a reading is forwarded once the broker PUBACKs it
     protocol: str                # "auto", "5" or "3.1.1"
+    failback_s: int = 60         # on a broker other than the first: probe the first this often, go back when
+                                 # it answers; 0: stay where it is
 
 
 class TimeSection(NamedTuple):
     utc_offset_minutes: int      # local time of the site for display; stored times are UTC
     sync_interval_s: int         # how often boards are given wall time (in the wall clock's seconds)
     simulate_speed: int = 1      # a simulated site only: the wall clock runs this many times faster
-    simulate_from: float = None  # a simulated site only: the wall clock's reading at start (UTC s; None: now)
+    simulate_from: float = None  # a simulated site only: what its wall clock read (UTC s; None: now) ...
+    simulate_since: float = None  # ... at this real instant (UTC s; None: the gateway's start), so a restart
+                                  # goes on with the site's calendar
 
 
 class HttpSection(NamedTuple):
@@ -406,24 +410,29 @@ class _Checker:
         return Broker(url, tls, parts.hostname, port, ca, cert, key, username, password_file, client_id)
 
     def forward(self, t):
-        self.keys(t, "forward", ("format", "max_payload_bytes", "qos", "protocol"))
+        self.keys(t, "forward", ("format", "max_payload_bytes", "qos", "protocol", "failback_s"))
         if t.get("qos", 1) != 1 or isinstance(t.get("qos"), bool):
             self.fail("forward.qos", t["qos"], "is fixed at 1 (a reading is kept until the broker's PUBACK)",
                       "remove qos or set qos = 1")
         return ForwardSection(self.choice(t, "forward", "format", "cbor", ("cbor", "json")),
                               self.integer(t, "forward", "max_payload_bytes", 131072, 1024, MQTT_MAX_PAYLOAD, " bytes"),
-                              1, self.choice(t, "forward", "protocol", "auto", ("auto", "5", "3.1.1")))
+                              1, self.choice(t, "forward", "protocol", "auto", ("auto", "5", "3.1.1")),
+                              self.integer(t, "forward", "failback_s", 60, 0, 86400,
+                                           " s (how often the first broker is tried again; 0: never)"))
 
     def time(self, t):
-        self.keys(t, "time", ("utc_offset_minutes", "sync_interval_s", "simulate_speed", "simulate_from"))
-        start = t.get("simulate_from")
-        if start is not None and not (isinstance(start, datetime.datetime) and start.tzinfo is not None):
-            self.fail("time.simulate_from", start, "must be a date and time with its UTC offset",
-                      "write it without quotes, e.g. simulate_from = 2027-01-31T16:30:00Z, or remove it")
+        self.keys(t, "time", ("utc_offset_minutes", "sync_interval_s", "simulate_speed", "simulate_from",
+                              "simulate_since"))
+        start, since = t.get("simulate_from"), t.get("simulate_since")
+        for key, value in (("simulate_from", start), ("simulate_since", since)):
+            if value is not None and not (isinstance(value, datetime.datetime) and value.tzinfo is not None):
+                self.fail(f"time.{key}", value, "must be a date and time with its UTC offset",
+                          f"write it without quotes, e.g. {key} = 2027-01-31T16:30:00Z, or remove it")
         return TimeSection(self.integer(t, "time", "utc_offset_minutes", 420, -720, 840, " minutes (Thailand: 420)"),
                            self.integer(t, "time", "sync_interval_s", 3600, 10, 86400, " s"),
                            self.integer(t, "time", "simulate_speed", 1, 1, 1_000_000, "x (1 in the field)"),
-                           None if start is None else start.timestamp())
+                           None if start is None else start.timestamp(),
+                           None if since is None else since.timestamp())
 
     def http(self, t):
         self.keys(t, "http", ("listen",))

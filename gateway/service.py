@@ -122,13 +122,16 @@ def wall_clock(time_cfg):
     """The wall time the gateway gives its boards: the host's, or for a simulated site ([time]
     simulate_speed / simulate_from) a clock that starts at simulate_from and runs simulate_speed times
     faster, as the virtual boards' clocks and their world do; then a board that reboots is synced onto
-    the calendar it left, not back to the host's day. Liveness, resends and commit times stay on the
-    host's clock."""
+    the calendar it left, not back to the host's day. The clock counts from simulate_since (a real
+    instant in the config), so a gateway restarted mid-run goes on where the site's calendar is.
+    Liveness, resends and commit times stay on the host's clock."""
     if time_cfg.simulate_speed == 1 and time_cfg.simulate_from is None:
         return time.time
-    start_wall = time.time() if time_cfg.simulate_from is None else time_cfg.simulate_from
-    start_host, speed = time.monotonic(), time_cfg.simulate_speed
-    return lambda: start_wall + (time.monotonic() - start_host) * speed
+    now = time.time()
+    since = now if time_cfg.simulate_since is None else time_cfg.simulate_since
+    start_wall = since if time_cfg.simulate_from is None else time_cfg.simulate_from
+    speed = time_cfg.simulate_speed
+    return lambda: start_wall + (time.time() - since) * speed
 
 
 class Claimed(NamedTuple):

@@ -114,8 +114,9 @@ def build_parser():
     from tools import commission, monitor
     commission.add_parser(sub)
     monitor.add_parser(sub)
-    from tools import ledger
+    from tools import campaign, ledger
     ledger.add_parser(sub)
+    campaign.add_parser(sub)
     from tools import build, flash
     build.add_parser(sub)
     flash.add_parser(sub)

@@ -18,7 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _toml_utc(t):
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _simulated_clock(speed, start):
+    """[time] lines that pin a simulated clock to now: a gateway restarted later goes on from the same calendar."""
+    if speed == 1 and start is None:
+        return ""
+    now = time.time()
+    return f"simulate_from = {_toml_utc(now if start is None else start)}\nsimulate_since = {_toml_utc(now)}\n"
 
 
 def write_config(folder, uart_ports, broker_port, site="testsite", extra="", http_port=None, sync_interval_s=60,
@@ -34,8 +42,7 @@ def write_config(folder, uart_ports, broker_port, site="testsite", extra="", htt
     text = (f'[gateway]\nsite = "{site}"\ndata_dir = "{folder / "data"}"\nlog_level = "info"\n\n{links}'
             f'[[brokers]]\nurl = "mqtt://127.0.0.1:{broker_port}"\nclient_id = "prapa-{site}-gw"\n\n'
             f'[http]\nlisten = "127.0.0.1:{http_port or free_port()}"\n\n[time]\nsync_interval_s = {sync_interval_s}\n'
-            f'simulate_speed = {simulate_speed}\n' + ("" if simulate_from is None else
-                                                    f"simulate_from = {_toml_utc(simulate_from)}\n") + extra)
+            f'simulate_speed = {simulate_speed}\n' + _simulated_clock(simulate_speed, simulate_from) + extra)
     path = folder / "gateway.toml"
     path.write_text(text)
     (folder / "data").mkdir(mode=0o700, exist_ok=True)

@@ -17,6 +17,15 @@ Identity rule: a repeated (device, boot, seq) with the same item is a duplicate
 logged, both kept: the first in readings/alarms, the newcomer in conflicts).
 An invalid message is logged and kept aside in `invalid`, never stored as data.
 
+Healing: a broker's PUBACK is not a disk write (Mosquitto keeps a persistent
+session's queue in memory between autosaves), so a broker that dies can lose
+messages the gateway was told it had. A board numbers every logged entry of a
+boot 1, 2, 3...; a seq missing below one the ledger holds is such a loss, and
+every --heal-every seconds the ledger asks the gateway to replay the device from
+the first missing seq (prapa/v1/<site>/<device>/replay/request), which it can for
+as long as it keeps entries ([store] retention_days). A hole seen twice in a row
+is asked for: one only a resend is still filling is left alone.
+
 `prapa export billing` turns the store into what an e-Service imports; its
 rules are in billing()'s docstring.
 
@@ -160,6 +169,22 @@ class LedgerStore:
                                   "AND register IS NOT NULL ORDER BY boot DESC, seq DESC LIMIT 1", (device,)).fetchone()
         return None if row is None else (row[0], json.loads(row[1]).get("t_board_s"), row[2])
 
+    def holes(self):
+        """{device: [(boot, first missing seq, missing count)]}: seqs of a boot (readings, merged runs and
+        alarms together: one series per boot, from 1) below the highest one held that never arrived."""
+        with self.lock:
+            rows = self.db.execute("SELECT device, boot, seq, COALESCE(seq_last, seq) FROM readings UNION ALL "
+                                   "SELECT device, boot, seq, seq FROM alarms WHERE seq > 0").fetchall()
+        held = {}
+        for device, boot, first, last in rows:
+            held.setdefault((device, boot), set()).update(range(first, last + 1))
+        out = {}
+        for (device, boot), seqs in sorted(held.items()):
+            missing = set(range(FIRST_SEQ, max(seqs) + 1)) - seqs
+            if missing:
+                out.setdefault(device, []).append((boot, min(missing), len(missing)))
+        return out
+
     def newest_wall_t(self):
         """The wall time of the newest reading held (Unix s), or None."""
         with self.lock:
@@ -264,7 +289,7 @@ class Ledger:
     """The consumer in-process (the site, tests): start() connects and subscribes, stop() disconnects;
     counts() at any time. Each message is committed to `db` before paho acknowledges it."""
 
-    def __init__(self, db, site, host="127.0.0.1", port=1883, client_id=None):
+    def __init__(self, db, site, host="127.0.0.1", port=1883, client_id=None, heal_every_s=0.0):
         from gateway import forward_format as ff
         ff.check_site(site, "--site")
         self.site, self.host, self.port = site, host, port
@@ -273,6 +298,11 @@ class Ledger:
         self.client = None
         self.failed = None
         self.connected = threading.Event()
+        self.heal_every_s = heal_every_s
+        self.replays_asked = 0                 # replay requests sent for holes
+        self._seen_holes = set()               # (device, boot, first missing) at the last look
+        self._stopping = threading.Event()
+        self._healer = None
 
     def start(self):
         import paho.mqtt.client as mqtt
@@ -284,7 +314,35 @@ class Ledger:
         c.connect(self.host, self.port)
         c.loop_start()
         self.client = c
+        if self.heal_every_s > 0:
+            self._healer = threading.Thread(target=self._heal_loop, name="prapa-ledger-heal", daemon=True)
+            self._healer.start()
         return self
+
+    def _heal_loop(self):
+        while not self._stopping.wait(self.heal_every_s):
+            try:
+                self.heal()
+            except Exception as e:             # noqa: BLE001 - the next look tries again
+                log_event(log, logging.WARNING, "heal_failed", error=repr(e))
+
+    def heal(self, grace=True):
+        """Ask the gateway to replay each device from the first seq missing in a boot; with grace only holes
+        that were there at the last look too (one a resend is filling goes). Returns the requests sent."""
+        from gateway import forward_format as ff
+        holes = {(d, boot, first) for d, runs in self.store.holes().items() for boot, first, _n in runs}
+        ask = sorted(holes & self._seen_holes) if grace else sorted(holes)
+        self._seen_holes = holes
+        asked = set()
+        for device, boot, first in ask:
+            if device in asked:                # one request per device: it replays every later boot too
+                continue
+            asked.add(device)
+            body = json.dumps({"since_boot": boot, "since_seq": first - 1})     # a replay starts after it
+            self.client.publish(ff.topic(self.site, int(device, 16), "replay/request"), body, qos=1)
+            self.replays_asked += 1
+            log_event(log, logging.WARNING, "replay_asked", device=device, since_boot=boot, since_seq=first)
+        return len(asked)
 
     def _on_connect(self, client, _userdata, _flags, reason, _props=None):
         # Subscribe on every connect: a broker that lost its saved sessions forgot the subscription.
@@ -304,6 +362,9 @@ class Ledger:
         return self.store.counts()
 
     def stop(self):
+        self._stopping.set()
+        if self._healer is not None:
+            self._healer.join(5)
         if self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()
@@ -599,6 +660,9 @@ def add_parser(sub):
     r.add_argument("--db", required=True, metavar="FILE", help="the ledger's SQLite file (created if missing)")
     r.add_argument("--client-id", help="the persistent session's id (default prapa-ledger-SITE)")
     r.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: until a signal)")
+    r.add_argument("--heal-every", type=float, default=60.0, metavar="S",
+                   help="ask the gateway to replay seqs missing below ones held, every S seconds (default 60; "
+                        "0: never)")
     r.set_defaults(func=cmd_ledger_run)
 
     e = sub.add_parser("export", help="exports for an e-Service: billing",
@@ -628,7 +692,9 @@ def cmd_ledger_run(args):
     host, port = _broker(args.broker)
     if not Path(args.db).resolve().parent.is_dir():
         raise UsageError("--db", f"no folder for {args.db}", "give a path in an existing folder")
-    ledger = Ledger(args.db, args.site, host, port, args.client_id)
+    if not 0 <= args.heal_every <= 86400:
+        raise UsageError("--heal-every", f"{args.heal_every:g} is out of range", "give 0 (never) to 86400 s")
+    ledger = Ledger(args.db, args.site, host, port, args.client_id, heal_every_s=args.heal_every)
     stop = threading.Event()
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, lambda *_: stop.set())
@@ -645,7 +711,7 @@ def cmd_ledger_run(args):
             break
     counts = ledger.counts()
     ledger.stop()
-    print(json.dumps({"event": "ledger_stopped", **counts}), flush=True)
+    print(json.dumps({"event": "ledger_stopped", **counts, "replays_asked": ledger.replays_asked}), flush=True)
     return 0
 
 

@@ -240,6 +240,7 @@ class Site:
         self.args, self.workdir = args, workdir
         self.broker = self.gateway = self.cloud = self.url = self.ledger = None
         self.plan_sections = {}                     # device -> its role's config section (the K-factor)
+        self.plan_worlds, self.plan_limits = {}, {}  # device -> its world overrides; hex id -> a pump's hard limits
         self.boards, self.restarts, self.supervised = [], [], []
         self.ended, self.failed = "failed", None    # until the site says otherwise; the component failed for good
         self.stopped_by = None
@@ -281,7 +282,7 @@ class Site:
         from tools import image
         from tools.broker import Broker, free_port
         from tools.gateway_process import GatewayProcess, register, write_config
-        from tools.sim.board import prepare_flash
+        from tools.sim.board import TICKS_PERIOD_MS, prepare_flash
         from tools.sim import worlds
         from tools.sim.process import BoardProcess
 
@@ -291,7 +292,8 @@ class Site:
         _log("broker_started", host=self.broker.host, port=self.broker.port, pid=self.broker.proc.pid)
         self.cloud = Cloud(self.broker.port)
         from tools.ledger import Ledger
-        self.ledger = Ledger(workdir / "ledger.db", SITE, port=self.broker.port, client_id="prapa-site-ledger").start()
+        self.ledger = Ledger(workdir / "ledger.db", SITE, port=self.broker.port, client_id="prapa-site-ledger",
+                             heal_every_s=2.0).start()     # a broker killed by the site's user: replays fill it
         keys, names, device_roles, places = {}, {}, {}, {}
         for i, role in enumerate(plan):
             if self.stopping.is_set():
@@ -305,13 +307,19 @@ class Site:
             prepare_flash(board_def, role, flash)
             section, world = worlds.site_board_for(role)(n)
             self.plan_sections[device_id] = section
-            image.provision(board_def, flash, {"device_id": device_id, "role": role, role: section}, key,
-                            getattr(worlds.ROLE_WORLDS[role], "SITE_LIMITS", None))   # a pump's hard limits
+            self.plan_worlds[device_id] = list(world)
+            limits = getattr(worlds.ROLE_WORLDS[role], "SITE_LIMITS", None)           # a pump's hard limits
+            if limits:
+                self.plan_limits[f"{device_id:08x}"] = dict(limits)
+            image.provision(board_def, flash, {"device_id": device_id, "role": role, role: section}, key, limits)
             keys[device_id], names[device_id], device_roles[device_id] = key, name, role
             site_place = getattr(worlds.ROLE_WORLDS[role], "site_place", None)     # where it is (a drain's catchment)
             if site_place is not None:
                 places[device_id] = site_place(n)
-            vb = BoardProcess(args.board, role, flash, speed=args.speed, seed=i, world=world, vm=vm)
+            # a campaign (tools/campaign.py) starts every other board one second before its 2**30 ms tick wrap
+            wrap = getattr(args, "wrap_ticks", False) and i % 2 == 1
+            vb = BoardProcess(args.board, role, flash, speed=args.speed, seed=i, world=world, vm=vm,
+                              start_ticks_ms=TICKS_PERIOD_MS - 1000 if wrap else 0)
             self.boards.append((name, device_id, vb))
             _log("board_started", device=name, id=f"{device_id:08x}", uart=vb.uart_port, console=vb.console_port,
                  vm=vb.vm)

@@ -92,6 +92,9 @@ COMMANDS = ("reset_interlock",)       # over the link; prime is console-only (co
 
 # -- readings ---------------------------------------------------------------------------------
 REGISTER = True                  # the batch's register is the stroke count before its first row
+# A power cut loses at most this many counts of the register: the config key counting what the board holds
+# between checkpoints, plus what can be in flight (the campaigns and the billing's stated bound).
+CUT_LOSS = ("checkpoint_strokes", 2)
 DURABLE_COUNTER = "total_strokes"   # the status counter a boot recovers from flash (power-cut campaigns)
 UNIT = "stroke"
 NO_RESIDUAL = const(65535)       # residual columns when the interval had no valid analyser sample

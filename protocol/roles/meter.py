@@ -42,6 +42,9 @@ ALARMS = {A_LEAK: "leak", A_BURST: "burst", A_TAMPER: "no_pulse_tamper"}
 # -- readings: rows are consumption per interval (unit x 10**scale: L or mL); the batch carries
 # the register, so the gateway gives each item register_before / value / register (exact integers)
 REGISTER = True
+# A power cut loses at most this many counts of the register: the config key counting what the board holds
+# between checkpoints, plus what can be in flight (the campaigns and the billing's stated bound).
+CUT_LOSS = ("checkpoint_pulses", 0)
 
 # -- the status page charts each reading's value under this label ---------------------------
 CHART = "L per interval"

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from hil_tests.support.checks import check_register_chain, interval_readings
+from tools.console import parse_status
 from tools.rigs.board import Rig
 from tools.rigs.power_cut import power_cut_campaign
 
@@ -83,6 +84,33 @@ def test_power_cuts_at_random_instants_never_lose_more_than_the_checkpoint_bound
         ids = [(r["boot"], r["seq"]) for r in readings]
         assert len(ids) == len(set(ids)) and len(readings) > 50
         print(f"\n{len(losses)} cuts, pulses lost per cut: mean {sum(losses) / len(losses):.2f}, max {max(losses)}")
+    finally:
+        rig.close()
+
+
+def test_a_contact_closed_at_power_on_is_where_the_pin_is_not_a_pulse(tmp_path):
+    """A tap shut mid-pulse leaves the reed contact closed; a board that boots then finds its pin low.
+    That is a level, not an edge (the ESP32's PCNT counts none): the count never passes the world's.
+    Every pulse is checkpointed (checkpoint_pulses 1), so a phantom pulse would show as one too many."""
+    rig = Rig(tmp_path, "meter", {"interval_min": 1, "checkpoint_pulses": 1}, speed=100,
+              world=["flow_meter.forced_lpm=0", "flow_meter.closed_fraction=0.9", "flow_meter.bounce_flips_max=0"])
+    rng = random.Random(3)
+    try:
+        after = 0
+        for _ in range(8):
+            after, _status = rig.console.wait_for(parse_status, after=after, timeout=30)
+            rig.board.set_world("flow_meter", "forced_lpm", 60)            # a pulse a second of board time
+            time.sleep(rng.uniform(0.05, 0.3))
+            rig.board.set_world("flow_meter", "forced_lpm", 0)             # most likely closed now (90 %)
+            time.sleep(0.3)
+            rig.board.power_cut()
+            after += 1
+        after, _status = rig.console.wait_for(parse_status, after=after, timeout=30)
+        time.sleep(0.5)                       # the last boot settles on its pin; then what it holds is read
+        truth = rig.board.power_cut()["flow_meter"]["pulses"]          # by one more boot: its recovered total
+        _i, status = rig.console.wait_for(parse_status, after=after + 1, timeout=30)
+        assert truth > 8
+        assert truth - 9 <= status["total_pulses"] <= truth, (status["total_pulses"], truth)
     finally:
         rig.close()
 

@@ -87,10 +87,13 @@ URL = 'url = "mqtt://127.0.0.1:1883"'
     ("[forward]\nqos = 0", "forward.qos", "0", "qos = 1"),
     ('[forward]\nformat = "xml"', "forward.format", "'xml'", "'cbor', 'json'"),
     ("[forward]\nprotocol = 5", "forward.protocol", "5", "'3.1.1'"),
+    ("[forward]\nfailback_s = -1", "forward.failback_s", "-1", "0 to 86400 s"),
+    ('[forward]\nfailback_s = "60"', "forward.failback_s", "'60'", "without quotes"),
     ("[time]\nutc_offset_minutes = 900", "time.utc_offset_minutes", "900", "420"),
     ("[time]\nsimulate_speed = 0", "time.simulate_speed", "0", "1 in the field"),
     ('[time]\nsimulate_from = "2027-02-01"', "time.simulate_from", "'2027-02-01'", "2027-01-31T16:30:00Z"),
     ("[time]\nsimulate_from = 2027-02-01T00:00:00", "time.simulate_from", None, "its UTC offset"),
+    ("[time]\nsimulate_since = 5", "time.simulate_since", "5", "simulate_since = 2027-01-31T16:30:00Z"),
     ('[http]\nlisten = "9466"', "http.listen", "'9466'", "127.0.0.1:9466"),
     ('[htpp]\nlisten = "127.0.0.1:1"', "htpp", None, "did you mean 'http'"),
 ])
@@ -216,3 +219,15 @@ def test_a_simulated_sites_wall_clock_starts_where_asked_and_runs_at_its_speed(t
     assert 1801413000.0 <= first < 1801413000.0 + 20000 * elapsed
     assert clock() - first >= 20000 * 0.05 * 0.9       # 50 ms of the host's is 1,000 s of the site's
     assert wall_clock(load(write(tmp_path, MINIMAL)).time) is time.time
+
+
+def test_a_restarted_gateway_goes_on_with_the_simulated_sites_calendar(tmp_path):
+    """simulate_since pins the simulated clock to a real instant: a gateway started later (a restart in a
+    campaign) reads the same calendar as one that ran all along, not the site's start again."""
+    from gateway.service import wall_clock
+    real_start = time.time() - 10.0                       # the site wrote its config 10 s ago
+    text = (MINIMAL + "[time]\nsimulate_speed = 1000\nsimulate_from = 2027-01-31T16:30:00Z\n"
+            f"simulate_since = {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(real_start))}\n")
+    clock = wall_clock(load(write(tmp_path, text)).time)
+    ahead = clock() - 1801413000.0
+    assert 9_000 <= ahead <= 12_000, ahead               # 10 s of the host's at 1000x, from the site's start

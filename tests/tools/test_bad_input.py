@@ -408,6 +408,13 @@ def cases():
     add("board-run-control-too-long", brun + ["--control", "s" * 120], "--control")
     add("board-run-vm", brun + ["--vm", "unix16"], "--vm")
 
+    # prapa campaign: refused before a site starts
+    for option, value in [("--faults", "meteor=3"), ("--faults", "power_cut=-1"), ("--faults", "power_cut=x"),
+                          ("--speed", "0"), ("--hours", "nan"), ("--hours", "0"), ("--boards", "65"),
+                          ("--quiet", "-1")]:
+        add(f"campaign{option}={value}", ["campaign", option, value], option)
+    add("campaign-hours-too-short", ["campaign", "--hours", "0.1", "--speed", "1000"], "--hours")
+
     # prapa bench: only the parsing (a set that parsed would start a benchmark)
     for sub, option, kinds in [("boot", "--boots", "whole"), ("doser", "--speed", "whole"),
                                ("doser", "--jitter-s", "whole"), ("firmware", "--jitter-s", "number"),

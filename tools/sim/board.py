@@ -546,6 +546,16 @@ class SimBoard:
         cmd = request.get("cmd")
         if cmd == "status":
             return {"ok": True, **self.status()}
+        if cmd == "line_noise":       # bytes on the board's TX line, as a bad cable or a motor nearby puts there
+            data = request.get("hex")
+            try:
+                noise = bytes.fromhex(data) if isinstance(data, str) and len(data) <= 8192 else None
+            except ValueError:
+                noise = None
+            if not noise:
+                return {"ok": False, "error": "hex: give 1 to 4096 bytes as hex"}
+            os.write(self.uart_master, noise)
+            return {"ok": True, "bytes": len(noise)}
         if cmd == "truth":            # what the world had done by an earlier instant of its clock
             t_us = request.get("t_us")
             if isinstance(t_us, bool) or not isinstance(t_us, int) or not 0 <= t_us <= self._world_now_us():
@@ -561,7 +571,7 @@ class SimBoard:
         if cmd == "stop":
             self.running = False
             return {"ok": True}
-        return {"ok": False, "error": f"unknown command {cmd!r}: use status, truth, power_cut, set or stop"}
+        return {"ok": False, "error": f"unknown command {cmd!r}: use status, truth, power_cut, line_noise, set or stop"}
 
     def status(self):
         return {"board": self.board.name, "role": self.role, "uart": self.uart_path, "console": self.console_path,

@@ -82,6 +82,10 @@ class BoardProcess:
     def status(self):
         return self.control({"cmd": "status"})
 
+    def line_noise(self, data):
+        """Put bytes on the board's serial line towards the gateway (noise, garbage, half frames)."""
+        return self.control({"cmd": "line_noise", "hex": bytes(data).hex()})
+
     def truth(self, t_us):
         """The world's truth at an earlier instant of its clock (status()["world"]["t_us"] is now)."""
         return self.control({"cmd": "truth", "t_us": int(t_us)})["world"]

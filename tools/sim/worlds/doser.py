@@ -180,6 +180,7 @@ class ChlorinePlant:
         self.stroke_level = 0
         self.first_enable_write = True
         self.strokes = self.strokes_dry = 0
+        self.last_stroke_us, self.min_stroke_gap_us = None, None   # the pump's fastest stroke to stroke
         self.solution_ml = 0.0
         self.mass_lost_mg = 0.0
         self.fb_depth = 0
@@ -479,6 +480,10 @@ class ChlorinePlant:
         p = self.params
         self._check_refill()
         self.strokes += 1
+        if self.last_stroke_us is not None:
+            gap = t_us - self.last_stroke_us
+            self.min_stroke_gap_us = gap if self.min_stroke_gap_us is None else min(self.min_stroke_gap_us, gap)
+        self.last_stroke_us = t_us
         if p["feedback_fail"] or self.tank_ml <= 0:
             self.strokes_dry += 1
             return
@@ -537,6 +542,9 @@ class ChlorinePlant:
             "pump_enabled": self.pump_en,
             "safe_starts": self.safe_starts,        # resets after which the board drove the pump off first
             "unsafe_starts": self.unsafe_starts,    # ... drove it on first (a defect)
+            # the shortest time between two strokes the pump made (None: fewer than two): below
+            # 60 / max_spm the board broke its hard limit
+            "min_stroke_gap_s": None if self.min_stroke_gap_us is None else round(self.min_stroke_gap_us / 1e6, 6),
         }
 
 
