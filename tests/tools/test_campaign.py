@@ -3,11 +3,13 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tools.campaign import ledger_checks, parse_faults, schedule
 from tools.ledger import LedgerStore
+from tools.rigs.secrets_scan import keys_from_registry, scan
 
 METER, DOSER = "00002001", "00002002"
 
@@ -94,6 +96,18 @@ def test_a_short_campaign_over_every_role_loses_nothing_beyond_the_stated_bound(
             assert d["truth"] > 0 and 0 <= d["lost"] <= d["bound"], d
     assert sum(d["cuts"] for d in report["devices"].values()) == 4
     assert report["conflicts"] == 0 and report["invalid"] == 0
+    # Secrets: nothing the run left (logs, the gateway's store, the broker's files, the ledger with every
+    # payload it took, reports) nor what it printed holds a device key in any encoding, but the registry
+    # and the boards' own flash, which must.
+    town = tmp_path / "town"
+    keys = keys_from_registry(town / "data" / "registry.db")
+    assert len(keys) == 6
+    hits = scan([town, ("stdout", r.stdout), ("stderr", r.stderr)], keys)
+    where = {Path(h.source.split("#")[0]).name for h in hits}
+    assert "registry.db" in where and "meter-001.img" in where      # the scan saw the files that must hold them
+    assert where <= {"registry.db", "registry.db-wal"} | {f"{n}.img" for n in
+                                                         ("meter-001", "doser-001", *(f"drain-00{i}" for i in range(1, 5)))}, \
+        [str(h) for h in hits if not h.source.endswith((".img", ".db", ".db-wal"))]
 
 
 @pytest.mark.soak
