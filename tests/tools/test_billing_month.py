@@ -8,7 +8,8 @@ loses its power twice in the month, the other once. The bill of each meter must 
 consumption between the instants its bill starts and ends at, less only what the board can lose per
 power cut before it counted it (checkpoint_pulses), and each cut must be a flagged, exact gap.
 
-Also run: `prapa ledger` figures in the note come from this test's printout (pytest -s).
+Marked soak (about 65 s): `./dev test -m soak tests/tools/test_billing_month.py -s` prints each meter's bill
+beside the world's truth.
 """
 
 import datetime as dt
