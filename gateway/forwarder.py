@@ -28,10 +28,22 @@ newest whatever was lost with a connection. These are state, not entries: nothin
 The status (prapa/v1/<site>/gateway/status) is "online" at each connection, "offline" on a clean
 stop, and "offline"/"connection_lost" as the connection's last will, which the broker publishes when
 the gateway dies without a DISCONNECT (SIGKILL, power, network).
+
+Failover and failback: brokers are tried in their listed order, the next one when a connection fails or
+ends. brokers[0] is the preferred one: while connected to any other, the thread probes brokers[0] every
+failback_s (a TCP connect, non-blocking, checked once per loop turn, so publishing goes on meanwhile;
+only the name lookup, if brokers[0] is a host name, is a blocking call). When it answers, the thread stops
+taking new entries, waits a short while for the PUBACKs in flight, DISCONNECTs cleanly (no last will: the
+gateway is not offline, it moves; a broker apart from brokers[0], not in one cluster with it, keeps the
+"online" it was given) and connects to brokers[0], which gets "online" and the retained state afresh. Whatever was not PUBACKed stays pending in the store and goes again to brokers[0], the same
+identity. Replay requests and commands that arrive while it drains are carried over to the next
+connection. If brokers[0] then refuses MQTT, the rotation goes on as after any failure; failback_s = 0
+turns failback off (the forwarder stays where it is, as before).
 """
 
 import asyncio
 import collections
+import errno
 import logging
 import random
 import select
@@ -49,10 +61,14 @@ from paho.mqtt.properties import Properties
 from gateway import forward_format as ff
 from gateway.logs import log_event
 from gateway.store import Store
+from protocol.errors import UsageError
 
 log = logging.getLogger("prapa.gateway.forwarder")
 UNSUPPORTED_PROTOCOL_VERSION = 0x84
 BACKLOG_EVERY_S = 2.0
+FAILBACK_S = 60.0                # default: how often brokers[0] is probed while connected to another broker
+FAILBACK_PROBE_S = 2.0           # a probe's TCP connect gives up after this (or connect_timeout_s if shorter)
+FAILBACK_DRAIN_S = 2.0           # before leaving for brokers[0]: wait this long at most for PUBACKs in flight
 
 
 _log = partial(log_event, log)   # _log(level, event, exc_info=False, **fields): one JSON object per line
@@ -60,12 +76,26 @@ _log = partial(log_event, log)   # _log(level, event, exc_info=False, **fields):
 
 class Forwarder:
     """store: a Store (its path is reopened on the forwarder's thread) or a path.
-    config: a ForwarderConfig or a dict in the shape of the [forwarder] TOML table."""
+    config: a ForwarderConfig or a dict in the shape of the [forwarder] TOML table.
+    failback_s: probe brokers[0] this often (seconds) while connected to another broker, and go back to it
+    when it answers; 0: never. A dict config may carry it as "failback_s" instead."""
 
-    def __init__(self, store, config):
+    def __init__(self, store, config, failback_s=None):
         self.store_path = store.path if isinstance(store, Store) else str(store)
-        self.config = config if isinstance(config, ff.ForwarderConfig) else ff.ForwarderConfig.from_dict(config)
+        if not isinstance(config, ff.ForwarderConfig):
+            config = dict(config)
+            if "failback_s" in config:
+                failback_s = config.pop("failback_s")
+            config = ff.ForwarderConfig.from_dict(config)
+        self.config = config
         self.config.check()
+        if failback_s is None:
+            failback_s = getattr(config, "failback_s", FAILBACK_S)
+        if isinstance(failback_s, bool) or not isinstance(failback_s, (int, float)) or not 0 <= failback_s < 1e9:
+            raise UsageError("[forwarder] failback_s", f"{failback_s!r} is not a number of seconds from 0",
+                             "give seconds between probes of the first broker, e.g. 60 (0: never fail back)")
+        self.failback_s = float(failback_s)
+        self.failbacks = 0            # returns to brokers[0] after a probe found it back
         self.published = 0            # messages sent to a broker (replays included)
         self.acked = 0                # messages PUBACKed
         self.forwarded = 0            # entries marked forwarded after a PUBACK
@@ -87,12 +117,14 @@ class Forwarder:
         self._thread = None
         self._refused_ids = set()
         self._inflight, self._inflight_ids, self._window = {}, set(), 1
+        self._refused = False         # the last connection ended with the broker refusing a publish
         self._retained, self._retain_due, self._retain_lock = {}, [], threading.Lock()   # topic -> payload
         self.retained_published = 0   # retained messages sent (PUBACKs counted in acked)
         # Commands from the cloud: on_command(topic, payload) is called on this thread for each message on
         # prapa/v1/<site>/<device>/command (the service takes it from there); publish() sends the results.
         self.on_command = None
         self._outbox, self._asked = collections.deque(), collections.deque()   # (topic, payload); replays
+        self._carried = collections.deque()   # requests that came while leaving a broker: served on the next
 
     # -- the asyncio / service side ---------------------------------------------------------------
 
@@ -150,6 +182,7 @@ class Forwarder:
         pick = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 6) if lat else None)
         return {"published": self.published, "acked": self.acked, "forwarded": self.forwarded,
                 "refused": self.refused, "replays": self.replays, "reconnects": self.reconnects,
+                "failbacks": self.failbacks,
                 "pruned": self.pruned, "broker": self.broker, "protocol": self.protocol,
                 "connected": self.connected, "backlog": self.backlog, "last_error": self.last_error,
                 "puback_latency_p50_s": pick(0.5), "puback_latency_p99_s": pick(0.99)}
@@ -167,11 +200,15 @@ class Forwarder:
             while not self._stopping.is_set():
                 client = self._connect(index)
                 if client is not None:
-                    attempt = 0
-                    self._serve(client, store, index)
+                    failback = self._serve(client, store, index)
                     if self._stopping.is_set():
                         break
+                    if not self._refused:     # a broker refusing what we publish backs off as one that is down
+                        attempt = 0
                     self.reconnects += 1
+                    if failback:              # brokers[0] answered a probe: straight there, no backoff
+                        index = 0
+                        continue
                 index = (index + 1) % len(self.config.brokers)
                 ceiling = min(self.config.backoff_max_s, self.config.backoff_initial_s * 2 ** attempt)
                 attempt += 1
@@ -206,10 +243,11 @@ class Forwarder:
         client.connect_timeout = cfg.connect_timeout_s
         if broker.username is not None:
             client.username_pw_set(broker.username, broker.password)
-        state = {"connack": None, "props": None, "lost": False, "acks": [], "requests": collections.deque()}
+        state = {"connack": None, "props": None, "lost": False, "acks": [], "requests": collections.deque(),
+                 "refused": []}
         client.on_connect = lambda _c, _u, _f, rc, props: state.update(connack=rc, props=props)
         client.on_disconnect = lambda *_a: state.__setitem__("lost", True)
-        client.on_publish = lambda _c, _u, mid, _rc, _p: state["acks"].append((mid, time.monotonic()))
+        client.on_publish = partial(self._on_puback, state)
         client.on_message = lambda _c, _u, msg: state["requests"].append(msg)
         client.user_data_set(state)
         # The last will: the broker says "offline" for us when this connection dies without a DISCONNECT.
@@ -271,6 +309,15 @@ class Forwarder:
              window=self._window)
         return client
 
+    @staticmethod
+    def _on_puback(state, _client, _userdata, mid, reason, _props):
+        """A PUBACK: an acknowledgement, or (MQTT 5, reason >= 0x80) the broker refusing the message (not
+        authorized: the ACL; quota exceeded...), which must not mark its entries sent."""
+        if getattr(reason, "is_failure", False):
+            state["refused"].append((mid, str(reason)))
+        else:
+            state["acks"].append((mid, time.monotonic()))
+
     def _failed(self, where, event, problem):
         self.last_error = f"{where}: {problem}"
         _log(logging.ERROR, event, error=self.last_error)
@@ -305,14 +352,23 @@ class Forwarder:
         return kicked
 
     def _serve(self, client, store, index):
-        """Publish, settle PUBACKs and answer replays until the connection ends or stop() is called."""
+        """Publish, settle PUBACKs and answer replays until the connection ends or stop() is called, or
+        (on a broker other than brokers[0]) until a probe finds brokers[0] back: True then."""
         state = client.user_data_get()
         self._inflight, self._inflight_ids = {}, set()   # mid -> (entry ids, publish time); ids in flight
+        self._refused = False
         with self._retain_lock:                           # a new connection: the broker gets every one again
             self._retain_due = list(self._retained)
+        state["requests"].extend(self._carried)
+        self._carried.clear()
         look, next_look = True, 0.0
+        probe, failback = None, False
+        probe_at = time.monotonic() + self.failback_s if index != 0 and self.failback_s > 0 else None
         while not self._stopping.is_set() and not state["lost"]:
             self._settle(store, state["acks"])
+            if state["refused"]:
+                self._refused_by_broker(state, index)
+                break
             while state["requests"] and not state["lost"]:
                 msg = state["requests"].popleft()
                 if msg.topic.endswith("/command"):
@@ -334,10 +390,23 @@ class Forwarder:
                 next_look = now + self.config.poll_s
                 room = len(self._inflight) < self._window
             self._housekeeping(store)
+            if probe_at is not None and now >= probe_at:
+                probe, failback = self._probe(probe)
+                if failback:
+                    break
+                if probe is None:
+                    probe_at = now + self.failback_s
             kicked = self._io(client, state, 0 if look and room else min(self.config.poll_s, 1.0))
             look = look or kicked or bool(state["acks"])
+        if probe is not None:
+            probe[0].close()
         url = self.config.brokers[index].url
-        if state["lost"]:
+        if failback and not state["lost"] and not self._stopping.is_set():
+            self._fail_back(client, store, state, url)
+            return True
+        if state["refused"]:
+            client.disconnect()                   # publish_refused said why; the next connection sends it again
+        elif state["lost"]:
             self.last_error = f"broker {url}: connection lost"
             _log(logging.WARNING, "broker_connection_lost", broker=url, unacked_messages=len(self._inflight),
                  unacked_entries=len(self._inflight_ids))
@@ -346,6 +415,61 @@ class Forwarder:
             self._say_offline(client, state)
             client.disconnect()
             _log(logging.INFO, "broker_disconnected", broker=url, unacked_entries=len(self._inflight_ids))
+        self.connected = False
+        return False
+
+    def _probe(self, probe):
+        """One step of a non-blocking TCP connect to brokers[0]: (probe, answered). probe is None before the
+        first step and after the last; (socket, deadline) while the connect is under way."""
+        broker = self.config.brokers[0]
+        if probe is None:
+            sock = None
+            try:
+                family, kind, proto, _name, addr = socket.getaddrinfo(broker.host, broker.port,
+                                                                      type=socket.SOCK_STREAM)[0]
+                sock = socket.socket(family, kind, proto)
+                sock.setblocking(False)
+                err = sock.connect_ex(addr)
+            except OSError as e:
+                if sock is not None:
+                    sock.close()
+                _log(logging.DEBUG, "broker_failback_probe", broker=broker.url, answered=False, error=str(e))
+                return None, False
+            if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+                sock.close()
+                _log(logging.DEBUG, "broker_failback_probe", broker=broker.url, answered=False,
+                     error=errno.errorcode.get(err, str(err)))
+                return None, False
+            return (sock, time.monotonic() + min(FAILBACK_PROBE_S, self.config.connect_timeout_s)), False
+        sock, deadline = probe
+        try:
+            _r, writable, _x = select.select([], [sock], [], 0)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if writable else None
+        except OSError as e:
+            writable, err = True, e.errno or -1
+        if not writable and time.monotonic() < deadline:
+            return probe, False
+        sock.close()
+        answered = err == 0
+        if not answered:
+            _log(logging.DEBUG, "broker_failback_probe", broker=broker.url, answered=False,
+                 error="timed out" if err is None else errno.errorcode.get(err, str(err)))
+        return None, answered
+
+    def _fail_back(self, client, store, state, url):
+        """brokers[0] is back: settle what is in flight (briefly), keep requests that came meanwhile for the
+        next connection, and leave with a DISCONNECT (no last will; the gateway stays online)."""
+        deadline = time.monotonic() + min(FAILBACK_DRAIN_S, self.config.connect_timeout_s)
+        while self._inflight and not state["lost"] and not self._stopping.is_set() and time.monotonic() < deadline:
+            self._io(client, state, 0.05)
+            self._settle(store, state["acks"])
+        self._settle(store, state["acks"])
+        self._carried.extend(state["requests"])
+        state["requests"].clear()
+        self.failbacks += 1
+        _log(logging.INFO, "broker_failback", broker=url, to=self.config.brokers[0].url,
+             unacked_entries=len(self._inflight_ids), carried_requests=len(self._carried))
+        client.disconnect()
         self.connected = False
 
     @property
@@ -373,6 +497,17 @@ class Forwarder:
             self._io(client, state, 0.05)
         with self._retain_lock:           # the next connection says "online" afresh
             self._retained.pop(ff.status_topic(self.config.site), None)
+
+    def _refused_by_broker(self, state, index):
+        """The broker refused a publish: nothing it carried is marked sent; this connection ends and the next
+        one (after the usual backoff) sends it again, so a broker that keeps refusing is loud, never lossy."""
+        self._refused = True
+        mid, reason = state["refused"][0]
+        url = self.config.brokers[index].url
+        self.last_error = f"broker {url}: refused a publish ({reason}); fix: check its ACL for this gateway's user"
+        _log(logging.ERROR, "publish_refused", broker=url, reason=reason, refused=len(state["refused"]),
+             unacked_entries=len(self._inflight_ids))
+        state["lost"] = True
 
     def _publish_retained(self, client):
         """Send the retained payloads due, newest of each topic, within the in-flight window."""

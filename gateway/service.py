@@ -318,7 +318,7 @@ class Service:
                                  wall_clock=wall_clock(cfg.time))
         self.sessions.on_command_result = self._command_result
         self.sessions.on_heard = self._heard
-        self.forwarder = Forwarder(self.store, forwarder_config(cfg))
+        self.forwarder = Forwarder(self.store, forwarder_config(cfg), failback_s=cfg.forward.failback_s)
         self.forwarder.on_command = self._command_arrived
         self._inbox = collections.deque()     # work handed from the forwarder's thread to the loop's
         self._loop = None

@@ -515,3 +515,74 @@ def test_the_gateway_status_is_online_retained_offline_on_a_clean_stop_and_its_l
         for s in (sub, later):
             if s is not None:
                 s.close()
+
+
+def test_failback_to_the_first_broker_when_it_returns_loses_nothing(tmp_path, forwarders, caplog):
+    """The first broker is SIGKILLed: delivery goes on to the second; it comes back on the same port and the
+    forwarder, probing it every failback_s, is on it again within failback_s + a margin, boards committing
+    all along. A persistent QoS 1 subscriber on each broker: together they saw every entry. The first
+    broker saves its sessions every second (autosave_interval 1), so its subscriber's subscription
+    survives the kill as a managed broker's would, and what the forwarder sends there at once is queued."""
+    caplog.set_level(logging.INFO, logger="prapa.gateway.forwarder")
+    failback_s = 1.0
+    b1 = Broker(tmp_path / "b1", extra_conf=["max_queued_messages 0", "autosave_interval 1"])
+    b2 = Broker(tmp_path / "b2", extra_conf=["max_queued_messages 0"])
+    subs = [Subscriber(b1.host, b1.port, "cloud-8a"), Subscriber(b2.host, b2.port, "cloud-8b")]
+    time.sleep(1.5)                                  # b1 has saved cloud-8a's subscription
+    store = Store(tmp_path / "g.db")
+    fwd = forwarders(store, config(b1, b2, failback_s=failback_s))
+    assert fwd.failback_s == failback_s
+    fwd.start()
+    committed, running = [], threading.Event()
+    running.set()
+
+    def board(device):
+        w, start = Store(tmp_path / "g.db"), 0
+        while running.is_set():
+            w.commit(entries(device, 9, range(start, start + 10)))
+            committed.extend((device, 9, s) for s in range(start, start + 10))
+            start += 10
+            fwd.kick()
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=board, args=(d,)) for d in (20, 21)]
+    for t in threads:
+        t.start()
+    try:
+        url1, url2 = f"mqtt://{b1.host}:{b1.port}", f"mqtt://{b2.host}:{b2.port}"
+        wait_for(lambda: len(subs[0].identities()) > 300, what="forwarding to the first broker")
+        b1.kill()
+        wait_for(lambda: fwd.broker == url2 and fwd.connected, what="failover to the second broker")
+        on_b2 = len(subs[1].identities())
+        wait_for(lambda: len(subs[1].identities()) > on_b2 + 300, what="delivery going on at the second broker")
+        time.sleep(2 * failback_s)                   # probes of the dead broker fail meanwhile: it stays on b2
+        assert fwd.broker == url2 and fwd.failbacks == 0
+        b1.restart()
+        back = time.monotonic()
+        wait_for(lambda: fwd.broker == url1 and fwd.connected, timeout_s=failback_s + 4, what="failback to b1")
+        took = time.monotonic() - back
+        assert took <= failback_s + 4 and fwd.failbacks == 1
+        on_b1 = len(subs[0].identities())
+        wait_for(lambda: len(subs[0].identities()) > on_b1 + 300, what="delivery on the first broker again")
+    finally:
+        running.clear()
+        for t in threads:
+            t.join()
+    fwd.kick()
+    wait_for(lambda: pending_count(store) == 0, timeout_s=20, what="the last PUBACKs")
+    want = set(committed)
+    wait_for(lambda: subs[0].identities() | subs[1].identities() >= want, timeout_s=10, what="every identity")
+    missing = want - (subs[0].identities() | subs[1].identities())
+    assert not missing, f"{len(missing)} identities lost, e.g. {sorted(missing)[:5]}"
+    assert fwd.broker == url1 and fwd.failbacks == 1
+    events = [json.loads(r.getMessage()) for r in caplog.records if r.name == "prapa.gateway.forwarder"]
+    fb = [e for e in events if e["event"] == "broker_failback"]
+    assert len(fb) == 1 and fb[0]["broker"] == url2 and fb[0]["to"] == url1
+    # The move is a clean DISCONNECT: the second broker holds no last will; the first says "online" again.
+    assert all(s["reason"] != "connection_lost" for s in _status_states(subs[1]))
+    wait_for(lambda: _status_states(subs[0]) and _status_states(subs[0])[-1]["state"] == "online",
+             what="online on the first broker")
+    for s in subs:
+        s.close()
+    b1.stop()
+    b2.stop()
