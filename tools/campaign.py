@@ -13,6 +13,9 @@ and, on a schedule drawn from --seed, injects real faults while it runs:
   broker_kill   SIGKILL of Mosquitto: down until the supervisor restarts it
                 (0.5-8 s: hours of board time at --speed)
   line_noise    garbage, half frames and a burst of 0x00 on a board's serial line
+  disk_full     the gateway's data folder (a tmpfs of 256 MB: root only) filled to
+                30 MB free, below its min_free_mb, for 7 s, then emptied: the gateway
+                withholds acknowledgements and the boards keep their logs meanwhile
 
 Every other board starts one second before its 2**30 ms tick wrap. In the last
 --quiet seconds every sensor is idle, so the last readings close on the truth.
@@ -37,7 +40,9 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import threading
@@ -49,7 +54,10 @@ from protocol.roles import catalog as roles
 from tools import args as types
 from tools.console import ConsoleReader, parse_status
 
-FAULT_KINDS = ("power_cut", "gateway_kill", "broker_kill", "line_noise")
+FAULT_KINDS = ("power_cut", "gateway_kill", "broker_kill", "line_noise", "disk_full")
+DISK_HOLD_S = 7.0          # a full disk lasts past the gateway's look at it (gateway/service.py DISK_CHECK_S)
+DISK_SIZE = "256m"         # the gateway's data folder: a tmpfs of this size (a disk_full campaign, as root)
+FILL_LEAVES_MB = 30        # what filling it leaves free: below the site's min_free_mb (50)
 WARMUP_S = 5.0             # the site's start and first readings before the first fault
 DEFAULT_QUIET_S = 4.0
 
@@ -64,7 +72,8 @@ def add_parser(sub):
     p.add_argument("--hours", type=types.number(0.0, 744.0, above=True, unit=" h (a month)"), default=6.0,
                    help="simulated hours of board time (default 6)")
     p.add_argument("--seed", type=types.whole(0), default=1, help="the fault schedule's seed (default 1)")
-    p.add_argument("--faults", default="power_cut=4,gateway_kill=2,broker_kill=1,line_noise=3", metavar="K=N,...",
+    p.add_argument("--faults", default="power_cut=4,gateway_kill=2,broker_kill=1,line_noise=3,disk_full=1",
+                   metavar="K=N,...",
                    help="how many of each fault (" + ", ".join(FAULT_KINDS) + ")")
     p.add_argument("--quiet", type=types.number(0.0, 600.0, unit=" s"), default=DEFAULT_QUIET_S, metavar="S",
                    help=f"real seconds at the end with every sensor idle (default {DEFAULT_QUIET_S:g})")
@@ -100,6 +109,9 @@ def schedule(counts, span_s, seed):
 
 def check_args(args):
     counts = parse_faults(args.faults)
+    if counts["disk_full"] and (os.geteuid() != 0 or not shutil.which("mount")):
+        raise UsageError("--faults", "disk_full fills a tmpfs mounted for the gateway's data, which needs root",
+                         "run as root, or leave disk_full out")
     duration = args.hours * 3600 / args.speed
     if duration < WARMUP_S + args.quiet + 2:
         raise UsageError("--hours", f"{args.hours:g} h at {args.speed}x is {duration:.1f} s of the host's",
@@ -220,6 +232,22 @@ class Injector(threading.Thread):
     def _broker_kill(self):
         self.site.broker.proc.kill()
 
+    def _disk_full(self):
+        data = self.site.workdir / "data"
+        fill = data / "campaign-fill.bin"
+        free = shutil.disk_usage(data).free
+        size = free - FILL_LEAVES_MB * 2**20
+        if size > 0:
+            with open(fill, "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, size)
+        try:
+            end = time.monotonic() + DISK_HOLD_S
+            while time.monotonic() < end:
+                if self._idle_wait(0.2):
+                    return
+        finally:
+            fill.unlink(missing_ok=True)
+
     def _line_noise(self):
         _name, _device_id, vb = self.rng.choice(self.site.boards)
         rng = self.rng
@@ -320,6 +348,7 @@ def run(args):
     site_args = argparse.Namespace(boards=args.boards, speed=args.speed, duration=duration, headless=True,
                                    report=None, board=args.board, workdir=str(workdir), keep=True,
                                    restart_limit=1000, vm=args.vm, wrap_ticks=True)
+    mounted = counts["disk_full"] > 0 and _mount_data(workdir / "data")
     site = S.Site(site_args, workdir)
     injector = Injector(site, schedule(counts, max(0.1, duration - WARMUP_S - args.quiet - 1), args.seed),
                         duration, args.quiet, args.seed)
@@ -335,6 +364,8 @@ def run(args):
             injector.join(10)
             for console in injector.consoles.values():
                 console.close()
+            if mounted:
+                _unmount_data(workdir / "data", keep_to=workdir / "data-kept")
     site_report = json.loads((workdir / "report.json").read_text())
     site_report["limits"] = site.plan_limits
     sections = {f"{d:08x}": section for d, section in site.plan_sections.items()}
@@ -349,6 +380,7 @@ def run(args):
         "gateway_rss_peak_mb": round(injector.gateway_rss_peak_kb / 1024, 1),
         "readings_at_broker": site_report.get("totals", {}).get("readings_at_broker"),
         "replays_asked": site.ledger.replays_asked if site.ledger is not None else 0,
+        "acks_withheld": _log_events(workdir / "gateway.log", "acks_withheld"),   # the disk guard, as logged
         **verdict, "ok": not verdict["problems"],
     }
     text = json.dumps(report, indent=2)
@@ -367,12 +399,42 @@ def run(args):
     return 0 if report["ok"] else 1
 
 
+def _log_events(path, event):
+    """How many times the gateway's log says `event`."""
+    try:
+        with open(path) as f:
+            return sum(1 for line in f if f'"event": "{event}"' in line)
+    except OSError:
+        return 0
+
+
+def _mount_data(data):
+    """A tmpfs of DISK_SIZE for the gateway's data folder: a disk a campaign can fill. UsageError if refused."""
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE},mode=0700", "prapa-campaign", str(data)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UsageError("--faults", f"disk_full: mounting a tmpfs at {data} failed ({r.stderr.strip()})",
+                         "run as root where mounts are allowed, or leave disk_full out")
+    return True
+
+
+def _unmount_data(data, keep_to):
+    """The gateway's data copied out (its store and registry: what a failed campaign is read from), then
+    the tmpfs unmounted."""
+    try:
+        shutil.copytree(data, keep_to, dirs_exist_ok=True)
+    finally:
+        subprocess.run(["umount", "--lazy", str(data)], capture_output=True)
+
+
 def summary(report):
     f = report["faults"]
     lines = [f"campaign seed {report['seed']}: {report['boards']} boards, {report['hours']:g} h at {report['speed']}x "
              f"in {report['seconds']} s; faults: " + ", ".join(f"{k} {v}" for k, v in f.items()),
              f"  gateway/broker restarts {report['restarts']}, gateway peak RSS {report['gateway_rss_peak_mb']} MB, "
              f"readings at the broker {report['readings_at_broker']}, replays asked for holes {report['replays_asked']}, "
+             f"acks withheld for a full disk {report['acks_withheld']}, "
              f"conflicts {report['conflicts']}, invalid {report['invalid']}"]
     for hexid, d in report["devices"].items():
         extra = (f", register {d['register']} of {d['truth']} ({d['lost']} lost, bound {d['bound']})"

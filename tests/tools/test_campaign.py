@@ -61,7 +61,7 @@ def test_a_clean_ledger_passes_and_every_broken_promise_is_named(tmp_path):
 
 def test_the_fault_schedule_is_the_seeds_and_bad_counts_are_refused():
     counts = parse_faults("power_cut=3, broker_kill=1")
-    assert counts == {"power_cut": 3, "gateway_kill": 0, "broker_kill": 1, "line_noise": 0}
+    assert counts == {"power_cut": 3, "gateway_kill": 0, "broker_kill": 1, "line_noise": 0, "disk_full": 0}
     plan = schedule(counts, 20.0, seed=7)
     assert plan == schedule(counts, 20.0, seed=7) != schedule(counts, 20.0, seed=8)
     assert sorted(k for _t, k in plan) == ["broker_kill"] + ["power_cut"] * 3
@@ -77,17 +77,18 @@ def _campaign(tmp_path, *args, timeout=300):
 
 
 def test_a_short_campaign_over_every_role_loses_nothing_beyond_the_stated_bound(tmp_path):
-    """Six boards (a meter, the doser, four drains; every other one across its tick wrap), 12 h of board
-    time at 1500x (29 s), with power cuts, gateway and broker SIGKILLs and line noise."""
-    faults = "power_cut=4,gateway_kill=2,broker_kill=2,line_noise=3"
-    r, report = _campaign(tmp_path, "--boards", "6", "--speed", "1500", "--hours", "12", "--seed", "4",
+    """Six boards (a meter, the doser, four drains; every other one across its tick wrap), 16 h of board
+    time at 1500x (38 s), with power cuts, gateway and broker SIGKILLs, line noise and a full disk."""
+    faults = "power_cut=4,gateway_kill=2,broker_kill=2,line_noise=3,disk_full=1"
+    r, report = _campaign(tmp_path, "--boards", "6", "--speed", "1500", "--hours", "16", "--seed", "4",
                           "--faults", faults)
     assert report is not None, r.stderr[-3000:]
-    print("\n" + json.dumps({k: report[k] for k in ("faults", "restarts", "replays_asked", "gateway_rss_peak_mb",
-                                                      "conflicts", "invalid")}))
+    print("\n" + json.dumps({k: report[k] for k in ("faults", "restarts", "replays_asked", "acks_withheld",
+                                                      "gateway_rss_peak_mb", "conflicts", "invalid")}))
     assert r.returncode == 0 and report["ok"], report["problems"]
     assert report["faults"] == parse_faults(faults)                 # every fault was carried out
     assert report["restarts"] >= 4                                  # each kill was a real death and restart
+    assert report["acks_withheld"] >= 1                             # the full disk was seen by the gateway
     roles = {d["role"] for d in report["devices"].values()}
     assert roles == {"meter", "doser", "drain"}
     assert all(d["readings"] > 20 for d in report["devices"].values()), report["devices"]
@@ -100,7 +101,8 @@ def test_a_short_campaign_over_every_role_loses_nothing_beyond_the_stated_bound(
     # payload it took, reports) nor what it printed holds a device key in any encoding, but the registry
     # and the boards' own flash, which must.
     town = tmp_path / "town"
-    keys = keys_from_registry(town / "data" / "registry.db")
+    data = town / "data-kept"                        # the gateway's data, copied off its tmpfs at the end
+    keys = keys_from_registry(data / "registry.db")
     assert len(keys) == 6
     hits = scan([town, ("stdout", r.stdout), ("stderr", r.stderr)], keys)
     where = {Path(h.source.split("#")[0]).name for h in hits}
@@ -115,6 +117,7 @@ def test_a_short_campaign_over_every_role_loses_nothing_beyond_the_stated_bound(
 def test_fifty_boards_for_a_simulated_week_under_every_fault(tmp_path):
     """The soak (about 20 minutes): 50 boards of every role over a week of board time."""
     r, report = _campaign(tmp_path, "--boards", "50", "--speed", "600", "--hours", "168", "--seed", "16",
-                          "--faults", "power_cut=60,gateway_kill=20,broker_kill=10,line_noise=40", timeout=3600)
+                          "--faults", "power_cut=60,gateway_kill=20,broker_kill=10,line_noise=40,disk_full=5",
+                          timeout=3600)
     assert report is not None, r.stderr[-3000:]
     assert r.returncode == 0 and report["ok"], report["problems"]
