@@ -284,6 +284,10 @@ def ledger_checks(db_path, report, cuts, sections):
         missing = {b: m for b, m in missing.items() if m}
         out.update(readings=len(readings), alarms=len(alarms), boots=len(seqs),
                    unknown_time=sum(1 for r in readings if r[6] == "unknown"))
+        made = row.get("readings_made")              # what the gateway committed (acknowledged to the board)
+        if made is not None and len(readings) < made:
+            out["problems"].append(f"{made - len(readings)} of the {made} readings the gateway committed never "
+                                   f"reached the ledger")
         if missing:
             out["problems"].append("entries never delivered (boot: seqs): " +
                                    "; ".join(f"{b}: {m[:10]}" for b, m in sorted(missing.items())))
@@ -378,7 +382,8 @@ def run(args):
         "seconds": round(time.monotonic() - started, 1), "workdir": str(workdir),
         "faults_planned": counts, "faults": injector.done, "restarts": len(site_report.get("restarts", [])),
         "gateway_rss_peak_mb": round(injector.gateway_rss_peak_kb / 1024, 1),
-        "readings_at_broker": site_report.get("totals", {}).get("readings_at_broker"),
+        "readings_made": site_report.get("totals", {}).get("readings_made"),        # committed by the gateway
+        "readings_at_ledger": sum(d["readings"] for d in verdict["devices"].values()),  # stored by the cloud
         "replays_asked": site.ledger.replays_asked if site.ledger is not None else 0,
         "acks_withheld": _log_events(workdir / "gateway.log", "acks_withheld"),   # the disk guard, as logged
         **verdict, "ok": not verdict["problems"],
@@ -433,7 +438,8 @@ def summary(report):
     lines = [f"campaign seed {report['seed']}: {report['boards']} boards, {report['hours']:g} h at {report['speed']}x "
              f"in {report['seconds']} s; faults: " + ", ".join(f"{k} {v}" for k, v in f.items()),
              f"  gateway/broker restarts {report['restarts']}, gateway peak RSS {report['gateway_rss_peak_mb']} MB, "
-             f"readings at the broker {report['readings_at_broker']}, replays asked for holes {report['replays_asked']}, "
+             f"readings made {report['readings_made']}, at the ledger {report['readings_at_ledger']}, "
+             f"replays asked for holes {report['replays_asked']}, "
              f"acks withheld for a full disk {report['acks_withheld']}, "
              f"conflicts {report['conflicts']}, invalid {report['invalid']}"]
     for hexid, d in report["devices"].items():

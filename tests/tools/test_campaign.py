@@ -22,7 +22,8 @@ def _reading(db, device, boot, seq, before, register, role="meter", seq_last=Non
 
 
 def _report(meter_pulses, doser_world):
-    return {"boards": [{"device_id": METER, "role": "meter", "world_truth": {"flow_meter": {"pulses": meter_pulses}}},
+    return {"boards": [{"device_id": METER, "role": "meter", "world_truth": {"flow_meter": {"pulses": meter_pulses}},
+                        "readings_made": 4},
                        {"device_id": DOSER, "role": "doser", "world_truth": {"chlorine_plant": doser_world}}],
             "limits": {DOSER: {"max_spm": 120}}}
 
@@ -54,7 +55,7 @@ def test_a_clean_ledger_passes_and_every_broken_promise_is_named(tmp_path):
     problems = "\n".join(ledger_checks(tmp_path / "bad.db", _report(30, world), {}, {})["problems"])
     for said in ("two different contents", "broke the northbound contract", "entries never delivered",
                  "register chain broken", "lost, the bound is 0 cuts", "driven on first after 1 resets",
-                 "faster than max_spm 120"):
+                 "faster than max_spm 120", "1 of the 4 readings the gateway committed never reached"):
         assert said in problems, (said, problems)
     bad.close()
 
