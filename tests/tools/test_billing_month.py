@@ -27,7 +27,7 @@ from tools.rigs.board import BOARD, wait_for
 from tools.sim.board import prepare_flash
 from tools.sim.process import BoardProcess
 
-SPEED = 40_000                                  # a day in 2.2 s of the host's
+SPEED = 10_000                                  # a day in 8.6 s of the host's: a VM that keeps up
 PERIOD, TZ = "2027-02", L.parse_tz("+07:00")
 SITE = "month"
 CHECKPOINT_PULSES = 10                          # the meter's default: the most a cut can lose (1 L a pulse)
@@ -48,10 +48,11 @@ def _interval_points(store, device):
     return points
 
 
-def _newest_register(store, device):
-    row = store.db.execute("SELECT register FROM readings WHERE device = ? AND series = 'interval' "
-                           "ORDER BY boot DESC, seq DESC LIMIT 1", (device,)).fetchone()
-    return None if row is None else row[0]
+def _two_dry_intervals(store, device):
+    """The newest two interval readings held counted nothing: the board has reported every pulse it saw."""
+    rows = store.db.execute("SELECT value FROM readings WHERE device = ? AND series = 'interval' "
+                            "ORDER BY boot DESC, seq DESC LIMIT 2", (device,)).fetchall()
+    return len(rows) == 2 and rows[0][0] == rows[1][0] == 0
 
 
 def _newest_boot(store, device):
@@ -64,7 +65,7 @@ def _newest_wall(store, device):
     return row[0] or 0.0
 
 
-@pytest.mark.soak          # 65 s: the default suite bills a site's run (tests/tools/test_site.py) instead
+@pytest.mark.soak          # 5 min: the default suite bills a site's run (tests/tools/test_site.py) instead
 def test_a_simulated_month_bills_each_meter_to_the_worlds_truth_within_the_checkpoint_bound(tmp_path):
     start, end = L.parse_period(PERIOD, TZ)
     board_def = boards.load(BOARD)
@@ -91,7 +92,7 @@ def test_a_simulated_month_bills_each_meter_to_the_worlds_truth_within_the_check
         gateway = GatewayProcess(config, log_path=tmp_path / "gateway.log").start()
         gateway.wait_started()
         # The town's main valve is shut for 3 h either side of each bound of the month (world time, from the
-        # first reading's clock): at 40,000x the VM samples its counter about every 10 min of simulated
+        # first reading's clock): at 10,000x the VM samples its counter every few minutes of simulated
         # time (an ESP32 every second), so water right at a bound could fall on either side of it.
         for device_id, vb in meters.items():
             hexid = f"{device_id:08x}"
@@ -102,14 +103,13 @@ def test_a_simulated_month_bills_each_meter_to_the_worlds_truth_within_the_check
             hexid = f"{device_id:08x}"
             wait_for(lambda: _newest_wall(ledger.store, hexid) >= at, 120, f"{hexid}'s readings up to {at}")
             # The taps close 80 ms (past the world's look-ahead) before the cut and open again once the new
-            # boot reports, as in the power-cut campaign (tools/rigs/power_cut.py): at 40,000x the VM's lag
-            # and its boot are hours of water, where an ESP32's are a pulse; the bound is the checkpoint's.
+            # boot reports, as in the power-cut campaign (tools/rigs/power_cut.py): at 10,000x the VM's lag
+            # and its boot are an hour of water, where an ESP32's are a pulse; the bound is the checkpoint's.
             boot = _newest_boot(ledger.store, hexid)
             meters[device_id].set_world("flow_meter", "forced_lpm", 0)
             time.sleep(0.08)
-            made = meters[device_id].status()["world"]["flow_meter"]["pulses"]
-            wait_for(lambda: _newest_register(ledger.store, hexid) == made, 60,
-                     f"{hexid} to report all {made} pulses before its cut")     # a loaded host's VM lags
+            wait_for(lambda: _two_dry_intervals(ledger.store, hexid), 60,
+                     f"{hexid} to report its last pulses before its cut")     # a loaded host's VM lags
             meters[device_id].power_cut()
             offsets[device_id].append(_offset(meters[device_id]))
             wait_for(lambda: _newest_boot(ledger.store, hexid) == boot + 1, 60, f"{hexid}'s boot after the cut")
@@ -146,7 +146,7 @@ def test_a_simulated_month_bills_each_meter_to_the_worlds_truth_within_the_check
                   f"to {row['end_at']}, {row['readings']} readings, {cuts_in} cuts, gaps: {gap_text}, "
                   f"exact={row['exact']}")
             # the bill stands within half an interval of the month's bounds: a board's clock is set by the
-            # gateway's time sync, which at 40,000x is off by its latency times the speed (2 ms: 80 s)
+            # gateway's time sync, which at 10,000x is off by its latency times the speed (2 ms: 20 s)
             for at, bound in ((row["start_at"], start), (row["end_at"], end)):
                 assert abs(dt.datetime.fromisoformat(at).timestamp() - bound) <= 1800, (at, bound)
             assert row["exact"], row["gaps"]

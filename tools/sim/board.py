@@ -219,6 +219,21 @@ class SimBoard:
             "rtc_memory": self.rtc_memory.hex(), "wake_pin": bool(sleep and sleep.by_pin),
         }
         env = dict(os.environ, PRAPA_VBOARD=json.dumps(params), MICROPYPATH=str(ROM_DIR))
+        # The pins' levels at power-on are in the pipe before the VM runs: a counter the app sets up reads
+        # the level its pin has (a reed contact left closed is low), as the ESP32's PCNT would, never a
+        # default that the first record then flips (a pulse counted that was never made).
+        t0 = params["board_us"]                  # the VM's first instant: these are due when it starts
+        levels = self.world.levels()
+        if sleep is not None and sleep.by_pin:
+            levels[sleep.wake_gpio] = 1         # the tip is over by the time a board has booted
+        first = bytearray()
+        for gpio, level in sorted(levels.items()):
+            first += RECORD.pack(K_LEVEL, gpio, 0, level, max(0, t0) & BOARD_US_MASK)
+        for gpio, uv in sorted(self.world.analog_levels().items()):
+            first += RECORD.pack(K_ANALOG, gpio, 0, int(uv), max(0, t0) & BOARD_US_MASK)
+        for t_us, gpio, rec_kind, value in (sleep.held if sleep else ()):
+            first += RECORD.pack(rec_kind, gpio, 0, value, max(0, t_us) & BOARD_US_MASK)
+        written = os.write(to_vm_w, first) if first else 0     # a few records: far within a pipe's buffer
         self.vm = subprocess.Popen(
             [self.vm_exe, "-X", self.board.heapsize_option(self.vm_name), "-i", str(ROM_DIR / "vboot.py")],
             stdin=slave, stdout=slave, stderr=slave, env=env, cwd=str(ROM_DIR),
@@ -235,17 +250,7 @@ class SimBoard:
         self.prompt = None
         self.tail = b""
         self.wdt_timeout_s = None
-        self.pending = bytearray()
-        t0 = self._board_us(self._world_now_us())
-        levels = self.world.levels()
-        if sleep is not None and sleep.by_pin:
-            levels[sleep.wake_gpio] = 1         # the tip is over by the time a board has booted
-        for gpio, level in sorted(levels.items()):
-            self.pending += RECORD.pack(K_LEVEL, gpio, 0, level, max(0, t0) & BOARD_US_MASK)
-        for gpio, uv in sorted(self.world.analog_levels().items()):
-            self.pending += RECORD.pack(K_ANALOG, gpio, 0, int(uv), max(0, t0) & BOARD_US_MASK)
-        for t_us, gpio, rec_kind, value in (sleep.held if sleep else ()):
-            self.pending += RECORD.pack(rec_kind, gpio, 0, value, max(0, t_us) & BOARD_US_MASK)
+        self.pending = bytearray(first[written:])
         self.log("vm_started", pid=self.vm.pid, reset_cause=cause, run_main=run_main)
 
     def _teardown_vm(self):
