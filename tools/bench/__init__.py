@@ -16,6 +16,13 @@
   boot   power-on to the app's banner on a virtual board, against a bare start
          of the same MicroPython VM (same heap); heap free after boot in bytes
          and as a share of the board's budget.
+  all       every benchmark of our stack above in one run (`prapa bench all [--quick] [--json FILE]`;
+            --quick: small counts, the whole run under a minute): one table of figure, value,
+            baseline and ratio, and with --json FILE one record of it (each figure with its meaning,
+            baseline and ratio; the command, commit, machine, Python, VM and date). See tools/bench/suite.py.
+  report    docs/benchmarks.md from that record (`prapa bench report FILE.json [--check]`, also
+            `python -m tools.bench.report`): generated, never edited by hand; --check exits 1 when the
+            page is not what the record gives.
 
 The benchmarks that run firmware (boot, protocol, firmware, site) take --vm: unix32
 (the reference: an ESP32's word size and float width, the board's heap budget in bytes)
@@ -49,9 +56,12 @@ def add_parser(sub):
     boot.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     vms.add_argument(boot)
     boot.set_defaults(func=bench_boot)
-    from tools.bench import doser, drain, firmware, gateway, protocol, site
-    for subject in (protocol, site, firmware, gateway, doser, drain):
+    from tools.bench import doser, drain, firmware, gateway, peers, protocol, site
+    for subject in (protocol, site, firmware, gateway, doser, drain, peers):
         subject.add_parser(bsub, type(p))
+    from tools.bench import report, suite
+    suite.add_parser(bsub)
+    report.add_parser(bsub)
 
 
 def bench_vm(args):
@@ -73,6 +83,28 @@ def _bare_vm_ms(board, n, vm=None):
 
 
 def bench_boot(args):
+    print_figures(measure_boot(args), args.json)
+    return 0
+
+
+# What each boot figure means and, for a ratio, its baseline (read by prapa bench all and docs/benchmarks.md);
+# BOOT_RATIOS are the ratios bench boot prints, which the record recomputes from the rows instead.
+BOOT_FIGURES = (
+    ("board", "the board definition booted"),
+    ("role", "the role it booted"),
+    ("vm", "the MicroPython VM it ran on"),
+    ("boots", "boots timed"),
+    ("bare_vm_start_ms_median", "a bare start of the same VM with the same heap (print(1)), median"),
+    ("board_boot_ms_median", "power-on to the app's banner, median, against a bare VM start", "bare_vm_start_ms_median"),
+    ("board_boot_ms_max", "power-on to the app's banner, slowest"),
+    ("heap_budget_bytes", "the board's heap budget"),
+    ("heap_free_after_boot_bytes", "heap free after boot, median, against the budget", "heap_budget_bytes"),
+)
+BOOT_RATIOS = ("boot_vs_bare_vm_ratio", "heap_free_after_boot_share")
+
+
+def measure_boot(args):
+    """The boot figures of one run (a dict)."""
     from tools.sim.process import BoardProcess
     board = boards.load(args.board)
     board.check_role(args.role)
@@ -97,7 +129,7 @@ def bench_boot(args):
                     free.append(banner["heap_free"])
         finally:
             vb.close()
-    figures = {
+    return {
         "board": board.name, "role": args.role, "vm": vm, "boots": args.boots,
         "bare_vm_start_ms_median": round(statistics.median(bare), 1),
         "board_boot_ms_median": round(statistics.median(boots), 1),
@@ -107,8 +139,6 @@ def bench_boot(args):
         "heap_free_after_boot_bytes": round(statistics.median(free)),
         "heap_free_after_boot_share": round(statistics.median(shares), 3),
     }
-    print_figures(figures, args.json)
-    return 0
 
 
 def print_figures(figures, as_json):

@@ -26,6 +26,34 @@ from tools import args as types
 FAST = {"link": {"sample_ms": 1000, "health_s": 600}}
 DAY_US = 86400e6
 
+# What each figure means and, for a ratio, its baseline (read by prapa bench all and docs/benchmarks.md);
+# RATIOS are the ratios this module prints, which the record recomputes from the rows instead.
+FIGURES = (
+    ("vm", "the MicroPython VM the board ran on"),
+    ("speed", "board clock speed of the simulated days"),
+    ("strokes_made", "pump strokes the world's pump made in the exactness day"),
+    ("strokes_counted", "strokes the board counted and reported, against those made", "strokes_made"),
+    ("stroke_count_error", "strokes counted minus strokes made (goal 0)"),
+    ("strokes_vs_schedule_ratio", "strokes made over the feed-forward schedule (litres x dose / strength x stroke)"),
+    ("solution_delivered_ml", "solution the pump delivered in the day, against the ideal (goal within 1 %)",
+     "solution_ideal_ml"),
+    ("solution_ideal_ml", "the ideal: the day's litres x dose / strength"),
+    ("heap_min_free_bytes", "the heap's low-water mark over the day, against the board's budget (goal >= 40 %)",
+     "heap_budget_bytes"),
+    ("heap_budget_bytes", "the esp32-devkitc's heap budget"),
+    ("timer_late_idle_p50_us", "control-timer lateness, idle board, median (real time)"),
+    ("timer_late_idle_p99_us", "the same, 99th percentile"),
+    ("timer_late_idle_max_us", "the same, maximum"),
+    ("timer_late_loaded_p50_us", "control-timer lateness with a stroke a second checkpointed, median, against idle",
+     "timer_late_idle_p50_us"),
+    ("timer_late_loaded_p99_us", "the same, 99th percentile", "timer_late_idle_p99_us"),
+    ("timer_late_loaded_max_us", "the same, maximum", "timer_late_idle_max_us"),
+    ("profile_*_tap_in_band_share", "share of the day the far tap is within 0.2-0.5 mg/L (that demand profile)"),
+    ("profile_*_outlet_max_mgl", "the outlet's maximum residual that day"),
+    ("profile_*_outlet_max_vs_ceiling", "the outlet's maximum over the site's residual ceiling"),
+)
+RATIOS = ("solution_delivered_vs_ideal_ratio", "heap_min_free_share", "timer_late_p99_loaded_vs_idle_ratio")
+
 
 def add_parser(bsub, parser_class):
     p = bsub.add_parser("doser", help="stroke exactness, volume vs ideal, far-tap band share, jitter, heap",
@@ -98,6 +126,12 @@ def _jitter(vm, seconds, progress):
 
 
 def run(args):
+    print_figures(measure(args), args.json)
+    return 0
+
+
+def measure(args):
+    """The figures of one run (a dict); the days' progress on stdout unless --json."""
     from protocol.roles import doser as spec
     from tools.sim.worlds.doser import PLANT_SECTION, SITE_LIMITS
     vm = bench_vm(args)
@@ -141,5 +175,4 @@ def run(args):
                                                                     3)
     if not args.json:
         print()
-    print_figures(figures, args.json)
-    return 0
+    return figures

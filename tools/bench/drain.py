@@ -53,6 +53,43 @@ BATTERY_MAH = 6800                     # two 18650 cells in parallel
 USABLE = 0.8
 SELF_DISCHARGE_PER_MONTH = 0.02        # a Li-ion cell's own loss, about 2 % a month at 25 C
 
+# What each figure means and, for a ratio, its baseline (read by prapa bench all and docs/benchmarks.md);
+# RATIOS are the ratios this module prints, which the record recomputes from the rows instead.
+FIGURES = (
+    ("vm", "the MicroPython VM the board's logic ran on"),
+    ("storms.storms", "seeded design storms run"),
+    ("storms.drains", "drains in the catchment, one partly blocked"),
+    ("storms.blocked_overflowed", "storms in which the blocked drain overflowed"),
+    ("storms.missed_before_overflow", "of those, storms with no alarm before the overflow (goal 0)"),
+    ("storms.lead_min_median", "minutes from the blocked drain's first alarm to its overflow, median"),
+    ("storms.lead_min_worst", "the same, worst storm"),
+    ("storms.flood_lead_min_median", "minutes from its first flood_danger or blocked alarm to the overflow, median"),
+    ("storms.flood_lead_min_worst", "the same, worst storm"),
+    ("storms.healthy_flood_or_blocked_alarms", "flood or blocked alarms of healthy drains the water did not justify "
+     "(goal 0)"),
+    ("storms.ranked_first_share", "share of overflows at which the ranking put the blocked drain first"),
+    ("dry_month.days", "days of showers, noise, lost echoes and a fault window per drain"),
+    ("dry_month.drains", "drains in that run"),
+    ("dry_month.false_alarms_per_drain_month", "level, flood, rising or blocked alarms per drain-month (goal 0)"),
+    ("dry_month.false_alarms", "those alarms, counted"),
+    ("dry_month.fault_windows", "sensor fault windows injected (one per drain)"),
+    ("dry_month.faults_reported", "sensor_fault alarms raised, against the windows injected", "dry_month.fault_windows"),
+    ("dry_month.samples_per_day", "wakes a day a drain made"),
+    ("power.wakes_per_day", "wakes a day (from the dry month)"),
+    ("power.link_awake_ms_measured", "real ms a deep-sleeping virtual board stays awake per wake (VM start to sleep)"),
+    ("power.awake_s_per_wake", "seconds awake per wake: boot, ping burst and that link time"),
+    ("power.rs485_days", "battery life on RS-485 (two 18650 cells, datasheet currents, self-discharge)"),
+    ("power.wifi_days", "battery life on Wi-Fi, against RS-485", "power.rs485_days"),
+    ("power.mah_per_day_rs485", "mAh a day on RS-485"),
+    ("power.mah_per_day_wifi", "mAh a day on Wi-Fi"),
+    ("heap.heap_min_free_bytes", "the drain board's lowest free heap over a storm, against the budget",
+     "heap.heap_budget_bytes"),
+    ("heap.heap_budget_bytes", "the esp32-devkitc's heap budget"),
+    ("heap.peak_heap_share", "the heap's peak use as a share of the budget"),
+    ("seconds", "wall seconds the drain benchmark took"),
+)
+RATIOS = ()
+
 
 def add_parser(bsub, parser_class):
     p = bsub.add_parser("drain", help="detection lead time, false alarms, ranking, battery life, heap",
@@ -60,7 +97,11 @@ def add_parser(bsub, parser_class):
     p.add_argument("--storms", type=types.count, default=20, help="seeded storms (default 20)")
     p.add_argument("--drains", type=types.count, default=10, help="drains in the catchment (default 10)")
     p.add_argument("--days", type=types.count, default=30, help="days of the dry month (default 30)")
-    p.add_argument("--quick", action="store_true", help="3 storms over 4 drains, a dry week over 3 drains")
+    p.add_argument("--wakes", type=types.count, default=8, help="deep-sleep wakes timed for the power figures (default 8)")
+    p.add_argument("--heap-hours", type=types.positive_seconds, default=None,
+                   help="storm hours on the virtual board for the heap figure (default 2; 0.5 with --quick)")
+    p.add_argument("--quick", action="store_true", help="3 storms over 4 drains, a dry week over 3 drains, "
+                   "half an hour of storm for the heap")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     vms.add_argument(p)
     p.set_defaults(func=run)
@@ -190,7 +231,9 @@ def _replay(job, vm=None):
     with tempfile.TemporaryDirectory(prefix="prapa-bench-drain-") as tmp:
         job = dict(job, flash=os.path.join(tmp, "flash%d.bin"), step=STEP_S)
         env = dict(os.environ, MICROPYPATH=f".frozen:{ROOT / 'firmware'}:{ROOT}:{ROOT / 'tools' / 'sim' / 'rom'}")
-        r = subprocess.run([vms.micropython_exe(vm), "-X", "heapsize=64M", "-c", VM_SCRIPT], input=json.dumps(job),
+        # The replay's heap, not a board's: a month of 10 drains is ~26 MB of JSON on stdin and a 2 MB list
+        # of echoes per drain (32-bit), which 64M did not always hold.
+        r = subprocess.run([vms.micropython_exe(vm), "-X", "heapsize=128M", "-c", VM_SCRIPT], input=json.dumps(job),
                            capture_output=True, text=True, env=env, timeout=1800)
     if r.returncode:
         raise AssertionError(f"the drain replay failed on the VM:\n{r.stdout[-1500:]}{r.stderr[-1500:]}")
@@ -404,6 +447,12 @@ def heap_share(vm=None, hours=2):
 
 
 def run(args):
+    print_figures(measure(args), args.json)
+    return 0
+
+
+def measure(args):
+    """The figures of one run (a dict, a section per part); the storms' progress on stdout unless --json."""
     from protocol.errors import UsageError
     count, drains, days = (3, 4, 7) if args.quick else (args.storms, args.drains, args.days)
     if drains < 2:
@@ -419,13 +468,12 @@ def run(args):
     if not args.json:
         print()
     figures["dry_month"] = dry_month(days, min(drains, 3) if args.quick else drains, vm)
-    awake_ms = wake_ms(vm)
+    awake_ms = wake_ms(vm, args.wakes)
     pings_s = 5 * 0.06
     awake_s = BOOT_S + pings_s + (awake_ms or 0) / 1000
     figures["power"] = {"wakes_per_day": figures["dry_month"]["samples_per_day"], "link_awake_ms_measured": awake_ms,
                         "awake_s_per_wake": round(awake_s, 2),
                         **battery(figures["dry_month"]["samples_per_day"], awake_s)}
-    figures["heap"] = heap_share(vm, 0.5 if args.quick else 2)
+    figures["heap"] = heap_share(vm, args.heap_hours or (0.5 if args.quick else 2))
     figures["seconds"] = round(time.monotonic() - t0, 1)
-    print_figures(figures, args.json)
-    return 0
+    return figures

@@ -30,6 +30,34 @@ from tools import args as types
 
 ERASE_CYCLES = 100_000          # NOR flash endurance per sector (ESP32 modules: 100k)
 
+# What each figure means and, for a ratio, its baseline (read by prapa bench all and docs/benchmarks.md);
+# RATIOS are the ratios this module prints, which the record recomputes from the rows instead.
+FIGURES = (
+    ("vm", "the MicroPython VM the board ran on"),
+    ("jitter_idle_us_p50_p99_max[0]", "sampling-timer lateness, idle board, median (us)"),
+    ("jitter_idle_us_p50_p99_max[1]", "the same, 99th percentile"),
+    ("jitter_idle_us_p50_p99_max[2]", "the same, maximum"),
+    ("jitter_load_us_p50_p99_max[0]", "sampling-timer lateness with 50 Hz bouncing pulses and the link busy, median, "
+     "against idle", "jitter_idle_us_p50_p99_max[0]"),
+    ("jitter_load_us_p50_p99_max[1]", "the same, 99th percentile", "jitter_idle_us_p50_p99_max[1]"),
+    ("jitter_load_us_p50_p99_max[2]", "the same, maximum", "jitter_idle_us_p50_p99_max[2]"),
+    ("heap_peak_share_of_budget", "the heap's peak use as a share of the board's budget"),
+    ("heap_budget_bytes", "the board's heap budget"),
+    ("heap_free_at_peak_bytes", "free heap at the peak, against the budget", "heap_budget_bytes"),
+    ("flash_commits_per_day", "file commits a day at defaults (2 m3/day), against a commit per pulse",
+     "flash_commits_per_day_one_per_pulse"),
+    ("flash_commits_per_day_one_per_pulse", "commits a day of a design that writes once per pulse"),
+    ("flash_block_erases_per_day", "flash block erases a day at defaults"),
+    ("flash_life_years_levelled", "flash life at that rate with littlefs wear levelling (100k cycles a block), "
+     "against every commit erasing a block", "flash_life_years_if_every_commit_erased_a_block"),
+    ("flash_life_years_if_every_commit_erased_a_block", "flash life if every commit cost a block erase"),
+    ("pulses_lost_per_cut_mean", "pulses lost per power cut, mean, against the checkpoint bound",
+     "pulses_lost_per_cut_bound"),
+    ("pulses_lost_per_cut_max", "pulses lost per power cut, worst, against the bound", "pulses_lost_per_cut_bound"),
+    ("pulses_lost_per_cut_bound", "the bound: pulses between checkpoints at defaults"),
+)
+RATIOS = ("jitter_p99_ratio_load_to_idle", "heap_free_at_peak_share", "flash_commit_ratio_to_one_per_pulse")
+
 
 def add_parser(bsub, parser_class):
     p = bsub.add_parser("firmware", help="sampling jitter, heap peak, flash wear, loss per power cut",
@@ -82,6 +110,12 @@ def flash_run(tmp, days, vm=None):
 
 
 def run(args):
+    print_figures(measure(args), args.json)
+    return 0
+
+
+def measure(args):
+    """The figures of one run (a dict)."""
     from tools.rigs.board import Rig
     from tools.rigs.power_cut import power_cut_campaign
     vm = bench_vm(args)
@@ -124,5 +158,4 @@ def run(args):
         figures["pulses_lost_per_cut_mean"] = round(statistics.mean(losses), 2)
         figures["pulses_lost_per_cut_max"] = max(losses)
         figures["pulses_lost_per_cut_bound"] = 10
-    print_figures(figures, args.json)
-    return 0
+    return figures

@@ -75,7 +75,23 @@ def _vmhwm_kb(pid):
     return None
 
 
+def _cpu_s(pid):
+    """user + system CPU seconds of a process so far (/proc/<pid>/stat), or None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(args):
+    print_figures(measure(args.readings, args.devices), args.json)
+    return 0
+
+
+def measure(readings, devices, steady_readings=STEADY_READINGS, steady_rate=STEADY_RATE):
+    """The figures of one run (a dict): readings frames of ROWS readings over devices meters, flat out,
+    then steady_readings at steady_rate readings/s for the latency."""
     import secrets
 
     from tools.gateway_process import GatewayProcess, register, write_config
@@ -87,11 +103,11 @@ def run(args):
         broker = Broker(tmp / "broker")
         master, slave = pty.openpty()
         tty.setraw(slave)
-        devices = {0x3000 + i: secrets.token_bytes(16) for i in range(args.devices)}
-        wire_frames, n = frames(devices, args.readings + STEADY_READINGS)
-        wire = b"".join(wire_frames[:args.readings // ROWS])
-        steady = wire_frames[args.readings // ROWS:]
-        n = args.readings // ROWS * ROWS
+        devices = {0x3000 + i: secrets.token_bytes(16) for i in range(devices)}
+        wire_frames, n = frames(devices, readings + steady_readings)
+        wire = b"".join(wire_frames[:readings // ROWS])
+        steady = wire_frames[readings // ROWS:]
+        n = readings // ROWS * ROWS
         cfg = write_config(tmp, [os.ttyname(slave)], broker.port, site="bench")
         register(tmp, devices)
         gw = GatewayProcess(cfg).start()
@@ -102,6 +118,7 @@ def run(args):
             db = Store(tmp / "data" / "store.db", readonly=True, timeout=10)
             drain = os.fdopen(os.dup(master), "rb", buffering=0)
             os.set_blocking(master, False)
+            cpu0 = _cpu_s(gw.proc.pid)
             t0 = time.perf_counter()
             view = memoryview(wire)
             while view:
@@ -124,9 +141,10 @@ def run(args):
                     break
                 time.sleep(0.05)
             elapsed = time.perf_counter() - t0
-            # Steady load: frames paced at STEADY_RATE readings/s; latency from the store's timestamps.
+            cpu = _cpu_s(gw.proc.pid) - cpu0
+            # Steady load: frames paced at steady_rate readings/s; latency from the store's timestamps.
             t_steady = time.time()
-            gap = ROWS / STEADY_RATE
+            gap = ROWS / steady_rate
             next_at = time.perf_counter()
             for f in steady:
                 os.write(master, f)
@@ -154,13 +172,34 @@ def run(args):
     rate = done / elapsed
     figures["readings"] = done
     figures["frames_bytes"] = len(wire)
-    figures["latency_offered_readings_per_s"] = STEADY_RATE
+    figures["latency_offered_readings_per_s"] = steady_rate
     figures["readings_per_s_received_committed_pubacked"] = round(rate)
     figures["baseline_bare_paho_qos1_msgs_per_s"] = round(baseline)
     figures["ratio_to_bare_paho"] = round(rate / baseline, 2)
-    figures["commit_to_puback_ms_p50"] = round(statistics.median(lat) * 1000, 1)
-    figures["commit_to_puback_ms_p99"] = round(lat[int(0.99 * (len(lat) - 1))] * 1000, 1)
+    figures["gateway_cpu_s_per_100k_readings"] = round(cpu * 100_000 / done, 2) if done else None
+    figures["commit_to_puback_ms_p50"] = round(statistics.median(lat) * 1000, 1) if lat else None
+    figures["commit_to_puback_ms_p99"] = round(lat[int(0.99 * (len(lat) - 1))] * 1000, 1) if lat else None
     figures["gateway_peak_rss_mb"] = round(rss_kb / 1024, 1) if rss_kb else None
     figures["gateway_rss_mb_after_start"] = round(idle_kb / 1024, 1) if idle_kb else None
-    print_figures(figures, args.json)
-    return 0
+    return figures
+
+
+# What each figure means and, for a ratio, its baseline (read by prapa bench all and docs/benchmarks.md);
+# RATIOS are the ratios this module prints, which the record recomputes from the rows instead.
+FIGURES = (
+    ("readings", "readings pushed through flat out (frames of 32 readings, meters interleaved)"),
+    ("frames_bytes", "bytes of those frames on the serial line"),
+    ("latency_offered_readings_per_s", "the offered load of the latency run"),
+    ("readings_per_s_received_committed_pubacked", "readings/s from the first byte written to the last PUBACK "
+     "(verified, decrypted, committed with synchronous=FULL, acked, forwarded), against bare paho",
+     "baseline_bare_paho_qos1_msgs_per_s"),
+    ("baseline_bare_paho_qos1_msgs_per_s", "bare paho, one QoS 1 message per reading to the same broker: no store, "
+     "no crypto, no acks"),
+    ("gateway_cpu_s_per_100k_readings", "the gateway process's CPU seconds (user+sys) per 100,000 readings"),
+    ("commit_to_puback_ms_p50", "commit to PUBACK at the steady load, median (the store's own timestamps)"),
+    ("commit_to_puback_ms_p99", "commit to PUBACK at the steady load, 99th percentile"),
+    ("gateway_peak_rss_mb", "the service's peak resident memory (VmHWM), against its memory after start",
+     "gateway_rss_mb_after_start"),
+    ("gateway_rss_mb_after_start", "the service's resident memory a second after start (the imports' cost)"),
+)
+RATIOS = ("ratio_to_bare_paho",)

@@ -34,6 +34,28 @@ FRAME = 16           # readings per frame: a board sends its log in frames, the 
 BATCH = 96           # entries per commit: a gateway's group commit of several frames
 
 
+# What each figure means and, for a ratio, its baseline (read by prapa bench all and docs/benchmarks.md);
+# RATIOS are the ratios this module prints, which the record recomputes from the rows instead.
+FIGURES = (
+    ("entries", "readings pushed through each run"),
+    ("cores", "where the gateway and Mosquitto ran"),
+    ("baseline_bare_paho_qos1_msgs_per_s", "bare paho, one QoS 1 message per reading: a relay with no store"),
+    ("baseline_store_commit_only_entries_per_s", "the store's commits alone (synchronous=FULL), no forwarding"),
+    ("committed_and_pubacked_entries_per_s", "entries/s committed and PUBACKed by Mosquitto, against bare paho",
+     "baseline_bare_paho_qos1_msgs_per_s"),
+    ("committed_and_pubacked_entries_per_s", "the same, against the store's commits alone",
+     "baseline_store_commit_only_entries_per_s"),
+    ("messages_per_entry", "MQTT messages per reading forwarded (readings batched per message)"),
+    ("steady_offered_entries_per_s", "the offered load of the latency run"),
+    ("commit_to_puback_ms_p50", "commit to PUBACK at the steady load, median, against publish to PUBACK",
+     "publish_to_puback_ms_p50"),
+    ("commit_to_puback_ms_p99", "commit to PUBACK at the steady load, 99th percentile"),
+    ("publish_to_puback_ms_p50", "the broker's own round trip, publish to PUBACK, median"),
+    ("peak_rss_mb", "peak resident memory of the process that ran it (under bench all: the suite's so far)"),
+)
+RATIOS = ("forwarded_vs_bare_paho_ratio", "forwarded_vs_commit_only_ratio")
+
+
 def readings(n, boot=1, start=0):
     """n entries, FRAME consecutive readings of one meter at a time, round-robin over DEVICES meters;
     each payload a meter reading's CBOR map."""
@@ -138,28 +160,38 @@ def forward_steady(path, broker, rate_per_s, seconds):
     return lat, per_tick * 100
 
 
-def main(argv=None):
+def parser():
     p = argparse.ArgumentParser(prog="python -m tools.bench.gateway_forward", description=__doc__.split("\n\n")[0])
     p.add_argument("--entries", type=types.count, default=100_000, help="readings per run (default 100000)")
     p.add_argument("--steady-rate", type=types.count, default=5000, help="offered entries/s for the latency run (default 5000)")
     p.add_argument("--steady-seconds", type=types.positive_seconds, default=5.0, help="length of the latency run (default 5)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    args = p.parse_args(argv)
+    return p
+
+
+def measure(args):
+    """The figures of one run (a dict). The calling thread is pinned to cpu 0 while it runs and given back its
+    cores after, so whatever runs next in the same process (prapa bench all) is not confined to one core."""
     n = args.entries - args.entries % BATCH
-    with tempfile.TemporaryDirectory(prefix="prapa-bench-fwd-") as tmp:
-        tmp = Path(tmp)
-        broker = Broker(tmp / "broker", extra_conf=["persistence false"])
-        try:
-            pin(broker.proc.pid, 1)
-            pin(0, 0)
-            bare = bare_paho(broker, [e.payload for e in readings(n)])
-            committed = commit_only(tmp / "commit.db", n)
-            forwarded, stats = forward_flat_out(tmp / "flat.db", broker, n)
-            lat, offered = forward_steady(tmp / "steady.db", broker, args.steady_rate, args.steady_seconds)
-        finally:
-            broker.stop()
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="prapa-bench-fwd-") as tmp:
+            tmp = Path(tmp)
+            broker = Broker(tmp / "broker", extra_conf=["persistence false"])
+            try:
+                pin(broker.proc.pid, 1)
+                pin(0, 0)
+                bare = bare_paho(broker, [e.payload for e in readings(n)])
+                committed = commit_only(tmp / "commit.db", n)
+                forwarded, stats = forward_flat_out(tmp / "flat.db", broker, n)
+                lat, offered = forward_steady(tmp / "steady.db", broker, args.steady_rate, args.steady_seconds)
+            finally:
+                broker.stop()
+    finally:
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
     q = (lambda f: round(lat[min(len(lat) - 1, int(f * len(lat)))] * 1000, 2))
-    figures = {
+    return {
         "entries": n,
         "cores": f"gateway on cpu 0, mosquitto on cpu {1 if (os.cpu_count() or 1) > 1 else 0}",
         "baseline_bare_paho_qos1_msgs_per_s": round(bare),
@@ -174,7 +206,11 @@ def main(argv=None):
         "publish_to_puback_ms_p50": round((stats["puback_latency_p50_s"] or 0) * 1000, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
-    print_figures(figures, args.json)
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    print_figures(measure(args), args.json)
     return 0
 
 

@@ -22,6 +22,34 @@ INTERVAL_S = 900
 T0_WALL = 1795466400
 
 
+# What each figure means and, for a ratio, its baseline (read by prapa bench all and docs/benchmarks.md);
+# RATIOS are the ratios this module prints, which the record recomputes from the rows instead.
+FIGURES = (
+    ("vm", "the MicroPython VM the board's figures ran on"),
+    ("readings_per_frame", "15-minute meter readings that fit one 250-byte secure frame"),
+    ("secure_frame_bytes", "that frame's bytes: header, CBOR payload and CCM tag"),
+    ("uart_wire_bytes", "the same frame on the UART, COBS framing included"),
+    ("senml_cbor_bytes_per_reading", "SenML-CBOR (RFC 8428, integer labels, base name/time/unit) per reading"),
+    ("senml_cbor_base_value_bytes_per_reading", "SenML-CBOR with a base value too, per reading"),
+    ("thingsboard_json_bytes_per_reading", "ThingsBoard gateway telemetry JSON per reading"),
+    ("bytes_per_reading_all_in", "our wire bytes per reading all-in, against SenML-CBOR", "senml_cbor_bytes_per_reading"),
+    ("bytes_per_reading_all_in", "the same, against SenML-CBOR with a base value",
+     "senml_cbor_base_value_bytes_per_reading"),
+    ("bytes_per_reading_all_in", "the same, against ThingsBoard's telemetry JSON", "thingsboard_json_bytes_per_reading"),
+    ("vm_us_per_report_hot_path", "board CPU per report on the VM, preallocated path, against the general encoder",
+     "vm_us_per_report_general_path"),
+    ("vm_us_per_report_general_path", "board CPU per report on the VM, general CBOR encoder"),
+    ("vm_heap_bytes_per_report_hot_path", "heap bytes a report allocates, hot path, against the general encoder",
+     "vm_heap_bytes_per_report_general_path"),
+    ("vm_heap_bytes_per_report_general_path", "heap bytes a report allocates, general encoder"),
+    ("gateway_frames_per_s", "frames/s the gateway's pure-Python receiver verifies and decodes, against cbor2 + AESCCM",
+     "gateway_baseline_cbor2_aesccm_frames_per_s"),
+    ("gateway_baseline_cbor2_aesccm_frames_per_s", "the same frames through cbor2 and cryptography's AESCCM"),
+)
+RATIOS = ("ratio_vs_senml_cbor", "ratio_vs_senml_cbor_base_value", "ratio_vs_thingsboard_json", "vm_hot_vs_general_ratio",
+          "gateway_vs_baseline_ratio")
+
+
 def household_deltas(n, seed=5):
     rnd = random.Random(seed)
     return [rnd.choice([0, 0, 0, 0, 2, 5, 9, 14, 22, 30, 41]) for _ in range(n)]
@@ -156,6 +184,13 @@ def add_parser(bsub, parser_class):
 
 
 def run(args):
+    from tools.bench import print_figures
+    print_figures(measure(args), args.json)
+    return 0
+
+
+def measure(args):
+    """The figures of one run (a dict)."""
     from tools.bench import bench_vm
     vm = bench_vm(args)
     n, frame_len, wire_len = full_frame_readings()
@@ -163,7 +198,7 @@ def run(args):
     senml, senml_bv, tb = senml_cbor(deltas, False), senml_cbor(deltas, True), thingsboard_json(deltas)
     cpu = board_cpu(args.reports, vm)
     ours_fps, base_fps = gateway_rate(args.frames)
-    figures = {
+    return {
         "vm": vm, "readings_per_frame": n, "secure_frame_bytes": frame_len, "uart_wire_bytes": wire_len,
         "bytes_per_reading_all_in": round(wire_len / n, 2),
         "senml_cbor_bytes_per_reading": round(senml / n, 2),
@@ -181,6 +216,3 @@ def run(args):
         "gateway_baseline_cbor2_aesccm_frames_per_s": round(base_fps),
         "gateway_vs_baseline_ratio": round(ours_fps / base_fps, 3),
     }
-    from tools.bench import print_figures
-    print_figures(figures, args.json)
-    return 0

@@ -26,6 +26,23 @@ from tools import args as types
 TICK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
+# What each figure means and, for a ratio, its baseline (read by prapa bench all and docs/benchmarks.md);
+# RATIOS are the ratios this module prints, which the record recomputes from the rows instead.
+FIGURES = (
+    ("vm", "the MicroPython VM the boards ran on"),
+    ("speed_*x_seconds_to_first_reading_at_broker", "seconds from the command to the first reading at the broker"),
+    ("speed_1x_cpu_share_per_board", "CPU share (of one core) a board takes, bench process and VM"),
+    ("speed_100x_cpu_share_per_board", "the same at 100x board speed, against 1x", "speed_1x_cpu_share_per_board"),
+    ("speed_1x_rss_mb_per_board", "resident memory per board, bench process and VM"),
+    ("speed_100x_rss_mb_per_board", "the same at 100x board speed, against 1x", "speed_1x_rss_mb_per_board"),
+    ("speed_*x_boards_this_machine_runs", "boards this machine runs at that cost, half its cores and memory kept back"),
+    ("speed_*x_every_board_delivered", "every board had a reading at the broker"),
+    ("speed_*x_broker_has_all_committed", "the broker got every reading the boards made"),
+    ("machine_cores", "this machine's cores"),
+    ("machine_memory_gb", "this machine's memory"),
+)
+RATIOS = ()
+
 
 def add_parser(bsub, parser_class):
     p = bsub.add_parser("site", help="time to the first reading, per-board CPU and memory, boards per machine",
@@ -68,11 +85,13 @@ def _board_processes(procs, root):
 def one_run(boards, speed, seconds, vm=None):
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "r.json"
+        log = Path(tmp) / "site.log"         # a file, not a pipe nobody reads: a chatty site cannot block on it
         t0 = time.monotonic()
-        site = subprocess.Popen([sys.executable, "-m", "tools.cli", "site", "--headless", "--boards", str(boards),
-                                 "--speed", str(speed), "--duration", str(seconds), "--workdir", f"{tmp}/site",
-                                 "--report", str(report), *(["--vm", vm] if vm else [])],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        with open(log, "wb") as err:
+            site = subprocess.Popen([sys.executable, "-m", "tools.cli", "site", "--headless", "--boards", str(boards),
+                                     "--speed", str(speed), "--duration", str(seconds), "--workdir", f"{tmp}/site",
+                                     "--report", str(report), *(["--vm", vm] if vm else [])],
+                                    stdout=subprocess.DEVNULL, stderr=err)
         time.sleep(min(10, seconds / 3))
         first = _procs()
         t_first = time.monotonic()
@@ -81,6 +100,10 @@ def one_run(boards, speed, seconds, vm=None):
         t_last = time.monotonic()
         site.wait(seconds + 120)
         elapsed = time.monotonic() - t0
+        if not report.exists():
+            said = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"prapa site --speed {speed} exited {site.returncode} without its report: "
+                               + " / ".join(said))
         data = json.loads(report.read_text())
     cpu, rss = [], []
     for group in _board_processes(last, site.pid):
@@ -90,6 +113,12 @@ def one_run(boards, speed, seconds, vm=None):
 
 
 def run(args):
+    print_figures(measure(args), args.json)
+    return 0
+
+
+def measure(args):
+    """The figures of one run (a dict): a site at 1x, then at 100x."""
     vm = bench_vm(args)
     figures = {"vm": vm}
     cores = os.cpu_count()
@@ -109,5 +138,4 @@ def run(args):
                                                                   for r in rows)
     figures["machine_cores"] = cores
     figures["machine_memory_gb"] = round(mem / 2**30, 1)
-    print_figures(figures, args.json)
-    return 0
+    return figures
