@@ -82,7 +82,9 @@ def test_power_cuts_at_random_instants_never_lose_more_than_the_checkpoint_bound
         readings = interval_readings(rig.gateway.entries())
         check_register_chain(readings)
         ids = [(r["boot"], r["seq"]) for r in readings]
-        assert len(ids) == len(set(ids)) and len(readings) > cuts // 2
+        # (a boot lives 0.1-0.5 s, a minute of board time 0.6 s: few close an interval before their cut; the
+        # flow after the campaign closes some in the last boot)
+        assert len(ids) == len(set(ids)) and len(readings) >= 3
         print(f"\n{len(losses)} cuts, pulses lost per cut: mean {sum(losses) / len(losses):.2f}, max {max(losses)}")
     finally:
         rig.close()
@@ -115,8 +117,10 @@ def test_a_contact_closed_at_power_on_is_where_the_pin_is_not_a_pulse(tmp_path):
         rig.close()
 
 
-def test_a_week_without_the_gateway_waits_in_flash_coarsens_and_arrives_in_order(tmp_path):
-    speed = 20_000                                     # a week in half a minute
+@pytest.mark.parametrize("days", [3, pytest.param(7, marks=pytest.mark.soak)])
+def test_days_without_the_gateway_wait_in_flash_coarsen_and_arrive_in_order(tmp_path, days):
+    """Three days (-m soak: a week) unplugged: 288 quarter hours in a 200-entry log, which merges them."""
+    speed = 20_000                                     # a day in 4.3 s
     rig = Rig(tmp_path, "meter", {"interval_min": 15}, speed=speed,
               extra={"link": {"sample_ms": 1000, "health_s": 3600}, "log": {"max_entries": 200}})
     try:
@@ -127,7 +131,7 @@ def test_a_week_without_the_gateway_waits_in_flash_coarsens_and_arrives_in_order
                  "a reading stamped with the board's own wall time")
         rig.gateway.unplug()
         before = len(rig.gateway.entries())
-        time.sleep(7 * 86400 / speed)
+        time.sleep(days * 86400 / speed)
         assert len(rig.gateway.entries()) == before, "nothing may arrive while the gateway is gone"
         rig.gateway.plug()
         rig.board.set_world("flow_meter", "forced_lpm", 0)
@@ -142,9 +146,9 @@ def test_a_week_without_the_gateway_waits_in_flash_coarsens_and_arrives_in_order
         assert merged, "a full log must have merged old intervals"
         for a, b in zip(interval, interval[1:]):       # merged or not, intervals tile board time
             assert b["t_board_s"] - b["span_s"] == a["t_board_s"], (a, b)
-        assert max(r["span_s"] for r in merged) > 900 and interval[-1]["t_board_s"] >= 7 * 86400
+        assert max(r["span_s"] for r in merged) > 900 and interval[-1]["t_board_s"] >= days * 86400
         daily = [r for r in arrived if r["series"] == "daily"]
-        assert len(daily) >= 7 and all(r["span_s"] == 86400 for r in daily[1:])
+        assert len(daily) >= days and all(r["span_s"] == 86400 for r in daily[1:])
         assert all((r["wall_t"] + 7 * 3600) % 86400 == 0 for r in daily), "daily readings end at local midnight"
         for a, b in zip(daily, daily[1:]):
             assert b["register_before"] == a["register"]

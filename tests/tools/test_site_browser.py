@@ -43,7 +43,7 @@ def test_the_status_page_shows_devices_an_alarm_and_live_charts(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
     report = tmp_path / "report.json"
-    site = subprocess.Popen([sys.executable, "-m", "tools.cli", "site", "--headless", "--boards", "8",
+    site = subprocess.Popen([sys.executable, "-m", "tools.cli", "site", "--headless", "--boards", "8", "--speed", "120",
                              "--duration", "150", "--workdir", str(tmp_path / "site"), "--report", str(report)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     driver = None
