@@ -41,7 +41,6 @@ import json
 import os
 import random
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,7 @@ import threading
 import time
 from pathlib import Path
 
+from protocol.config import check_section
 from protocol.errors import UsageError
 from protocol.roles import catalog as roles
 from tools import args as types
@@ -167,11 +167,9 @@ class Injector(threading.Thread):
         # (the ledger's own healing does this every 2 s; here without its grace, as the run ends).
         end = t0 + self.duration - 1.0
         while time.monotonic() < end and site.ledger is not None:
-            if self._idle_wait(0.5):
+            if self._idle_wait(1.0):
                 return
-            if not site.ledger.store.holes():
-                continue
-            site.ledger.heal(grace=False)
+            site.ledger.heal(grace=False)               # nothing is sent when nothing is missing
 
     def _idle_wait(self, s):
         self._sample_rss()
@@ -196,14 +194,8 @@ class Injector(threading.Thread):
         """The activity knob's value at the site for this board (its world overrides, else the default)."""
         from tools.sim import worlds
         model, knob, _busy = worlds.ROLE_WORLDS[vb.role].ACTIVITY
-        for item in self.site.plan_worlds.get(device_id, ()):
-            key, _, value = item.partition("=")
-            if key == f"{model}.{knob}":
-                return float(value)
-        for m in worlds.ROLE_WORLDS[vb.role].MODELS:
-            if m.NAME == model:
-                return m.PARAMS[knob][0]
-        raise KeyError(f"{model}.{knob}")
+        given = worlds.parse_overrides(self.site.plan_worlds.get(device_id)).get(model, {})
+        return given.get(knob, worlds.MODELS[model].PARAMS[knob][0])
 
     def _power_cut(self):
         name, device_id, vb = self.rng.choice(self.site.boards)
@@ -261,7 +253,9 @@ class Injector(threading.Thread):
 def ledger_checks(db_path, report, cuts, sections):
     """{"devices": {hex: figures and problems}, "conflicts", "invalid", "problems": [...]}: the campaign's verdict
     from the consumer's SQLite (tools/ledger.py) and the site's report (the world's truth per board)."""
-    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    from tools.ledger import LedgerStore
+    store = LedgerStore(db_path, readonly=True)
+    db, holes = store.db, store.holes()             # holes: seqs missing below one held, per boot
     problems, devices = [], {}
     conflicts = db.execute("SELECT COUNT(*) FROM conflicts").fetchone()[0]
     invalid = db.execute("SELECT COUNT(*) FROM invalid").fetchone()[0]
@@ -272,25 +266,18 @@ def ledger_checks(db_path, report, cuts, sections):
     for row in report.get("boards", []):
         hexid, role = row["device_id"], row["role"]
         out = devices[hexid] = {"role": role, "cuts": cuts.get(hexid, 0), "problems": []}
-        seqs = {}
         readings = db.execute("SELECT boot, seq, seq_last, register_before, register, series, time_source FROM readings "
                               "WHERE device = ? ORDER BY boot, seq", (hexid,)).fetchall()
-        for boot, seq, seq_last, *_rest in readings:
-            seqs.setdefault(boot, set()).update(range(seq, (seq_last or seq) + 1))
         alarms = db.execute("SELECT boot, seq FROM alarms WHERE device = ? AND seq > 0", (hexid,)).fetchall()
-        for boot, seq in alarms:
-            seqs.setdefault(boot, set()).add(seq)
-        missing = {boot: sorted(set(range(1, max(s) + 1)) - s) for boot, s in seqs.items()}
-        missing = {b: m for b, m in missing.items() if m}
-        out.update(readings=len(readings), alarms=len(alarms), boots=len(seqs),
+        out.update(readings=len(readings), alarms=len(alarms), boots=len({r[0] for r in readings + alarms}),
                    unknown_time=sum(1 for r in readings if r[6] == "unknown"))
         made = row.get("readings_made")              # what the gateway committed (acknowledged to the board)
         if made is not None and len(readings) < made:
             out["problems"].append(f"{made - len(readings)} of the {made} readings the gateway committed never "
                                    f"reached the ledger")
-        if missing:
-            out["problems"].append("entries never delivered (boot: seqs): " +
-                                   "; ".join(f"{b}: {m[:10]}" for b, m in sorted(missing.items())))
+        if hexid in holes:
+            out["problems"].append("entries never delivered: " + "; ".join(
+                f"boot {b}: {n} from seq {first}" for b, first, n in holes[hexid]))
         cut_loss = roles.attr(role, "CUT_LOSS", None)
         truth_model_key = _truth_key(role)
         if roles.attr(role, "REGISTER", False):
@@ -306,7 +293,8 @@ def ledger_checks(db_path, report, cuts, sections):
             register = chain[-1][4] if chain else 0
             if truth is not None and cut_loss is not None:
                 key, extra = cut_loss
-                per_cut = int(sections.get(hexid, {}).get(key, _default(role, key))) + extra
+                section = check_section(role, sections.get(hexid), roles.spec(role).SCHEMA)   # defaults filled
+                per_cut = int(section[key]) + extra
                 lost = truth - register
                 out.update(truth=truth, register=register, lost=lost, bound=out["cuts"] * per_cut)
                 if not 0 <= lost <= out["cuts"] * per_cut:
@@ -322,20 +310,13 @@ def ledger_checks(db_path, report, cuts, sections):
             if gap is not None and limits.get("max_spm") and gap < 60 / limits["max_spm"] * 0.999:
                 out["problems"].append(f"strokes {gap} s apart: faster than max_spm {limits['max_spm']}")
         problems += [f"{hexid}: {p}" for p in out["problems"]]
-    db.close()
+    store.close()
     return {"devices": devices, "conflicts": conflicts, "invalid": invalid, "problems": problems}
 
 
 def _truth_key(role):
     from tools.sim import worlds
     return worlds.ROLE_WORLDS[role].TRUTH
-
-
-def _default(role, key):
-    for name, _kind, default, *_rest in roles.spec(role).SCHEMA:
-        if name == key:
-            return default
-    raise KeyError(f"{role}.{key}")
 
 
 # -- the command -------------------------------------------------------------------------------------

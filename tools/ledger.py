@@ -172,17 +172,25 @@ class LedgerStore:
     def holes(self):
         """{device: [(boot, first missing seq, missing count)]}: seqs of a boot (readings, merged runs and
         alarms together: one series per boot, from 1) below the highest one held that never arrived."""
+        # The runs in seq order with the highest seq held before each (merged runs may overlap finer ones):
+        # a run that starts past it + 1 follows a hole. SQLite's window functions do it without a Python set
+        # of every seq the ledger holds (it looks every --heal-every seconds).
+        sql = f"""
+            SELECT device, boot, seq, COALESCE(MAX(last) OVER (PARTITION BY device, boot ORDER BY seq
+                                                     ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), {FIRST_SEQ - 1})
+            FROM (SELECT device, boot, seq, COALESCE(seq_last, seq) AS last FROM readings
+                  UNION ALL SELECT device, boot, seq, seq FROM alarms WHERE seq > 0)
+            ORDER BY device, boot, seq"""
         with self.lock:
-            rows = self.db.execute("SELECT device, boot, seq, COALESCE(seq_last, seq) FROM readings UNION ALL "
-                                   "SELECT device, boot, seq, seq FROM alarms WHERE seq > 0").fetchall()
-        held = {}
-        for device, boot, first, last in rows:
-            held.setdefault((device, boot), set()).update(range(first, last + 1))
+            rows = self.db.execute(sql).fetchall()
         out = {}
-        for (device, boot), seqs in sorted(held.items()):
-            missing = set(range(FIRST_SEQ, max(seqs) + 1)) - seqs
-            if missing:
-                out.setdefault(device, []).append((boot, min(missing), len(missing)))
+        for device, boot, seq, held_to in rows:
+            if seq > held_to + 1:
+                runs = out.setdefault(device, [])
+                if runs and runs[-1][0] == boot:       # one entry per boot: its first hole, and all it misses
+                    runs[-1] = (boot, runs[-1][1], runs[-1][2] + seq - held_to - 1)
+                else:
+                    runs.append((boot, held_to + 1, seq - held_to - 1))
         return out
 
     def newest_wall_t(self):

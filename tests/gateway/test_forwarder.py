@@ -1,5 +1,6 @@
 """gateway/forwarder.py against real Mosquitto brokers: PUBACK before forgetting, outages, failover, TLS, replay."""
 
+import contextlib
 import datetime
 import json
 import logging
@@ -93,6 +94,33 @@ class Subscriber:
     def close(self):
         self.client.loop_stop()
         self.client.disconnect()
+
+
+@contextlib.contextmanager
+def committing_boards(store_path, fwd, devices, boot, pause_s):
+    """Boards committing entries to the store all along, a thread each, kicking the forwarder; yields the
+    list of (device, boot, seq) committed so far and stops them on leaving."""
+    committed, running = [], threading.Event()
+    running.set()
+
+    def board(device):
+        w, start = Store(store_path), 0
+        while running.is_set():
+            w.commit(entries(device, boot, range(start, start + 10)))
+            committed.extend((device, boot, s) for s in range(start, start + 10))
+            start += 10
+            fwd.kick()
+            time.sleep(pause_s)
+
+    threads = [threading.Thread(target=board, args=(d,), daemon=True) for d in devices]
+    for t in threads:
+        t.start()
+    try:
+        yield committed
+    finally:
+        running.clear()
+        for t in threads:
+            t.join()
 
 
 def pending_count(store):
@@ -533,22 +561,7 @@ def test_failback_to_the_first_broker_when_it_returns_loses_nothing(tmp_path, fo
     fwd = forwarders(store, config(b1, b2, failback_s=failback_s))
     assert fwd.failback_s == failback_s
     fwd.start()
-    committed, running = [], threading.Event()
-    running.set()
-
-    def board(device):
-        w, start = Store(tmp_path / "g.db"), 0
-        while running.is_set():
-            w.commit(entries(device, 9, range(start, start + 10)))
-            committed.extend((device, 9, s) for s in range(start, start + 10))
-            start += 10
-            fwd.kick()
-            time.sleep(0.01)
-
-    threads = [threading.Thread(target=board, args=(d,)) for d in (20, 21)]
-    for t in threads:
-        t.start()
-    try:
+    with committing_boards(tmp_path / "g.db", fwd, (20, 21), boot=9, pause_s=0.01) as committed:
         url1, url2 = f"mqtt://{b1.host}:{b1.port}", f"mqtt://{b2.host}:{b2.port}"
         wait_for(lambda: len(subs[0].identities()) > 300, what="forwarding to the first broker")
         b1.kill()
@@ -564,10 +577,6 @@ def test_failback_to_the_first_broker_when_it_returns_loses_nothing(tmp_path, fo
         assert took <= failback_s + 4 and fwd.failbacks == 1
         on_b1 = len(subs[0].identities())
         wait_for(lambda: len(subs[0].identities()) > on_b1 + 300, what="delivery on the first broker again")
-    finally:
-        running.clear()
-        for t in threads:
-            t.join()
     fwd.kick()
     wait_for(lambda: pending_count(store) == 0, timeout_s=20, what="the last PUBACKs")
     want = set(committed)

@@ -32,7 +32,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from gateway.forwarder import Forwarder
-from gateway.store import Entry, Store
+from gateway.store import Store
+from tests.gateway.test_forwarder import committing_boards, wait_for
 from tools.broker import free_port
 
 SITE = "rabbit-site"
@@ -165,12 +166,6 @@ class RabbitCluster:
         subprocess.run(["epmd", "-port", str(self.epmd_port), "-kill"], env=env, capture_output=True, timeout=10)
 
 
-def entries(device, boot, seqs):
-    return [Entry(device, boot, s, "readings", 900 * s,
-                  cbor2.dumps({"device": device, "boot": boot, "seq": s, "kind": "readings", "litres": 3 * s},
-                              canonical=True), wall_t=1.8e9 + s, time_source="gateway") for s in seqs]
-
-
 class Subscriber:
     """The cloud: MQTT 3.1.1 (what RabbitMQ 3.10 speaks), QoS 1, clean_session=False, recording identities."""
 
@@ -206,15 +201,6 @@ class Subscriber:
         self.client.disconnect()
 
 
-def wait_for(cond, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def cluster(tmp_path):
     c = RabbitCluster(tmp_path / "rabbit")
@@ -247,23 +233,8 @@ def test_a_rabbitmq_cluster_node_killed_under_the_gateway_fails_over_and_the_sub
                             "backoff_max_s": 2.0, "connect_timeout_s": 5.0, "poll_s": 0.05, "max_items": 50,
                             "brokers": brokers, "failback_s": 2.0, "protocol": "3.1.1"})
     fwd.start()
-    committed, running = [], threading.Event()
-    running.set()
-
-    def board(device):
-        w, start = Store(tmp_path / "g.db"), 0
-        while running.is_set():
-            w.commit(entries(device, 4, range(start, start + 10)))
-            committed.extend((device, 4, s) for s in range(start, start + 10))
-            start += 10
-            fwd.kick()
-            time.sleep(0.02)
-
-    threads = [threading.Thread(target=board, args=(d,), daemon=True) for d in (30, 31)]
-    for t in threads:
-        t.start()
     report = {}
-    try:
+    with committing_boards(tmp_path / "g.db", fwd, (30, 31), boot=4, pause_s=0.02) as committed:
         wait_for(lambda: fwd.connected and fwd.broker == urls[0], 30, "the gateway on node 0")
         wait_for(lambda: len(sub.identities()) > 500, 30, "entries at the subscriber on node 2")
         cluster.kill(0)
@@ -279,10 +250,6 @@ def test_a_rabbitmq_cluster_node_killed_under_the_gateway_fails_over_and_the_sub
         report["failback_after_restart_s"] = round(time.monotonic() - restarted, 1)
         back = len(sub.identities())
         wait_for(lambda: len(sub.identities()) > back + 500, 60, "delivery on node 0 again")
-    finally:
-        running.clear()
-        for t in threads:
-            t.join()
     fwd.kick()
     wait_for(lambda: not store.pending(limit=1), 60, "every entry PUBACKed")
     want = set(committed)
