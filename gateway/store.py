@@ -200,11 +200,11 @@ class Store:
                               (device_id, boot_id)).fetchone()
         return row[0] if row else None
 
-    def pending(self, limit=500):
-        """Entries not yet PUBACKed: alarms first, then in arrival order."""
+    def pending(self, limit=500, after_id=0):
+        """Entries not yet PUBACKed with id > after_id: alarms first, then in arrival order."""
         return self.db.execute(
             "SELECT id, device_id, boot_id, seq, kind, board_t_s, wall_t, time_source, payload FROM entries"
-            " WHERE forwarded_at IS NULL ORDER BY priority, id LIMIT ?", (limit,)).fetchall()
+            " WHERE forwarded_at IS NULL AND id > ? ORDER BY priority, id LIMIT ?", (after_id, limit)).fetchall()
 
     def mark_forwarded(self, ids, now=None):
         now = time.time() if now is None else now

@@ -595,3 +595,36 @@ def test_failback_to_the_first_broker_when_it_returns_loses_nothing(tmp_path, fo
         s.close()
     b1.stop()
     b2.stop()
+
+
+def test_the_read_cursor_never_skips_an_entry_alarms_past_a_limit_and_ids_reused_after_a_prune(
+        tmp_path, broker, forwarders):
+    """The forwarder reads only past the entries in flight (gateway/forwarder.py _fill). Two ways an entry
+    could fall behind that cursor: a read cut by its LIMIT holding only alarms (readings of lower ids
+    unread), and SQLite giving a pruned top id to the next entry. Both must still be forwarded."""
+    sub = Subscriber(broker.host, broker.port, "cloud-cursor")
+    store = Store(tmp_path / "g.db")
+    fwd = forwarders(store, config(broker, max_items=5, max_inflight=2, prune_every_s=3600))
+    fwd.start()
+    wait_for(lambda: fwd.connected, what="a connection")
+    os.kill(broker.proc.pid, signal.SIGSTOP)       # the window fills and stays full while the entries go in
+    try:
+        store.commit(entries(1, 1, range(1, 41)))                  # ids 1..40
+        fwd.kick()
+        wait_for(lambda: fwd.published >= 2, what="a full window")
+        store.commit(entries(1, 1, range(41, 81)))                 # ids 41..80
+        store.commit(entries(1, 1, range(81, 93), "alarm"))        # ids 81..92: a read of 5 or 10 holds only alarms
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+    want = {(1, 1, s) for s in range(1, 93)}
+    wait_for(lambda: sub.identities() >= want, what="every entry, the alarms' lower neighbours too")
+    fwd.stop()
+    fwd = forwarders(store, config(broker, retention_s=0.01, prune_every_s=0.2))
+    fwd.start()
+    wait_for(lambda: store.count() == 0, what="the forwarded entries pruned")
+    store.commit(entries(2, 1, range(1, 11)))                      # ids start again from 1: below the cursor
+    want |= {(2, 1, s) for s in range(1, 11)}
+    wait_for(lambda: sub.identities() >= want, what="the entries with reused ids")
+    items = [(i["device"], i["boot"], i["seq"]) for _t, m in sub.decoded() if "items" in m for i in m["items"]]
+    assert sorted(set(items)) == sorted(want)
+    sub.close()
