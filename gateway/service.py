@@ -334,6 +334,7 @@ class Service:
         for reason in link.REASONS:                    # every reason shows, at 0 until it happens
             self.metrics.rejections.labels(reason=reason)
         self._acked_seen = 0
+        self._seen_noted = {}              # device -> the last_seen the registry and metrics were last told
         self._last_sync = 0.0
         self._queued = threading.BoundedSemaphore(QUEUED_CHUNKS)
         # devices with an open request (refreshed by downlink_loop): from the store at once, so a request
@@ -576,15 +577,22 @@ class Service:
     def status_tick(self, now):
         """One turn of the status loop: metrics, the rain shared, the status page's snapshot, the
         catchments' lists on MQTT, last_seen into the registry."""
-        self._update_metrics()
+        heard = self._heard_since_last_tick()
+        self._update_metrics(heard)
         registered = self.registry.list()
         placed = self._placed(registered)
         self._guarded("rain_sharing_failed", self._share_rain, now, placed)
         self._snapshot = self._build_status(now, registered, placed)
         self._guarded("catchments_publish_failed", self._publish_catchments, now)
-        for d in self.sessions.devices.values():
-            if d.last_seen:
-                self.registry.mark_seen(d.device_id, d.last_seen, d.firmware)
+        for d in heard:
+            self.registry.mark_seen(d.device_id, d.last_seen, d.firmware)
+            self._seen_noted[d.device_id] = d.last_seen
+
+    def _heard_since_last_tick(self):
+        """The sessions heard since the registry and metrics were last told: only they are written, so a
+        tick costs the devices that spoke, not every device the gateway serves (5,000 made it 0.3 s)."""
+        noted = self._seen_noted
+        return [d for d in self.sessions.devices.values() if d.last_seen and noted.get(d.device_id) != d.last_seen]
 
     def _guarded(self, event, fn, *args):
         """fn(*args), a failure of which (a bug) is logged once per kind and leaves the rest of the status
@@ -597,7 +605,7 @@ class Service:
                 _log(event, logging.ERROR, error=repr(e), exc_info=True)
             return None
 
-    def _update_metrics(self):
+    def _update_metrics(self, heard=()):
         m, f = self.metrics, self.forwarder
         for reason, n in self.sessions.counts().items():
             if n > self._rejected_seen.get(reason, 0):
@@ -610,9 +618,8 @@ class Service:
             m.puback_latency.observe(s)
         for b in self.forwarder.config.brokers:
             m.broker_connected.labels(broker=b.url).set(1 if f.connected and f.broker == b.url else 0)
-        for d in self.sessions.devices.values():
-            if d.last_seen:
-                m.device_seen(d.device_id, d.last_seen)
+        for d in heard:
+            m.device_seen(d.device_id, d.last_seen)
 
     def _placed(self, registered):
         """Every served device with its place, role, newest reading fields, alarm states and last word:
