@@ -67,6 +67,8 @@ from protocol import messages as M
 log = logging.getLogger("prapa.gateway")
 DISK_CHECK_S = 5.0
 STATUS_EVERY_S = 1.0
+CLOCK_STEP_HOST_S = 2.0          # the wall clock moved this much more or less than the host's monotonic one
+                                 # (x simulate_speed): a step (NTP, an operator): boards are synced at once
 HEARD_RESEND_S = 2.0             # an unanswered request goes again when the board is heard this long after it
 DOWNLINK_MAX_TRIES = 5
 CATCHMENT_VALUES_EVERY_S = 30.0  # a catchment's list republished for new levels and scores at most this often
@@ -335,7 +337,9 @@ class Service:
             self.metrics.rejections.labels(reason=reason)
         self._acked_seen = 0
         self._seen_noted = {}              # device -> the last_seen the registry and metrics were last told
-        self._last_sync = 0.0
+        self._last_sync_mono = None        # time.monotonic() of the last periodic time sync
+        self._clock_seen = None            # (monotonic, wall) at the last downlink turn: steps show against it
+        self.clock_steps = 0
         self._queued = threading.BoundedSemaphore(QUEUED_CHUNKS)
         # devices with an open request (refreshed by downlink_loop): from the store at once, so a request
         # queued before a restart goes to a board heard in the first second after it
@@ -441,13 +445,29 @@ class Service:
             now = time.time()
             self.serve_commands()
             self._send_downlinks(now)
-            wall = self.sessions.wall_clock()
-            if wall - self._last_sync >= self.cfg.time.sync_interval_s:
-                self._last_sync = wall
+            if self._time_sync_due(time.monotonic(), self.sessions.wall_clock()):
                 for d in list(self.sessions.devices.values()):
                     if d.link is not None:
                         self.sessions.time_sync(d.device_id)
             await asyncio.sleep(1.0)
+
+    def _time_sync_due(self, mono, wall):
+        """Every sync_interval_s of wall time, paced on the monotonic clock (a wall clock stepped back an
+        hour must not hold the boards' syncs back an hour); at once when the wall clock stepped, so boards
+        given the wrong time are corrected within a second of the host's being."""
+        speed = self.cfg.time.simulate_speed
+        seen, self._clock_seen = self._clock_seen, (mono, wall)
+        if seen is not None:
+            step = (wall - seen[1]) - (mono - seen[0]) * speed
+            if abs(step) > CLOCK_STEP_HOST_S * speed:
+                self.clock_steps += 1
+                _log("wall_clock_stepped", logging.WARNING, step_s=round(step, 3), devices=len(self.sessions.devices))
+                self._last_sync_mono = mono
+                return True
+        if self._last_sync_mono is None or (mono - self._last_sync_mono) * speed >= self.cfg.time.sync_interval_s:
+            self._last_sync_mono = mono
+            return True
+        return False
 
     def _heard(self, device_id):
         """A message from the device was taken: its open request goes now, while it listens."""

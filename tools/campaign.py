@@ -17,6 +17,27 @@ and, on a schedule drawn from --seed, injects real faults while it runs:
                 30 MB free, below its min_free_mb, for 7 s, then emptied: the gateway
                 withholds acknowledgements and the boards keep their logs meanwhile
 
+  udp_flood     attack frames on the gateway's UDP link (tools/rigs/attacks.py: garbage, replays of frames the
+                boards sent, some captured by a gateway since killed or before the board's reboot, forged tags,
+                another device's id, an id nobody has, truncated, oversized, reflected), first FLOOD_PER_KIND of
+                each kind at full speed, then COUNTED_PER_KIND of each paced; none may be accepted, every one that
+                arrived is refused under its reason (the gateway's /metrics), the gateway's RSS stays bounded
+  uart_flood    UART_FLOOD_BYTES of garbage on a board's serial line, as fast as the line takes it
+  watchdog      a board's VM stopped (SIGSTOP) past its watchdog: the board resets with cause watchdog (its
+                sensor idle around it, as for a power cut; its loss bound is a power cut's)
+  clock_step    the gateway's wall clock stepped an hour forward (CLOCK_STEP_S of the site's time), back to true
+                CLOCK_HOLD_S later (the site runs its gateway through tools/rigs/gateway_rig.py, whose clock takes
+                the step); readings stamped meanwhile are off by the step: counted; every other reading must keep
+                its boot's time within the stated error (time_checks)
+  bad_command   the cloud's command path (MQTT .../command) given a config beyond the schema, a config naming
+                another device, one naming another role, and a command the role does not have, for a board of
+                each role: each must come back refused on .../command/result (nothing queued for the board)
+
+Every gateway runs under tools/rigs/gateway_rig.py (its tap gives each board's lowest free heap from its health
+reports: a figure per role beside the board's heap budget, which fails below HEAP_FLOOR of it; and the frames
+the replays send again). Every reset a board's host made is counted by cause (board_resets): one the campaign
+did not make is printed with its time, beside the faults' timeline.
+
 Every other board starts one second before its 2**30 ms tick wrap. In the last
 --quiet seconds every sensor is idle, so the last readings close on the truth.
 
@@ -53,8 +74,17 @@ from protocol.errors import UsageError
 from protocol.roles import catalog as roles
 from tools import args as types
 from tools.console import ConsoleReader, parse_status
+from tools.rigs.campaign_checks import attack_summary, board_resets, command_problems, heap_figures, time_checks
 
-FAULT_KINDS = ("power_cut", "gateway_kill", "broker_kill", "line_noise", "disk_full")
+FAULT_KINDS = ("power_cut", "gateway_kill", "broker_kill", "line_noise", "disk_full", "udp_flood", "uart_flood",
+               "watchdog", "clock_step", "bad_command")
+FLOOD_PER_KIND = 400       # attack frames of each kind sent at full speed (udp_flood)
+COUNTED_PER_KIND = 25      # ... then of each kind paced, every one counted under its reason
+UART_FLOOD_BYTES = 32768   # garbage on one board's serial line (uart_flood) ...
+UART_FLOOD_MAX_S = 5.0     # ... for at most this long (a line nobody reads, the gateway dead, takes only its buffer)
+WATCHDOG_STOP_S = 2.5      # a VM stopped this long misses its watchdog (tools/sim/board.py: at least 1 s)
+CLOCK_STEP_S = 3600.0      # the gateway's wall clock stepped by this much of the site's time ...
+CLOCK_HOLD_S = 3.0         # ... and back to true this many real seconds later
 DISK_HOLD_S = 7.0          # a full disk lasts past the gateway's look at it (gateway/service.py DISK_CHECK_S)
 DISK_SIZE = "256m"         # the gateway's data folder: a tmpfs of this size (a disk_full campaign, as root)
 FILL_LEAVES_MB = 30        # what filling it leaves free: below the site's min_free_mb (50)
@@ -124,9 +154,19 @@ def check_args(args):
 class Injector(threading.Thread):
     """Carries out the schedule on a running Site, from its own thread; counts what it did."""
 
-    def __init__(self, site, plan, duration, quiet_s, seed):
+    def __init__(self, site, plan, duration, quiet_s, seed, udp_port=None):
         super().__init__(name="prapa-campaign", daemon=True)
         self.site, self.plan, self.duration, self.quiet_s = site, plan, duration, quiet_s
+        self.udp_port = udp_port
+        self.attacks = []               # one record per burst: sent, arrived, refused by reason, problems
+        self.uart_floods = []
+        self.watchdog_resets = {}       # device hex -> watchdog resets seen
+        self.cut_times = {}             # device hex -> [host time.time() of each cut or watchdog reset]
+        self.clock_steps = []           # {"step_s", "at", "back_at"}: host time.time(), unstepped
+        self.bad_commands = []          # {"device", "kind", "state", "field"}: the gateway's answer to each
+        self.timeline = []              # {"kind", "at_s", "device"}: each fault as it began (the site's seconds)
+        self._target = None
+        self._clock_back = None
         self.rng = random.Random(seed + 1)
         self.done = dict.fromkeys(FAULT_KINDS, 0)
         self.cuts = {}                  # device hex -> power cuts made
@@ -156,11 +196,14 @@ class Injector(threading.Thread):
                     return
             if time.monotonic() - t0 > self.duration - self.quiet_s - 0.5:
                 break                                    # a slow fault ate the time: the rest is not done
+            self._target, at_s = None, round(time.monotonic() - t0, 2)
             getattr(self, "_" + kind)()
             self.done[kind] += 1
+            self.timeline.append({"kind": kind, "at_s": at_s, "device": self._target})
         while time.monotonic() - t0 < self.duration - self.quiet_s:
             if self._idle_wait(0.1):
                 return
+        self._clock_true()                              # a step still held ends with the faults
         for _name, _device_id, vb in site.boards:    # the end: every sensor idle, the last readings close
             self._set_activity(vb, 0)
         # What a killed broker lost on its way to the ledger: asked for again until nothing is missing
@@ -199,11 +242,13 @@ class Injector(threading.Thread):
 
     def _power_cut(self):
         name, device_id, vb = self.rng.choice(self.site.boards)
+        self._target = f"{device_id:08x}"
         console = self.consoles[device_id]
         after = len(console.lines)
         self._set_activity(vb, 0)
         time.sleep(0.08)                                 # past the world's look-ahead
         vb.power_cut()
+        self.cut_times.setdefault(f"{device_id:08x}", []).append(time.time())
         console.wait_for(parse_status, after=after, timeout=30)     # the new boot counts again
         if self.done["power_cut"] % 3 == 2:
             time.sleep(self.rng.uniform(0, 0.02))
@@ -241,11 +286,215 @@ class Injector(threading.Thread):
             fill.unlink(missing_ok=True)
 
     def _line_noise(self):
-        _name, _device_id, vb = self.rng.choice(self.site.boards)
+        _name, device_id, vb = self.rng.choice(self.site.boards)
+        self._target = f"{device_id:08x}"
         rng = self.rng
         garbage = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
         half = bytes(rng.randrange(1, 256) for _ in range(40))      # a frame cut off: no 0x00 delimiter
         vb.line_noise(garbage + b"\x00" + half + b"\x00" * rng.randrange(1, 20))
+
+
+    def _watchdog(self):
+        """Stop a board's VM (SIGSTOP) past its watchdog; the board's host resets it with cause watchdog."""
+        import signal
+        _name, device_id, vb = self.rng.choice(self.site.boards)
+        self._target = f"{device_id:08x}"
+        key = f"{device_id:08x}"
+        console = self.consoles[device_id]
+        after = len(console.lines)
+        status = vb.status()
+        before, pid = status["resets"]["watchdog"], status["vm_pid"]
+        self._set_activity(vb, 0)
+        time.sleep(0.08)                                 # past the world's look-ahead
+        reset = False
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            end = time.monotonic() + WATCHDOG_STOP_S + 5
+            while time.monotonic() < end and not reset:
+                time.sleep(0.1)
+                reset = vb.status()["resets"]["watchdog"] > before
+        finally:
+            try:
+                os.kill(pid, signal.SIGCONT)             # (the reset killed it: nothing to wake)
+            except ProcessLookupError:
+                pass
+        if not reset:
+            self.errors.append(f"watchdog: {key}'s VM stopped {WATCHDOG_STOP_S + 5:g} s and the board did not reset")
+        else:
+            self.cut_times.setdefault(key, []).append(time.time())
+            self.watchdog_resets[key] = self.watchdog_resets.get(key, 0) + 1
+            self.cuts[key] = self.cuts.get(key, 0) + 1  # what it lost: at most a power cut's
+            console.wait_for(parse_status, after=after, timeout=30)
+        self._set_activity(vb, self._site_activity(vb, device_id))
+
+    def _uart_flood(self):
+        from tools.rigs import attacks
+        _name, device_id, vb = self.rng.choice(self.site.boards)
+        self._target = f"{device_id:08x}"
+        from protocol.errors import BoardError
+        pieces = attacks.uart_garbage(self.rng, UART_FLOOD_BYTES)
+        t, sent, full = time.monotonic(), 0, 0
+        for piece in pieces:               # as fast as the line takes it: a full line (EAGAIN) is waited for
+            while time.monotonic() - t < UART_FLOOD_MAX_S:
+                try:
+                    vb.line_noise(piece)
+                    sent += len(piece)
+                    break
+                except BoardError as exc:
+                    if "temporarily unavailable" not in str(exc):
+                        raise
+                    full += 1
+                    time.sleep(0.02)
+        self.uart_floods.append({"device": f"{device_id:08x}", "bytes": sent, "line_full": full,
+                                 "seconds": round(time.monotonic() - t, 3)})
+
+    def _clock_step(self):
+        """The gateway's wall clock stepped by CLOCK_STEP_S (forward, then back on every other step), and back to
+        true CLOCK_HOLD_S later (a timer: the schedule goes on meanwhile)."""
+        from tools.rigs.gateway_rig import write_offset
+        self._clock_true()
+        step_s = CLOCK_STEP_S if len(self.clock_steps) % 2 == 0 else -CLOCK_STEP_S
+        step = {"step_s": step_s, "at": time.time(), "back_at": None}
+        write_offset(self._offset_path(), step_s / self.site.args.speed)
+        self.clock_steps.append(step)
+        self._clock_back = threading.Timer(CLOCK_HOLD_S, self._clock_true)
+        self._clock_back.daemon = True
+        self._clock_back.start()
+
+    def _offset_path(self):
+        from tools.rigs.gateway_rig import RIG_DIR
+        return self.site.workdir / RIG_DIR / "clock_offset"
+
+    def _clock_true(self):
+        from tools.rigs.gateway_rig import write_offset
+        if self._clock_back is not None:
+            self._clock_back.cancel()
+        if self.clock_steps and self.clock_steps[-1]["back_at"] is None:
+            write_offset(self._offset_path(), 0.0)
+            self.clock_steps[-1]["back_at"] = time.time()
+
+    def _bad_command(self):
+        """Commands the gateway must refuse, over MQTT as the cloud sends them; each answer must be refused."""
+        import cbor2                     # (the site's own subscriber takes every payload on the site's topics as CBOR)
+        import paho.mqtt.client as mqtt
+        from gateway import forward_format as ff
+        from tools import site as S
+        n = len(self.bad_commands)
+        asked = {}
+        by_role = {}
+        for _name, device_id, vb in self.site.boards:
+            by_role.setdefault(vb.role, device_id)
+        other = {role: next(d for d in by_role.values() if d != device_id) if len(by_role) > 1 else device_id + 1
+                 for role, device_id in by_role.items()}
+        for role, device_id in by_role.items():
+            schema = roles.spec(role).SCHEMA
+            key, _kind, _default, _low, high, *_ = next(f for f in schema
+                                                         if f[1] in ("int", "num") and f[4] is not None)
+            wrong_role = next((r for r in by_role if r != role), "meter" if role != "meter" else "doser")
+            for tag, body in (("range", {"name": "config", "args": {role: {key: high * 10 + 1}}}),
+                              ("other_device", {"name": "config", "args": {"device_id": other[role], role: {}}}),
+                              ("other_role", {"name": "config", "args": {"role": wrong_role, wrong_role: {}}}),
+                              ("unknown", {"name": "pump_on", "args": {"strokes": 10 ** 6}})):
+                cmd_id = f"campaign-{n}-{device_id:08x}-{tag}"
+                asked[cmd_id] = (device_id, tag, dict(body, id=cmd_id))
+        results, connected = {}, threading.Event()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"prapa-campaign-cloud-{n}")
+        client.on_connect = lambda c, *_a: (c.subscribe(ff.command_topic(S.SITE, "+", result=True), qos=1),
+                                            connected.set())
+
+        def on_message(_c, _u, msg):
+            try:
+                r = ff.decode_request(msg.payload)
+            except ValueError:
+                return
+            if isinstance(r, dict) and r.get("id") in asked:
+                results.setdefault(r["id"], r)             # the first answer: refused, or accepted
+        client.on_message = on_message
+        client.connect_async(self.site.broker.host, self.site.broker.port)
+        client.loop_start()
+        try:
+            end = time.monotonic() + 20
+            while time.monotonic() < end and len(results) < len(asked):
+                if connected.wait(0.5) and self._gateway_up(5) is not None:
+                    for cmd_id, (device_id, _tag, body) in asked.items():
+                        if cmd_id not in results:     # a repeat of an id returns its first answer
+                            client.publish(ff.command_topic(S.SITE, device_id), cbor2.dumps(body), qos=1)
+                if self._idle_wait(2.0):
+                    break
+        finally:
+            client.loop_stop()
+            client.disconnect()
+        for cmd_id, (device_id, tag, _body) in asked.items():
+            r = results.get(cmd_id)
+            self.bad_commands.append({"device": f"{device_id:08x}", "kind": tag, "state": r and r.get("state"),
+                                      "field": r and r.get("field")})
+
+    def _gateway_up(self, timeout=30):
+        """The gateway's process once it is up (the supervisor may be restarting it), else None."""
+        gw, end = self.site.gateway, time.monotonic() + timeout
+        while time.monotonic() < end:
+            proc = gw.proc
+            if proc.poll() is None and gw.started():
+                return proc
+            if self._idle_wait(0.1):
+                return None
+        return None
+
+    def _metrics(self):
+        import urllib.request
+        from tools.rigs import attacks
+        with urllib.request.urlopen(self.site.url + "metrics", timeout=5) as r:
+            return attacks.parse_metrics(r.read().decode())
+
+    def _udp_flood(self):
+        from tools.rigs import attacks
+        from tools.rigs.gateway_rig import read_taps
+        proc = self._gateway_up()
+        if proc is None:
+            self.errors.append("udp_flood: the gateway was not up within 30 s")
+            return
+        taps = read_taps(self.site.workdir)
+        captured, old_gateway, before_reboot = {}, 0, 0
+        for pid, tap in taps.items():
+            for hexid, frames in tap.get("captured", {}).items():
+                for t, frame in frames:
+                    if frame in captured:
+                        continue
+                    captured[frame] = hexid
+                    old_gateway += pid != proc.pid
+                    before_reboot += any(c > t for c in self.cut_times.get(hexid, ()))
+        pool = [(hexid, bytes.fromhex(f)) for f, hexid in captured.items()]
+        ids = [d for _n, d, _vb in self.site.boards]
+        link = f"udp 127.0.0.1:{self.udp_port}"
+        for phase, per_kind, pace in (("flood", FLOOD_PER_KIND, (0, 0.0)), ("counted", COUNTED_PER_KIND, (40, 0.02))):
+            before, rss0 = self._metrics(), attacks.rss_kb(proc.pid)
+            accepted0 = read_taps(self.site.workdir).get(proc.pid, {}).get("udp_accepted", 0)
+            frames = attacks.attack_frames(pool, ids, self.rng, per_kind)
+            started = time.monotonic()
+            sent = attacks.send(frames, self.udp_port, pace_every=pace[0], pace_s=pace[1])
+            send_s = time.monotonic() - started
+            peak, last, stable = rss0, None, 0
+            while stable < 2 and time.monotonic() - started < 20:       # until the link counts no more
+                time.sleep(0.3)
+                peak = max(peak, attacks.rss_kb(proc.pid))
+                n = self._metrics()["received"].get(link, 0)
+                stable = stable + 1 if n == last else 0
+                last = n
+            time.sleep(1.2)                 # the refusals reach /metrics once a second, the tap twice
+            if proc.poll() is not None or self.site.gateway.proc is not proc:
+                self.attacks.append({"phase": phase, "sent": sent, "problems": ["the gateway died during the attack"]})
+                return
+            grown = attacks.delta(before, self._metrics())
+            accepted = read_taps(self.site.workdir).get(proc.pid, {}).get("udp_accepted", 0) - accepted0
+            peak = max(peak, attacks.rss_kb(proc.pid))
+            record = {"phase": phase, "sent": sent, "send_s": round(send_s, 3),
+                      "arrived": grown["received"].get(link, 0), "accepted": accepted,
+                      "refused": {r: n for r, n in sorted(grown["rejected"].items()) if n},
+                      "rss_before_mb": round(rss0 / 1024, 1), "rss_peak_mb": round(peak / 1024, 1),
+                      "replayed_from_killed_gateways": old_gateway, "replayed_from_before_reboots": before_reboot,
+                      "problems": attacks.flood_verdict(sent, grown, link, accepted, rss0, peak,
+                                                        exact=phase == "counted")}
+            self.attacks.append(record)
 
 
 # -- the ledger's checks -----------------------------------------------------------------------------
@@ -330,13 +579,17 @@ def run(args):
                                                           report=args.report))
     tmp = None if args.workdir else tempfile.mkdtemp(prefix="prapa-campaign-")
     workdir = Path(args.workdir or tmp).resolve()
+    from tools.broker import free_port
+    udp_port = free_port()              # (a TCP port free now; its UDP twin is free alike on a test host)
     site_args = argparse.Namespace(boards=args.boards, speed=args.speed, duration=duration, headless=True,
                                    report=None, board=args.board, workdir=str(workdir), keep=True,
-                                   restart_limit=1000, vm=args.vm, wrap_ticks=True)
+                                   restart_limit=1000, vm=args.vm, wrap_ticks=True,
+                                   gateway_entry="tools.rigs.gateway_rig",      # its clock steps, its tap
+                                   gateway_extra=f'\n[[links]]\ntype = "udp"\nbind = "127.0.0.1:{udp_port}"\n')
     mounted = counts["disk_full"] > 0 and _mount_data(workdir / "data")
     site = S.Site(site_args, workdir)
     injector = Injector(site, schedule(counts, max(0.1, duration - WARMUP_S - args.quiet - 1), args.seed),
-                        duration, args.quiet, args.seed)
+                        duration, args.quiet, args.seed, udp_port=udp_port)
     injector.start()
     started = time.monotonic()
     with open(os.devnull, "w") as quiet_out:            # the site's JSON events: in its workdir's report
@@ -358,6 +611,17 @@ def run(args):
     if code != 0:
         verdict["problems"].insert(0, f"the site ended {site_report.get('ended')} (failed: {site_report.get('failed')})")
     verdict["problems"] += [f"injector: {e}" for e in injector.errors]
+    from tools.rigs.gateway_rig import read_taps
+    taps = read_taps(workdir)
+    events = {f"{d:08x}": vb.events for _n, d, vb in site.boards}
+    (workdir / "board-events.json").write_text(json.dumps(events))     # each board host's events: resets, sleeps
+    resets = board_resets(events, injector.cuts, injector.watchdog_resets, site.started,
+                          time.time() - time.monotonic())
+    attacks = attack_summary(injector.attacks, taps)
+    heap = heap_figures(taps, site_report.get("boards", []), board_def.heap_budget_bytes)
+    clock = time_checks(workdir / "ledger.db", injector.clock_steps, args.speed)
+    verdict["problems"] += attacks["problems"] + heap["problems"] + [f"clock: {p}" for p in clock["problems"]]
+    verdict["problems"] += command_problems(injector.bad_commands)
     report = {
         "seed": args.seed, "speed": args.speed, "hours": args.hours, "boards": args.boards,
         "seconds": round(time.monotonic() - started, 1), "workdir": str(workdir),
@@ -367,6 +631,10 @@ def run(args):
         "readings_at_ledger": sum(d["readings"] for d in verdict["devices"].values()),  # stored by the cloud
         "replays_asked": site.ledger.replays_asked if site.ledger is not None else 0,
         "acks_withheld": _log_events(workdir / "gateway.log", "acks_withheld"),   # the disk guard, as logged
+        "attacks": {**attacks, "bursts": injector.attacks, "uart_floods": injector.uart_floods},
+        "heap": heap["roles"], "watchdog_resets": injector.watchdog_resets, "bad_commands": injector.bad_commands,
+        "resets": resets, "timeline": injector.timeline,
+        "clock": {**clock, "steps": injector.clock_steps},
         **verdict, "ok": not verdict["problems"],
     }
     text = json.dumps(report, indent=2)
@@ -423,6 +691,43 @@ def summary(report):
              f"replays asked for holes {report['replays_asked']}, "
              f"acks withheld for a full disk {report['acks_withheld']}, "
              f"conflicts {report['conflicts']}, invalid {report['invalid']}"]
+    a = report.get("attacks")
+    if a and a["tried"]:
+        lines.append(f"  attacks tried {sum(a['tried'].values())} (" + ", ".join(f"{k} {v}" for k, v in
+                     sorted(a["tried"].items())) + f"), accepted {a['accepted_ever']}, refused by reason: " +
+                     ", ".join(f"{r} {n}" for r, n in sorted(a["refused"].items())))
+        for b in a["bursts"]:
+            if "arrived" in b:
+                lines.append(f"    {b['phase']}: {sum(b['sent'].values())} sent in {b['send_s']} s, {b['arrived']} "
+                             f"arrived, {b['accepted']} accepted, gateway RSS {b['rss_before_mb']} -> "
+                             f"{b['rss_peak_mb']} MB; replays of frames from killed gateways "
+                             f"{b['replayed_from_killed_gateways']}, from before a board's reboot "
+                             f"{b['replayed_from_before_reboots']}")
+    if a and a["uart_floods"]:
+        lines.append("  uart floods: " + ", ".join(f"{u['bytes']} B on {u['device']} in {u['seconds']} s "
+                                                    f"(line full {u['line_full']} times)" for u in a["uart_floods"]))
+    for role, h in (report.get("heap") or {}).items():
+        lines.append(f"  heap {role}: lowest free {h['lowest_free']} of {h['budget']} bytes ({h['share']:.0%}), "
+                     f"{h['reports']} health reports")
+    if report.get("bad_commands"):
+        cmds = report["bad_commands"]
+        lines.append(f"  bad commands over MQTT: {len(cmds)} sent, " +
+                     f"{sum(1 for c in cmds if c['state'] == 'refused')} refused (" +
+                     ", ".join(sorted({f"{c['kind']}: {c['field']}" for c in cmds if c['state'] == 'refused'})) + ")")
+    odd = {d: r["unplanned"] for d, r in (report.get("resets") or {}).items() if r["unplanned"]}
+    if odd:
+        lines.append("  resets the campaign did not make: " + "; ".join(
+            f"{d} " + ", ".join(f"{u['cause']} at {u['at_s']} s" for u in us) for d, us in odd.items()))
+    if report.get("watchdog_resets"):
+        lines.append("  watchdog resets: " + ", ".join(f"{d} {n}" for d, n in report["watchdog_resets"].items()))
+    c = report.get("clock")
+    if c:
+        lines.append(f"  clock: {len(c['steps'])} steps; readings {c['readings']}: on time {c['on_time']} (worst "
+                     f"{c['max_error_s']} s, stated {c['tolerance_s']:g} s), stamped while stepped {c['stepped']} "
+                     f"(off the exact step by up to {c['stepped_error_s']} s, the last {c['resync_lag_host_s']} s "
+                     f"of the host's after the step was undone), off otherwise {c['off']}; boots stepped, true, then "
+                     f"stepped again {len(c['flip_flop'])}, wall time going back within a boot {c['went_back']}, "
+                     f"boots without a certain true origin {len(c['uncertain'])}")
     for hexid, d in report["devices"].items():
         extra = (f", register {d['register']} of {d['truth']} ({d['lost']} lost, bound {d['bound']})"
                  if "truth" in d else "")

@@ -65,8 +65,10 @@ class GatewayProcess:
     """One `prapa gateway run` child; start() again after it died starts a new one on the same config
     (so the same data_dir, registry and ports), its stderr appended to the same log_path."""
 
-    def __init__(self, config_path, log_path=None):
+    def __init__(self, config_path, log_path=None, entry="tools.cli"):
+        """entry: the module run with `-m` (a campaign's rig wraps tools.cli: tools/rigs/gateway_rig.py)."""
         self.config_path = config_path
+        self.entry = entry
         self.log_path = log_path
         self.proc = None
         self.log = []
@@ -75,7 +77,7 @@ class GatewayProcess:
         # The environment of deploy/prapa-gateway.service: one malloc arena per thread would let a
         # burst of frames grow the heap in every thread and keep it (RSS figures on a Pi matter).
         env = dict(os.environ, MALLOC_ARENA_MAX="2")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tools.cli", "gateway", "run", "--config",
+        self.proc = subprocess.Popen([sys.executable, "-m", self.entry, "gateway", "run", "--config",
                                       str(self.config_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, env=env)
         self.log = []                       # this process's lines: started() looks at nothing older

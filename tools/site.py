@@ -106,7 +106,7 @@ class Cloud:
             return
         try:
             body = cbor2.loads(msg.payload)
-        except ValueError:
+        except (cbor2.CBORError, ValueError):      # not CBOR: skipped, the subscriber goes on
             return
         if not isinstance(body, dict):
             return
@@ -325,10 +325,12 @@ class Site:
                  vm=vb.vm)
         http_port = free_port()
         config = write_config(workdir, [vb.uart_port for _n, _d, vb in self.boards], self.broker.port, site=SITE,
-                              http_port=http_port, extra="\n[store]\nmin_free_mb = 50\n",
+                              http_port=http_port,
+                              extra="\n[store]\nmin_free_mb = 50\n" + getattr(args, "gateway_extra", ""),
                               sync_interval_s=3600, simulate_speed=args.speed)   # one calendar for boards and gateway
         register(workdir, keys, names=names, board=board_def.name, roles=device_roles, places=places)
-        self.gateway = GatewayProcess(config, log_path=workdir / "gateway.log").start()
+        self.gateway = GatewayProcess(config, log_path=workdir / "gateway.log",      # a campaign's rig may wrap it
+                                      entry=getattr(args, "gateway_entry", "tools.cli")).start()
         try:
             self.gateway.wait_started()
         except AssertionError as exc:               # it exited, or stayed silent: its log says why

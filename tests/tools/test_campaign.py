@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tools.campaign import ledger_checks, parse_faults, schedule
+from tools.campaign import ledger_checks, parse_faults, schedule, summary
+from tools.rigs.campaign_checks import attack_summary, board_resets, command_problems, heap_figures, time_checks
+from tools.rigs.attacks import KINDS
 from tools.ledger import LedgerStore
 from tools.rigs.secrets_scan import keys_from_registry, scan
 
@@ -62,11 +64,86 @@ def test_a_clean_ledger_passes_and_every_broken_promise_is_named(tmp_path):
 
 def test_the_fault_schedule_is_the_seeds_and_bad_counts_are_refused():
     counts = parse_faults("power_cut=3, broker_kill=1")
-    assert counts == {"power_cut": 3, "gateway_kill": 0, "broker_kill": 1, "line_noise": 0, "disk_full": 0}
+    assert counts == {"power_cut": 3, "gateway_kill": 0, "broker_kill": 1, "line_noise": 0, "disk_full": 0,
+                      "udp_flood": 0, "uart_flood": 0, "watchdog": 0, "clock_step": 0, "bad_command": 0}
     plan = schedule(counts, 20.0, seed=7)
     assert plan == schedule(counts, 20.0, seed=7) != schedule(counts, 20.0, seed=8)
     assert sorted(k for _t, k in plan) == ["broker_kill"] + ["power_cut"] * 3
     assert all(0 <= t <= 20.0 for t, _k in plan) and plan == sorted(plan)
+
+
+def _timed(db, device, boot, seq, wall_t, t_board_s, received_at):
+    db.execute("INSERT INTO readings (device, boot, seq, role, series, wall_t, span_s, time_source, item, replay, "
+               "received_at, ingest) VALUES (?, ?, ?, 'meter', 'interval', ?, 60, 'board', ?, 0, ?, 0)",
+               (device, boot, seq, wall_t, json.dumps({"t_board_s": t_board_s}), received_at))
+
+
+def test_a_clock_step_is_counted_and_any_other_time_error_is_named(tmp_path):
+    origin = 1.8e9
+
+    def ledger(name, ahead):
+        """20 readings of a boot (received at 100 + seq), ahead[seq] seconds off their boot's origin."""
+        store = LedgerStore(tmp_path / name)
+        for seq in range(1, 21):
+            _timed(store.db, METER, 1, seq, origin + seq * 60 + ahead.get(seq, 0) + seq % 3, seq * 60, 100.0 + seq)
+        store.db.commit()
+        store.close()
+        return tmp_path / name
+
+    steps = [{"step_s": 3600.0, "at": 107.5, "back_at": 110.0}]
+    good = ledger("good.db", {8: 3600, 9: 3300, 10: 3600, 11: 3600, 12: 3600})     # (9 synced 300 s late)
+    ok = time_checks(good, steps, speed=1500)
+    assert (ok["on_time"], ok["stepped"], ok["off"], ok["problems"]) == (15, 5, 0, []), ok
+    assert 298 <= ok["stepped_error_s"] <= 302 and ok["max_error_s"] <= 2 and ok["went_back"] == 2  # at 9, after 12
+    assert ok["tolerance_s"] == 1500 * 1.0 and ok["resync_lag_host_s"] == 2.0     # 12 came at 112, undone at 110
+    no_step = time_checks(good, [], speed=1500)
+    assert no_step["off"] == 5 and "5 readings in all off" in no_step["problems"][-1]
+    late = time_checks(good, [dict(steps[0], at=108.5)], speed=1500)
+    assert "1 readings off by a step reached the ledger before the step" in late["problems"]
+    back = time_checks(good, [dict(steps[0], step_s=-3600.0)], speed=1500)     # a step back: none is +3600
+    assert back["off"] == 5
+    flip = time_checks(ledger("flip.db", {8: 3600, 9: 3600, 14: 3600, 15: 3600}), steps, speed=1500)
+    assert flip["flip_flop"] == [f"{METER} boot 1"] and flip["problems"] == []      # a figure: a backlog's stamps
+    early = time_checks(ledger("early.db", {5: 3600, 6: 3600, 7: 3600}), steps, speed=1500)   # came at 105..107
+    assert "3 readings off by a step reached the ledger before the step" in early["problems"]
+    # a boot received wholly within the steps: its origin is not certain, nor is a step's sign
+    within = [{"step_s": 3600.0, "at": 50.0, "back_at": 200.0}]
+    unsure = time_checks(ledger("unsure.db", {n: 3600 for n in range(1, 15)}), within, speed=1500)
+    assert unsure["uncertain"] == [f"{METER} boot 1"] and (unsure["stepped"], unsure["off"]) == (6, 0), unsure
+    off = time_checks(ledger("off.db", {8: 3600, 17: 1900}), steps, speed=1500)   # 1900 s off: no step's
+    assert off["off"] == 1 and "seq 17: wall time +1901 s" in off["problems"][0]
+
+
+def test_heap_attacks_and_bad_commands_have_checks_that_fail():
+    rows = [{"device_id": METER, "role": "meter"}, {"device_id": DOSER, "role": "doser"}]
+    taps = {1: {"health": {METER: {"n": 3, "heap_min_min": 60_000, "heap_free_min": 61_000}}, "udp_accepted": 0},
+            2: {"health": {METER: {"n": 2, "heap_min_min": 58_000, "heap_free_min": 59_000},
+                           DOSER: {"n": 4, "heap_min_min": 9_000, "heap_free_min": 20_000}}, "udp_accepted": 0}}
+    heap = heap_figures(taps, rows, 112_640)
+    assert heap["roles"]["meter"] == {"lowest_free": 58_000, "budget": 112_640, "reports": 5, "share": 0.515}
+    assert heap["problems"] == [f"{DOSER} (doser): free heap fell to 9000 bytes, below 10% of its 112640"]
+    assert "no health report" in heap_figures({}, rows, 112_640)["problems"][0]
+
+    bursts = [{"phase": "flood", "sent": {"replay": 3, "garbage": 2}, "refused": {"replay": 3, "version": 2},
+               "problems": []},
+              {"phase": "counted", "sent": {"replay": 1}, "refused": {"too_old": 1}, "problems": ["x"]}]
+    summary = attack_summary(bursts, taps)
+    assert summary["tried"] == {"replay": 4, "garbage": 2} and summary["refused"]["replay"] == 3
+    assert summary["problems"] == ["udp_flood (counted): x"]
+    taps[2]["udp_accepted"] = 1
+    assert "accepted 1 frames from the UDP link" in attack_summary(bursts, taps)["problems"][-1]
+
+    events = {METER: [{"event": "vm_started", "reset_cause": "power_on", "ts": 100.0}] * 3 +
+              [{"event": "vm_started", "reset_cause": "watchdog", "ts": 130.0}] * 2}
+    resets = board_resets(events, {METER: 3}, {METER: 1}, started=10.0, wall_minus_mono=80.0)[METER]
+    assert resets["by_cause"] == {"power_on": 2, "watchdog": 2}           # the first boot aside
+    assert resets["unplanned"] == [{"cause": "watchdog", "at_s": 40.0}]   # 2 cuts + 1 watchdog fault planned
+
+    answers = [{"device": DOSER, "kind": "range", "state": "refused", "field": "doser.dose_mgl"},
+               {"device": DOSER, "kind": "other_device", "state": "accepted", "field": None},
+               {"device": METER, "kind": "unknown", "state": None, "field": None}]
+    assert command_problems(answers) == [f"bad command other_device for {DOSER}: the gateway answered accepted",
+                                         f"bad command unknown for {METER}: no answer from the gateway"]
 
 
 def _campaign(tmp_path, *args, timeout=300):
@@ -78,10 +155,13 @@ def _campaign(tmp_path, *args, timeout=300):
 
 
 def test_a_short_campaign_over_every_role_loses_nothing_beyond_the_stated_bound(tmp_path):
-    """Six boards (a meter, the doser, four drains; every other one across its tick wrap), 16 h of board
-    time at 1500x (38 s), with power cuts, gateway and broker SIGKILLs, line noise and a full disk."""
-    faults = "power_cut=4,gateway_kill=2,broker_kill=2,line_noise=3,disk_full=1"
-    r, report = _campaign(tmp_path, "--boards", "6", "--speed", "1500", "--hours", "16", "--seed", "4",
+    """Six boards (a meter, the doser, four drains; every other one across its tick wrap), 20 h of board
+    time at 1500x (48 s), with power cuts, gateway and broker SIGKILLs, line noise, a full disk, attacks on the
+    gateway's UDP link and a board's UART, a watchdog reset, the gateway's clock stepped an hour and bad
+    commands from the cloud."""
+    faults = ("power_cut=4,gateway_kill=2,broker_kill=2,line_noise=3,disk_full=1,udp_flood=1,uart_flood=1,"
+              "watchdog=1,clock_step=1,bad_command=1")
+    r, report = _campaign(tmp_path, "--boards", "6", "--speed", "1500", "--hours", "20", "--seed", "4",
                           "--faults", faults)
     assert report is not None, r.stderr[-3000:]
     print("\n" + json.dumps({k: report[k] for k in ("faults", "restarts", "replays_asked", "acks_withheld",
@@ -96,8 +176,17 @@ def test_a_short_campaign_over_every_role_loses_nothing_beyond_the_stated_bound(
     for d in report["devices"].values():
         if d["role"] in ("meter", "doser"):
             assert d["truth"] > 0 and 0 <= d["lost"] <= d["bound"], d
-    assert sum(d["cuts"] for d in report["devices"].values()) == 4
+    assert sum(d["cuts"] for d in report["devices"].values()) == 4 + 1          # the watchdog reset's too
     assert report["conflicts"] == 0 and report["invalid"] == 0
+    attacks = report["attacks"]
+    print(summary(report))
+    assert set(attacks["tried"]) == set(KINDS) and attacks["accepted_ever"] == 0
+    assert sum(attacks["refused"].values()) >= sum(b["arrived"] for b in attacks["bursts"])
+    assert [b["phase"] for b in attacks["bursts"]] == ["flood", "counted"] and attacks["uart_floods"]
+    assert set(report["heap"]) == roles and all(0 < h["lowest_free"] < h["budget"] for h in report["heap"].values())
+    assert sum(report["watchdog_resets"].values()) == 1
+    assert len(report["clock"]["steps"]) == 1 and report["clock"]["stepped"] > 0 and report["clock"]["off"] == 0
+    assert report["bad_commands"] and all(c["state"] == "refused" for c in report["bad_commands"])
     # Secrets: nothing the run left (logs, the gateway's store, the broker's files, the ledger with every
     # payload it took, reports) nor what it printed holds a device key in any encoding, but the registry
     # and the boards' own flash, which must.
@@ -118,7 +207,8 @@ def test_a_short_campaign_over_every_role_loses_nothing_beyond_the_stated_bound(
 def test_fifty_boards_for_a_simulated_week_under_every_fault(tmp_path):
     """The soak (about 20 minutes): 50 boards of every role over a week of board time."""
     r, report = _campaign(tmp_path, "--boards", "50", "--speed", "600", "--hours", "168", "--seed", "16",
-                          "--faults", "power_cut=60,gateway_kill=20,broker_kill=10,line_noise=40,disk_full=5",
+                          "--faults", "power_cut=60,gateway_kill=20,broker_kill=10,line_noise=40,disk_full=5,"
+                                      "udp_flood=10,uart_flood=10,watchdog=10,clock_step=6,bad_command=3",
                           timeout=3600)
     assert report is not None, r.stderr[-3000:]
     assert r.returncode == 0 and report["ok"], report["problems"]

@@ -7,4 +7,7 @@ runs imports them. They are generic over the role registry: a role's spec
 
   board.py      Rig: one commissioned virtual board + OneLinkGateway + console reader
   power_cut.py  power_cut_campaign: cut the power at random instants, count what each cut lost
+  gateway_rig.py  the gateway as `prapa campaign` runs it: a steppable wall clock and a tap (heap, replays)
+  attacks.py    attack frames for a gateway's UDP link, and the verdict on what it did with them
+  campaign_checks.py  the campaign's checks beyond the ledger's: attacks, heap, resets, commands, clock steps
 """
