@@ -253,9 +253,9 @@ def _decode(r, depth):
                     r.pos = kstart
                     r.fail("map keys not in deterministic order")
             prev = kbytes
-            if isinstance(key, (list, dict)):
-                r.pos = kstart
-                r.fail("map key is an array or map")
+            if not (type(key) is str or (type(key) is int and key >= 0)):
+                r.pos = kstart                  # a tag, bytes, float, array... (a tag is not even hashable)
+                r.fail("map key is not a uint or text")
             out[key] = _decode(r, depth + 1)
         return out
     if major == 6:

@@ -74,15 +74,22 @@ def _wrong(v, kind, lo, hi, m):
     return _rows(v, m)
 
 
+_WIDTHS = {}
+
+
 def _row_width(role):
     """Columns of a role's row: its spec's FIELDS (0: a bare uint, the meter's); -1 for a role
-    this side has no spec for (the drain, reserved). Imported on first use: the board never
-    receives readings."""
-    from protocol import roles
-    try:
-        return len(getattr(roles.spec(roles.ROLES[role]), "FIELDS", None) or ())
-    except ImportError:
-        return -1
+    this side has no spec for (the drain, reserved). Imported on first use (the board never
+    receives readings) and kept: it was half of the gateway's check of a readings frame."""
+    width = _WIDTHS.get(role)
+    if width is None:
+        from protocol import roles
+        try:
+            width = len(getattr(roles.spec(roles.ROLES[role]), "FIELDS", None) or ())
+        except ImportError:
+            width = -1
+        _WIDTHS[role] = width
+    return width
 
 
 def _rows(rows, m):

@@ -180,6 +180,9 @@ def test_rfc8949_appendix_a_in_the_vm():
     ("1c", "reserved"), ("62ff00", "UTF-8"), ("9b0000000100000000", "cannot fit"),
     ("5b0000000100000000", "truncated"), ("bb0000000100000000", "cannot fit"), ("1b00000000ffffffff", "non-preferred"),
     ("81" * 20 + "00", "nesting"),
+    ("a1c10000", "not a uint or text"), ("a1416100", "not a uint or text"), ("a2200021 00".replace(" ", ""),
+                                                                           "not a uint or text"),
+    ("a1f400", "not a uint or text"), ("a18000", "not a uint or text"),
 ])
 def test_strict_decoder_rejects_with_a_reason(hexed, reason):
     with pytest.raises(cbor.CBORError, match=reason):
