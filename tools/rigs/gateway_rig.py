@@ -11,7 +11,7 @@ writes in FOLDER/rig/:
                 clock of a site (gateway/service.py wall_clock counts from time.time()): a step of S site seconds
                 is S / simulate_speed here. A restarted gateway reads it at once: the step survives a restart.
   tap-<pid>.json  written every TAP_EVERY_S by each gateway process (atomically): what the gateway's own figures
-                do not show, taken where the gateway takes frames (protocol.link.Receiver, gateway.session.Sessions)
+                do not show, taken where the gateway takes frames (gateway.receiver.FastReceiver, gateway.session.Sessions)
                 without changing what they do:
                   udp_accepted  frames accepted from a UDP link (the site's boards use serial links only: every
                                 one is an attack frame that got through)
@@ -119,11 +119,10 @@ class Tap:
 
 def install_tap(tap):
     """Wrap the Receiver's frame handler and the Sessions' datagram and dispatch: the same work, counted."""
-    from gateway import session
-    from protocol import link
+    from gateway import receiver, session
     from protocol import messages as M
 
-    on_frame = link.Receiver._on_frame
+    on_frame = receiver.FastReceiver._on_frame
 
     def _on_frame(self, addr, buf, n):
         before = self.accepted
@@ -145,7 +144,7 @@ def install_tap(tap):
         if msg_type == M.HEALTH:
             tap.health_seen(device_id, m)
 
-    link.Receiver._on_frame = _on_frame
+    receiver.FastReceiver._on_frame = _on_frame
     session.Sessions.datagram = _datagram
     session.Sessions._dispatch = _dispatch
 
