@@ -120,10 +120,20 @@ def test_a_benchmark_whose_vm_is_not_built_is_skipped_with_the_fix(tmp_path, mon
     assert "tools.sim.vm build" in entry["reason"]
 
 
+def test_the_peer_runs_in_full_runs_only_and_without_its_venv_is_skipped_with_the_fix(tmp_path, monkeypatch):
+    peers = next(b for b in suite.BENCHMARKS if b.name == "peers")
+    quick = suite.run_one(peers, True, None)
+    assert quick["status"] == "skipped" and "full runs only" in quick["reason"]
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    full = suite.run_one(peers, False, None)
+    assert full["status"] == "skipped" and full["figures"] == []
+    assert "prapa bench peers --setup" in full["reason"]
+
+
 def test_a_benchmark_that_fails_is_recorded_as_failed_and_the_run_goes_on(monkeypatch):
     def broken(bench, options, quick):
         raise RuntimeError("the broker went away")
-    monkeypatch.setattr(suite, "_missing", lambda bench, vm: None)
+    monkeypatch.setattr(suite, "_missing", lambda bench, vm, quick: None)
     monkeypatch.setattr(suite, "_measure", broken)
     entry = suite.run_one(suite.BENCHMARKS[0], True, None)
     assert entry["status"] == "failed" and "the broker went away" in entry["reason"]

@@ -6,6 +6,8 @@
             1x and 100x; how many boards this machine runs
   gateway   readings/s through the gateway service (frames in, PUBACKs out) vs
             bare paho; commit-to-PUBACK latency; the service's peak RSS
+  scaling   readings/s, CPU per 100k, RSS and commit-to-PUBACK p99 of the gateway against device count
+            (UDP, 10 to 5,000 meters, each its own key), each against the 10-device run
   firmware  sampling jitter under load, heap peak, flash wear and life, pulses
             lost per power cut (the meter runtime on a virtual board)
   doser     stroke count error, solution delivered vs ideal, far-tap share in band for
@@ -13,6 +15,10 @@
   drain     detection lead time before overflow over seeded storms, false alarms per
             drain-month, the blocked drain ranked first, battery life, heap (the board's
             logic on the VM against the world model; power and heap on virtual boards)
+  durability  SIGKILL our gateway and the ThingsBoard IoT Gateway a few ms after the last send, upstream
+            down: readings the sender saw accepted that never reach the subscriber (goal 0), duplicates
+  peers     our gateway beside the ThingsBoard IoT Gateway 3.8.5 (a venv of its own, a loopback-only
+            namespace), same run, same load: readings/s, CPU per 100k, peak RSS, latency; ratios
   boot   power-on to the app's banner on a virtual board, against a bare start
          of the same MicroPython VM (same heap); heap free after boot in bytes
          and as a share of the board's budget.
@@ -56,8 +62,8 @@ def add_parser(sub):
     boot.add_argument("--json", action="store_true", help="print the figures as one JSON object")
     vms.add_argument(boot)
     boot.set_defaults(func=bench_boot)
-    from tools.bench import doser, drain, firmware, gateway, peers, protocol, site
-    for subject in (protocol, site, firmware, gateway, doser, drain, peers):
+    from tools.bench import doser, drain, durability, firmware, gateway, peers, protocol, scaling, site
+    for subject in (protocol, site, firmware, gateway, scaling, doser, drain, durability, peers):
         subject.add_parser(bsub, type(p))
     from tools.bench import report, suite
     suite.add_parser(bsub)

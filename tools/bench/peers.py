@@ -179,7 +179,9 @@ def _netns_problem():
     return None
 
 
-def _reexec_in_netns(args):
+def _reexec_in_netns(args, capture=False):
+    """Run this command again inside `unshare -n` (lo only); its exit code, or with capture its CompletedProcess
+    (stdout captured, stderr passed through)."""
     argv = [sys.executable, "-m", "tools.cli", "bench", "peers", "--devices", str(args.devices),
             "--steady-rate", str(args.steady_rate)]
     argv += ["--readings", str(args.readings)] if args.readings else []
@@ -189,6 +191,8 @@ def _reexec_in_netns(args):
            "PATH": os.environ.get("PATH", "") + ":/usr/sbin:/sbin"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     cmd = ["unshare", "-n", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *argv]
+    if capture:
+        return subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
     return subprocess.run(cmd, env=env, cwd=ROOT).returncode
 
 
@@ -656,24 +660,55 @@ def measure_peer_udp(venv, n, devices):
 
 
 # -- the command -------------------------------------------------------------------------------------------
+def problem():
+    """Why the peer cannot run here, as a UsageError (the fix included), or None."""
+    venv = venv_dir()
+    if not venv_ready(venv):
+        return UsageError("bench peers", f"the peer's venv ({PEER}=={PEER_VERSION}) is not at {venv}",
+                          "run prapa bench peers --setup (it builds it there, outside the project's venv)")
+    if not _inside():
+        netns = _netns_problem()
+        if netns:
+            return UsageError("bench peers", f"cannot isolate the peer in a loopback-only network namespace: {netns}",
+                              "run as root where unshare -n is allowed (the peer posts to its vendor's update "
+                              "server when it starts and cannot be told not to)")
+    return None
+
+
 def run(args):
     if args.setup:
         return setup()
-    venv = venv_dir()
-    if not venv_ready(venv):
-        raise UsageError("bench peers", f"the peer's venv ({PEER}=={PEER_VERSION}) is not at {venv}",
-                         "run prapa bench peers --setup (it builds it there, outside the project's venv)")
+    why_not = problem()
+    if why_not:
+        raise why_not
     if not _inside():
-        problem = _netns_problem()
-        if problem:
-            raise UsageError("bench peers", f"cannot isolate the peer in a loopback-only network namespace: {problem}",
-                             "run as root where unshare -n is allowed (the peer posts to its vendor's update "
-                             "server when it starts and cannot be told not to)")
         return _reexec_in_netns(args)
     if not _only_loopback():
         print("prapa: error: bench peers: this network namespace has interfaces besides lo (or lo is down); "
               "refusing to start the peer", file=sys.stderr)
         return 1
+    print_figures(figures_in_netns(args), args.json)
+    return 0
+
+
+def measure(args):
+    """The figures (a dict) of one run as args say, for prapa bench all: the run happens in the namespace (a
+    child process re-executing this command with --json); its progress goes to stderr."""
+    why_not = problem()
+    if why_not:
+        raise why_not
+    if _inside():
+        return figures_in_netns(args)
+    args.json = True
+    r = _reexec_in_netns(args, capture=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"prapa bench peers exited {r.returncode} in its namespace")
+    return json.loads(r.stdout)
+
+
+def figures_in_netns(args):
+    """The run itself, inside the namespace: ours, then the peer's, then the ratios."""
+    venv = venv_dir()
     n = args.readings or (QUICK_READINGS if args.quick else 100_000)
     n = max(ROWS, n // ROWS * ROWS)
     steady_n = QUICK_STEADY if args.quick else STEADY_READINGS
@@ -698,8 +733,7 @@ def run(args):
         if ours and figures.get("peer_udp_readings_per_s"):
             figures["ratio_readings_per_s_ours_to_peer_udp"] = round(
                 ours["readings_per_s_received_committed_pubacked"] / figures["peer_udp_readings_per_s"])
-    print_figures(figures, args.json)
-    return 0
+    return figures
 
 
 # What each figure means and, for a ratio, its baseline (the convention of prapa bench all's record; the peer

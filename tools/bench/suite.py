@@ -2,12 +2,13 @@
 
   prapa bench all [--quick] [--json FILE] [--vm unix32|unix64]
 
-Runs boot, protocol, gateway_forward, gateway, firmware, doser, drain and site in that order, in this
-process, each through its own measure function with its own options (BENCHMARKS below): its defaults,
-or with --quick the small counts listed there, so the whole run takes under a minute on a 2-core
-machine (a quick run's figures show the shape, not the values). The peer (`prapa bench peers`) is not
-our stack and runs on its own. Progress goes to stderr; stdout gets one table: figure, value,
-baseline, ratio.
+Runs boot, protocol, gateway_forward, gateway, scaling, firmware, doser, drain, site, durability and
+peers in that order, in this process, each through its own measure function with its own options
+(BENCHMARKS below): its defaults, or with --quick the small counts listed there, so the whole run takes
+about a minute on a 2-core machine (a quick run's figures show the shape, not the values). The peer
+(the ThingsBoard IoT Gateway: `peers`, and the peer half of `durability`) runs in full runs only, where
+its venv is built (`prapa bench peers --setup`) and `unshare -n` is allowed; otherwise it is skipped
+with the reason. Progress goes to stderr; stdout gets one table: figure, value, baseline, ratio.
 
 --json FILE writes the record (FILE is replaced): the command line, the git commit ("unknown" outside a
 repository) and whether the tree had uncommitted changes, the machine (cores, CPU model from
@@ -55,7 +56,7 @@ QUICK_STEADY_READINGS = 3_200       # gateway: the latency run's readings with -
 class Benchmark:
     name: str
     about: str
-    quick: tuple                     # the benchmark's own options for --quick
+    quick: tuple                     # the benchmark's own options for --quick; None: full runs only
     needs: tuple = ()                # "vm", "mosquitto": checked first; missing, the benchmark is skipped
 
     def command(self, options):
@@ -73,6 +74,9 @@ BENCHMARKS = (
               "and commits alone", ("--entries", "1920", "--steady-seconds", "1"), ("mosquitto",)),
     Benchmark("gateway", "the whole gateway service, frames on a serial line to PUBACKs, against bare paho; "
               "latency; memory", ("--readings", "3200", "--devices", "10"), ("mosquitto",)),
+    Benchmark("scaling", "the gateway over UDP at 10 to 5,000 meters, each with its own key: readings/s, CPU, "
+              "memory and latency against the 10-device run",
+              ("--devices", "10,1000", "--readings", "3200", "--steady-readings", "1600"), ("mosquitto",)),
     Benchmark("firmware", "the meter runtime on a virtual board: timer lateness under load against idle, heap, "
               "flash wear, pulses lost per power cut", ("--jitter-s", "1", "--days", "0.05", "--cuts", "3"), ("vm",)),
     Benchmark("doser", "the chlorine doser through simulated days: strokes and solution against the ideal, far-tap "
@@ -81,6 +85,11 @@ BENCHMARKS = (
               ("--storms", "2", "--drains", "3", "--days", "2", "--wakes", "1", "--heap-hours", "0.05"), ("vm",)),
     Benchmark("site", "prapa site: seconds to the first reading, CPU and memory per board at 1x and 100x, boards "
               "per machine", ("--boards", "1", "--seconds", "3"), ("vm", "mosquitto")),
+    Benchmark("durability", "SIGKILL each gateway a few ms after the last send, upstream down: accepted readings "
+              "lost (goal 0) and duplicates, ours beside the ThingsBoard IoT Gateway's",
+              ("--rounds", "2", "--readings", "640", "--no-peer"), ("mosquitto",)),
+    Benchmark("peers", "our gateway beside the ThingsBoard IoT Gateway 3.8.5, same run, same load: readings/s, CPU "
+              "per 100k, peak RSS, latency, duplicates", None, ("mosquitto", "peer")),
 )
 
 
@@ -96,11 +105,18 @@ def add_parser(bsub):
 
 # -- one benchmark --------------------------------------------------------------------------------
 def _options(bench, quick, vm):
-    return [*(bench.quick if quick else ()), *(["--vm", vm] if vm and "vm" in bench.needs else [])]
+    return [*((bench.quick or ()) if quick else ()), *(["--vm", vm] if vm and "vm" in bench.needs else [])]
 
 
-def _missing(bench, vm):
+def _missing(bench, vm, quick=False):
     """Why bench cannot run here (the fix included), or None."""
+    if quick and bench.quick is None:
+        return f"full runs only (prapa bench all without --quick; alone: prapa bench {bench.name} --quick)"
+    if "peer" in bench.needs:
+        from tools.bench import peers
+        problem = peers.problem()
+        if problem:
+            return f"{problem.problem}; fix: {problem.fix}"
     if "vm" in bench.needs:
         try:
             vms.micropython_exe(vm)
@@ -173,8 +189,8 @@ def rows(figures, declared, ratios=()):
         specs = [d for d in declared if d[0] == key or ("*" in d[0] and fnmatch.fnmatchcase(key, d[0]))]
         for spec in specs or [(key, None)]:
             row = {"figure": key, "value": value, "meaning": spec[1]}
-            if len(spec) > 2:
-                base = flat.get(spec[2])
+            if len(spec) > 2 and spec[2] in flat:            # a baseline this run did not measure: none
+                base = flat[spec[2]]
                 row.update(baseline=spec[2], baseline_value=base, ratio=ratio(value, base))
             out.append(row)
     return out
@@ -186,7 +202,7 @@ def run_one(bench, quick, vm):
     entry = {"name": bench.name, "about": bench.about, "command": bench.command(options)}
     if bench.name == "gateway" and quick:
         entry["command"] += f" (latency run: {QUICK_STEADY_READINGS} readings)"
-    reason = _missing(bench, vm)
+    reason = _missing(bench, vm, quick)
     if reason:
         return dict(entry, status="skipped", reason=reason, seconds=0.0, figures=[])
     t0 = time.monotonic()
