@@ -66,6 +66,7 @@ from protocol.errors import UsageError
 log = logging.getLogger("prapa.gateway.forwarder")
 UNSUPPORTED_PROTOCOL_VERSION = 0x84
 BACKLOG_EVERY_S = 2.0
+READ_AHEAD = 2000                # pending entries read from the store at once, per priority (alarms, the rest)
 FAILBACK_S = 60.0                # default: how often brokers[0] is probed while connected to another broker
 FAILBACK_PROBE_S = 2.0           # a probe's TCP connect gives up after this (or connect_timeout_s if shorter)
 FAILBACK_DRAIN_S = 2.0           # before leaving for brokers[0]: wait this long at most for PUBACKs in flight
@@ -117,6 +118,7 @@ class Forwarder:
         self._thread = None
         self._refused_ids = set()
         self._inflight, self._inflight_ids, self._window = {}, set(), 1
+        self._restart_reading()
         self._refused = False         # the last connection ended with the broker refusing a publish
         self._retained, self._retain_due, self._retain_lock = {}, [], threading.Lock()   # topic -> payload
         self.retained_published = 0   # retained messages sent (PUBACKs counted in acked)
@@ -356,7 +358,7 @@ class Forwarder:
         (on a broker other than brokers[0]) until a probe finds brokers[0] back: True then."""
         state = client.user_data_get()
         self._inflight, self._inflight_ids = {}, set()   # mid -> (entry ids, publish time); ids in flight
-        self._after_id = 0                                # every pending entry up to it is in flight or refused
+        self._restart_reading()
         self._refused = False
         with self._retain_lock:                           # a new connection: the broker gets every one again
             self._retain_due = list(self._retained)
@@ -548,22 +550,36 @@ class Forwarder:
             self.published += 1
             self._inflight[info.mid] = ((), time.monotonic())
 
+    def _restart_reading(self):
+        """Read pending entries from the start again (a new connection, a prune, a failed mark)."""
+        self._ahead = ([], [])        # per priority (0 alarms, 1 the rest): pending rows read, not yet published
+        self._read_upto = [0, 0]      # per priority: every pending entry up to this id is in flight, refused or ahead
+
     def _fill(self, client, store):
         """Publish pending entries (alarms first) up to the in-flight window; True if more may be waiting.
 
-        Reads only past self._after_id: every pending entry at or below it is in flight or refused, so
-        a full window is not read again each time one PUBACK frees a slot (it was a sixth of the
-        gateway's time flat out). A new connection starts again from 0."""
+        Rows are read from the store ahead (READ_AHEAD at a time, past a cursor per priority) and kept until
+        published: at thousands of devices a message holds one device's rows, so most rows read wait for a
+        later slot, and reading them again at each PUBACK was a quarter of the gateway's time. Alarms are
+        looked for at every call (an index probe when there are none), so one never waits behind the
+        readings held ahead. Each call groups at most room x max_items rows: its cost does not grow with
+        what is held."""
         cfg = self.config
-        fetch = min((self._window - len(self._inflight)) * cfg.max_items, 5000)
-        after = self._after_id
-        skip = sum(1 for i in self._inflight_ids if i > after) + sum(1 for i in self._refused_ids if i > after)
-        read = store.pending(limit=skip + fetch, after_id=after)
-        more = len(read) == skip + fetch
-        rows = [r for r in read if r[0] not in self._inflight_ids and r[0] not in self._refused_ids]
         room = self._window - len(self._inflight)
+        fetch = min(room * cfg.max_items, 5000)
+        full = False
+        for priority, ahead in enumerate(self._ahead):
+            if len(ahead) < fetch:
+                read = store.pending(limit=max(fetch, READ_AHEAD), after_id=self._read_upto[priority],
+                                     priority=priority)
+                if read:
+                    self._read_upto[priority] = read[-1][0]
+                    full = full or len(read) == max(fetch, READ_AHEAD)
+                ahead.extend(r for r in read if r[0] not in self._inflight_ids and r[0] not in self._refused_ids)
+        alarms, rest = self._ahead
+        head = alarms[:fetch] + rest[:max(0, fetch - len(alarms))]
         try:
-            for run in ff.group(self._acceptable(rows), cfg.max_items, cfg.max_payload_bytes, cfg.site, room):
+            for run in ff.group(self._acceptable(head), cfg.max_items, cfg.max_payload_bytes, cfg.site, room):
                 if len(self._inflight) >= self._window:
                     return True
                 for part, payload in ff.message(cfg.site, run, cfg.format, cfg.max_payload_bytes):
@@ -573,24 +589,16 @@ class Forwarder:
                     ids = [r[0] for r in part]
                     if not self._publish(client, ff.topic(cfg.site, part[0][1], part[0][4]), payload, part, ids):
                         return False
-            return more or len(self._inflight) >= self._window
+            return full or bool(alarms or rest) or len(self._inflight) >= self._window
         finally:
-            self._advance_after(read, more)
+            self._drop_sent(min(len(alarms), fetch), min(len(rest), max(0, fetch - len(alarms))))
 
-    def _advance_after(self, read, more):
-        """Move the read cursor over the rows just read, but never past a pending entry neither in flight
-        nor refused: one read and left for room in the window, or one the LIMIT kept unread. Rows come
-        alarms first, then by id: past a limit that ended in a reading, the unread have higher ids; past
-        one that ended in an alarm, a reading of any id may be unread, so the cursor stays."""
-        if not read:
-            return
-        upto = max(r[0] for r in read)
-        if more:
-            upto = min(upto, read[-1][0] if read[-1][4] != "alarm" else self._after_id)
-        for r in read:
-            if r[0] not in self._inflight_ids and r[0] not in self._refused_ids:
-                upto = min(upto, r[0] - 1)
-        self._after_id = max(self._after_id, upto)
+    def _drop_sent(self, n_alarms, n_rest):
+        """Take the rows now in flight or refused out of the first n of each priority's rows held ahead."""
+        gone = self._inflight_ids, self._refused_ids
+        for ahead, n in zip(self._ahead, (n_alarms, n_rest)):
+            if n:
+                ahead[:n] = [r for r in ahead[:n] if r[0] not in gone[0] and r[0] not in gone[1]]
 
     def _acceptable(self, rows):
         for row in rows:
@@ -642,6 +650,9 @@ class Forwarder:
         except sqlite3.Error as e:        # left pending: sent again later, same identity
             self.last_error = f"store {self.store_path}: mark_forwarded failed: {e}"
             _log(logging.ERROR, "store_mark_failed", error=self.last_error, entries=len(ids))
+            self._inflight_ids.difference_update(ids)
+            self._restart_reading()         # they are pending again, below the read cursors
+            return
         self._inflight_ids.difference_update(ids)
 
     def _wait_for_room(self, client, store):
@@ -723,5 +734,5 @@ class Forwarder:
                 return
             self.pruned += n
             if n:
-                self._after_id = 0     # SQLite may hand a deleted top id to the next entry: read from the start
+                self._restart_reading()     # SQLite may hand a deleted top id to the next entry; read afresh
                 _log(logging.INFO, "store_pruned", entries=n, retention_s=self.config.retention_s)
