@@ -32,6 +32,10 @@ and, on a schedule drawn from --seed, injects real faults while it runs:
   bad_command   the cloud's command path (MQTT .../command) given a config beyond the schema, a config naming
                 another device, one naming another role, and a command the role does not have, for a board of
                 each role: each must come back refused on .../command/result (nothing queued for the board)
+  link_config   someone on the RS-485 bus with a stolen board's key: a config push and a hard-limits change for
+                that other board (its id, its key) and the same under this board's id sealed with the other's
+                key, put on a board's serial line from the bus side (its pty, as the gateway writes); the
+                board must count each refused (its health reports) and must not reboot into them
 
 Every gateway runs under tools/rigs/gateway_rig.py (its tap gives each board's lowest free heap from its health
 reports: a figure per role beside the board's heap budget, which fails below HEAP_FLOOR of it; and the frames
@@ -74,10 +78,11 @@ from protocol.errors import UsageError
 from protocol.roles import catalog as roles
 from tools import args as types
 from tools.console import ConsoleReader, parse_status
-from tools.rigs.campaign_checks import attack_summary, board_resets, command_problems, heap_figures, time_checks
+from tools.rigs.campaign_checks import (attack_summary, board_resets, command_problems, heap_figures,
+                                        link_config_problems, time_checks)
 
 FAULT_KINDS = ("power_cut", "gateway_kill", "broker_kill", "line_noise", "disk_full", "udp_flood", "uart_flood",
-               "watchdog", "clock_step", "bad_command")
+               "watchdog", "clock_step", "bad_command", "link_config")
 FLOOD_PER_KIND = 400       # attack frames of each kind sent at full speed (udp_flood)
 COUNTED_PER_KIND = 25      # ... then of each kind paced, every one counted under its reason
 UART_FLOOD_BYTES = 32768   # garbage on one board's serial line (uart_flood) ...
@@ -164,6 +169,7 @@ class Injector(threading.Thread):
         self.cut_times = {}             # device hex -> [host time.time() of each cut or watchdog reset]
         self.clock_steps = []           # {"step_s", "at", "back_at"}: host time.time(), unstepped
         self.bad_commands = []          # {"device", "kind", "state", "field"}: the gateway's answer to each
+        self.link_configs = []          # {"device", "other", "frames", "refused", "rebooted"}: link_config
         self.timeline = []              # {"kind", "at_s", "device"}: each fault as it began (the site's seconds)
         self._target = None
         self._clock_back = None
@@ -429,6 +435,68 @@ class Injector(threading.Thread):
             self.bad_commands.append({"device": f"{device_id:08x}", "kind": tag, "state": r and r.get("state"),
                                       "field": r and r.get("field")})
 
+    def _link_config(self):
+        """Frames the board must refuse, from the bus side of its serial line (see the module's doc)."""
+        import cbor2
+        from protocol import framing, link, secure
+        from protocol import messages as M
+        from tools.rigs.gateway_rig import read_taps
+        if len(self.site.boards) < 2:
+            self.errors.append("link_config needs two boards (one's key is the stolen one)")
+            return
+        (_n, device_id, vb), (_m, other_id, other_vb) = self.rng.sample(self.site.boards, 2)
+        self._target = f"{device_id:08x}"
+        stolen = self.site.keys[other_id]
+        counter = self.rng.randrange(1 << 20, 1 << 24)
+        messages = [
+            (M.CONFIG_PUSH, M.config_push(900_001, {"device_id": other_id, "role": other_vb.role, other_vb.role: {}})),
+            (M.CONFIG_PUSH, M.config_push(900_002, {"device_id": device_id, "role": vb.role, vb.role: {},
+                                                     "limits": {"max_rate_ml_h": 10 ** 6}})),
+            (M.COMMAND, M.command(900_003, "reboot")),
+        ]
+        wire = b""
+        for header_id in (other_id, device_id):          # the other's own frames; this board's id, the other's key
+            sender = link.Sender(stolen, header_id, secure.DOWNLINK, secure.MemoryCounters(counter),
+                                 addr=framing.ADDR_BROADCAST)
+            for msg_type, m in messages:
+                payload = bytearray(cbor2.dumps(m, canonical=True))       # as the gateway encodes a downlink
+                n = sender.wire_into(msg_type, payload, len(payload))
+                wire += bytes(sender.wire[:n])
+        frames = 2 * len(messages)
+
+        def latest():
+            best = None
+            for tap in read_taps(self.site.workdir).values():
+                h = tap.get("health", {}).get(self._target)
+                if h and h.get("t") is not None and (best is None or h["t"] > best["t"]):
+                    best = h
+            return best
+        before, end = latest(), time.monotonic() + 30
+        while (before is None or before.get("rejected") is None) and time.monotonic() < end:
+            if self._idle_wait(0.5):
+                return
+            before = latest()
+        record = {"device": self._target, "other": f"{other_id:08x}", "frames": frames, "refused": None,
+                  "rebooted": False}
+        self.link_configs.append(record)
+        if before is None:
+            return
+        fd = os.open(vb.uart_port, os.O_WRONLY | os.O_NOCTTY)
+        try:
+            os.write(fd, wire)
+        finally:
+            os.close(fd)
+        while time.monotonic() < end:
+            if self._idle_wait(0.5):
+                return
+            now = latest()
+            if now["boot"] != before["boot"]:
+                record["rebooted"] = True
+                return
+            record["refused"] = now["rejected"] - before["rejected"]
+            if record["refused"] >= frames and now["t"] > before["t"]:
+                return
+
     def _gateway_up(self, timeout=30):
         """The gateway's process once it is up (the supervisor may be restarting it), else None."""
         gw, end = self.site.gateway, time.monotonic() + timeout
@@ -621,7 +689,7 @@ def run(args):
     heap = heap_figures(taps, site_report.get("boards", []), board_def.heap_budget_bytes)
     clock = time_checks(workdir / "ledger.db", injector.clock_steps, args.speed)
     verdict["problems"] += attacks["problems"] + heap["problems"] + [f"clock: {p}" for p in clock["problems"]]
-    verdict["problems"] += command_problems(injector.bad_commands)
+    verdict["problems"] += command_problems(injector.bad_commands) + link_config_problems(injector.link_configs)
     report = {
         "seed": args.seed, "speed": args.speed, "hours": args.hours, "boards": args.boards,
         "seconds": round(time.monotonic() - started, 1), "workdir": str(workdir),
@@ -633,6 +701,7 @@ def run(args):
         "acks_withheld": _log_events(workdir / "gateway.log", "acks_withheld"),   # the disk guard, as logged
         "attacks": {**attacks, "bursts": injector.attacks, "uart_floods": injector.uart_floods},
         "heap": heap["roles"], "watchdog_resets": injector.watchdog_resets, "bad_commands": injector.bad_commands,
+        "link_configs": injector.link_configs,
         "resets": resets, "timeline": injector.timeline,
         "clock": {**clock, "steps": injector.clock_steps},
         **verdict, "ok": not verdict["problems"],
@@ -714,6 +783,9 @@ def summary(report):
         lines.append(f"  bad commands over MQTT: {len(cmds)} sent, " +
                      f"{sum(1 for c in cmds if c['state'] == 'refused')} refused (" +
                      ", ".join(sorted({f"{c['kind']}: {c['field']}" for c in cmds if c['state'] == 'refused'})) + ")")
+    for r in report.get("link_configs") or ():
+        lines.append(f"  link config on {r['device']} (key of {r['other']} stolen): {r['frames']} frames on its line, "
+                     f"{r['refused']} refused by the board" + (", REBOOTED" if r["rebooted"] else ""))
     odd = {d: r["unplanned"] for d, r in (report.get("resets") or {}).items() if r["unplanned"]}
     if odd:
         lines.append("  resets the campaign did not make: " + "; ".join(

@@ -329,6 +329,7 @@ class Site:
                               extra="\n[store]\nmin_free_mb = 50\n" + getattr(args, "gateway_extra", ""),
                               sync_interval_s=3600, simulate_speed=args.speed)   # one calendar for boards and gateway
         register(workdir, keys, names=names, board=board_def.name, roles=device_roles, places=places)
+        self.keys = keys                  # in memory only (a campaign's bus attacker holds a stolen board's key)
         self.gateway = GatewayProcess(config, log_path=workdir / "gateway.log",      # a campaign's rig may wrap it
                                       entry=getattr(args, "gateway_entry", "tools.cli")).start()
         try:

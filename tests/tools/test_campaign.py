@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from tools.campaign import ledger_checks, parse_faults, schedule, summary
-from tools.rigs.campaign_checks import attack_summary, board_resets, command_problems, heap_figures, time_checks
+from tools.rigs.campaign_checks import (attack_summary, board_resets, command_problems, heap_figures,
+                                        link_config_problems, time_checks)
 from tools.rigs.attacks import KINDS
 from tools.ledger import LedgerStore
 from tools.rigs.secrets_scan import keys_from_registry, scan
@@ -65,7 +66,8 @@ def test_a_clean_ledger_passes_and_every_broken_promise_is_named(tmp_path):
 def test_the_fault_schedule_is_the_seeds_and_bad_counts_are_refused():
     counts = parse_faults("power_cut=3, broker_kill=1")
     assert counts == {"power_cut": 3, "gateway_kill": 0, "broker_kill": 1, "line_noise": 0, "disk_full": 0,
-                      "udp_flood": 0, "uart_flood": 0, "watchdog": 0, "clock_step": 0, "bad_command": 0}
+                      "udp_flood": 0, "uart_flood": 0, "watchdog": 0, "clock_step": 0, "bad_command": 0,
+                      "link_config": 0}
     plan = schedule(counts, 20.0, seed=7)
     assert plan == schedule(counts, 20.0, seed=7) != schedule(counts, 20.0, seed=8)
     assert sorted(k for _t, k in plan) == ["broker_kill"] + ["power_cut"] * 3
@@ -145,6 +147,13 @@ def test_heap_attacks_and_bad_commands_have_checks_that_fail():
     assert command_problems(answers) == [f"bad command other_device for {DOSER}: the gateway answered accepted",
                                          f"bad command unknown for {METER}: no answer from the gateway"]
 
+    links = [{"device": METER, "other": DOSER, "frames": 6, "refused": 6, "rebooted": False},
+             {"device": DOSER, "other": METER, "frames": 6, "refused": 5, "rebooted": False},
+             {"device": METER, "other": DOSER, "frames": 6, "refused": None, "rebooted": True}]
+    assert link_config_problems(links) == [
+        f"link config on {DOSER}: 6 frames put on its line, 5 counted refused by the board",
+        f"link config on {METER}: the board rebooted after frames it should have refused"]
+
 
 def _campaign(tmp_path, *args, timeout=300):
     report = tmp_path / "campaign.json"
@@ -160,7 +169,7 @@ def test_a_short_campaign_over_every_role_loses_nothing_beyond_the_stated_bound(
     gateway's UDP link and a board's UART, a watchdog reset, the gateway's clock stepped an hour and bad
     commands from the cloud."""
     faults = ("power_cut=4,gateway_kill=2,broker_kill=2,line_noise=3,disk_full=1,udp_flood=1,uart_flood=1,"
-              "watchdog=1,clock_step=1,bad_command=1")
+              "watchdog=1,clock_step=1,bad_command=1,link_config=1")
     r, report = _campaign(tmp_path, "--boards", "6", "--speed", "1500", "--hours", "20", "--seed", "4",
                           "--faults", faults)
     assert report is not None, r.stderr[-3000:]
@@ -187,6 +196,8 @@ def test_a_short_campaign_over_every_role_loses_nothing_beyond_the_stated_bound(
     assert sum(report["watchdog_resets"].values()) == 1
     assert len(report["clock"]["steps"]) == 1 and report["clock"]["stepped"] > 0 and report["clock"]["off"] == 0
     assert report["bad_commands"] and all(c["state"] == "refused" for c in report["bad_commands"])
+    [link] = report["link_configs"]                 # a stolen key's frames on a board's line: each refused there
+    assert link["refused"] >= link["frames"] == 6 and not link["rebooted"], link
     # Secrets: nothing the run left (logs, the gateway's store, the broker's files, the ledger with every
     # payload it took, reports) nor what it printed holds a device key in any encoding, but the registry
     # and the boards' own flash, which must.
@@ -208,7 +219,8 @@ def test_fifty_boards_for_a_simulated_week_under_every_fault(tmp_path):
     """The soak (about 20 minutes): 50 boards of every role over a week of board time."""
     r, report = _campaign(tmp_path, "--boards", "50", "--speed", "600", "--hours", "168", "--seed", "16",
                           "--faults", "power_cut=60,gateway_kill=20,broker_kill=10,line_noise=40,disk_full=5,"
-                                      "udp_flood=10,uart_flood=10,watchdog=10,clock_step=6,bad_command=3",
+                                      "udp_flood=10,uart_flood=10,watchdog=10,clock_step=6,bad_command=3,"
+                                      "link_config=5",
                           timeout=3600)
     assert report is not None, r.stderr[-3000:]
     assert r.returncode == 0 and report["ok"], report["problems"]

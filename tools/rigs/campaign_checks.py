@@ -55,6 +55,19 @@ def command_problems(answers):
             for a in answers if a["state"] != "refused"]
 
 
+def link_config_problems(records):
+    """A frame put on a board's serial line from the bus side that the board did not count as refused in its
+    next health reports (of the same boot), or a board that rebooted after them, is a problem."""
+    out = []
+    for r in records:
+        if r["rebooted"]:
+            out.append(f"link config on {r['device']}: the board rebooted after frames it should have refused")
+        elif r["refused"] is None or r["refused"] < r["frames"]:
+            out.append(f"link config on {r['device']}: {r['frames']} frames put on its line, "
+                       f"{r['refused']} counted refused by the board")
+    return out
+
+
 HEAP_FLOOR = 0.10          # a board's lowest free heap below this share of its budget fails the campaign
 
 

@@ -74,7 +74,7 @@ class Tap:
         self.path, self.clock = Path(path), clock
         self.lock = threading.Lock()
         self.udp_accepted = 0
-        self.health = {}            # hex -> {"n", "heap_free_min", "heap_min_min", "boot"}
+        self.health = {}            # hex -> {"n", "heap_free_min", "heap_min_min", and of the latest: "boot", "rejected", "t"}
         self.captured = {}          # hex -> [[t, hex frame], ...]
 
     def frame_accepted(self, frame):
@@ -94,6 +94,9 @@ class Tap:
                 if isinstance(v, int) and (h[key] is None or v < h[key]):
                     h[key] = v
             h["boot"] = m.get(0)
+            counts = m.get(6)
+            h["rejected"] = counts.get(2) if isinstance(counts, dict) else None   # frames the board refused, this boot
+            h["t"] = round(self.clock(), 3)
 
     def snapshot(self):
         with self.lock:
