@@ -144,3 +144,15 @@ def test_docs_benchmarks_md_is_what_docs_benchmarks_json_gives():
     assert [b["name"] for b in record["benchmarks"]] == [b.name for b in suite.BENCHMARKS]
     r = python("-m", "tools.bench.report", "docs/benchmarks.json", "--check")
     assert r.returncode == 0, r.stderr
+
+
+def test_rows_a_figures_own_rows_replace_its_familys_and_an_unmeasured_baseline_gives_none():
+    declared = (("ours_rate", "against mqtt", "mqtt_rate"), ("ours_rate", "against udp", "udp_rate"),
+                ("ours_*", "ours, as the gateway bench says"), ("mqtt_rate", "the peer's"))
+    rows = suite.rows({"ours_rate": 30, "mqtt_rate": 3, "ours_cpu": 2}, declared)
+    assert [(r["figure"], r.get("baseline"), r.get("ratio"), r["meaning"]) for r in rows] == [
+        ("ours_rate", "mqtt_rate", 10.0, "against mqtt"),          # udp_rate was not measured: no row for it
+        ("mqtt_rate", None, None, "the peer's"),
+        ("ours_cpu", None, None, "ours, as the gateway bench says")]
+    only_unmeasured = suite.rows({"ours_rate": 30}, declared[1:2])
+    assert only_unmeasured == [{"figure": "ours_rate", "value": 30, "meaning": "against udp"}]

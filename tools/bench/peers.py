@@ -746,6 +746,8 @@ FIGURES = (
     ("ours_readings_per_s_received_committed_pubacked", "ours: readings/s from the first byte written to the last "
      "PUBACK (verified, decrypted, committed with synchronous=FULL, acked, forwarded), against the peer's MQTT "
      "connector on the same readings", "peer_mqtt_readings_per_s"),
+    ("ours_readings_per_s_received_committed_pubacked", "ours, against the peer's UDP socket connector (it sleeps "
+     "0.2 s after each datagram)", "peer_udp_readings_per_s"),
     ("ours_gateway_cpu_s_per_100k_readings", "ours: the gateway process's CPU seconds (user+sys) per 100,000 "
      "readings, against the peer's", "peer_mqtt_cpu_s_per_100k_readings"),
     ("ours_gateway_peak_rss_mb", "ours: peak resident memory (VmHWM), against the peer's", "peer_mqtt_peak_rss_mb"),

@@ -57,7 +57,8 @@ class Benchmark:
     name: str
     about: str
     quick: tuple                     # the benchmark's own options for --quick; None: full runs only
-    needs: tuple = ()                # "vm", "mosquitto": checked first; missing, the benchmark is skipped
+    needs: tuple = ()                # "vm", "mosquitto", "peer": checked first; missing, the benchmark is skipped
+    full: tuple = ()                 # its options in a full run (beside its defaults)
 
     def command(self, options):
         if self.name == "gateway_forward":
@@ -89,7 +90,8 @@ BENCHMARKS = (
               "lost (goal 0) and duplicates, ours beside the ThingsBoard IoT Gateway's",
               ("--rounds", "2", "--readings", "640", "--no-peer"), ("mosquitto",)),
     Benchmark("peers", "our gateway beside the ThingsBoard IoT Gateway 3.8.5, same run, same load: readings/s, CPU "
-              "per 100k, peak RSS, latency, duplicates", None, ("mosquitto", "peer")),
+              "per 100k, peak RSS, latency, duplicates; its UDP connector too", None, ("mosquitto", "peer"),
+              ("--udp",)),
 )
 
 
@@ -105,7 +107,7 @@ def add_parser(bsub):
 
 # -- one benchmark --------------------------------------------------------------------------------
 def _options(bench, quick, vm):
-    return [*((bench.quick or ()) if quick else ()), *(["--vm", vm] if vm and "vm" in bench.needs else [])]
+    return [*((bench.quick or ()) if quick else bench.full), *(["--vm", vm] if vm and "vm" in bench.needs else [])]
 
 
 def _missing(bench, vm, quick=False):
@@ -186,10 +188,12 @@ def rows(figures, declared, ratios=()):
     for key, value in flat.items():
         if key in ratios:
             continue
-        specs = [d for d in declared if d[0] == key or ("*" in d[0] and fnmatch.fnmatchcase(key, d[0]))]
-        for spec in specs or [(key, None)]:
+        specs = ([d for d in declared if d[0] == key]            # a figure's own rows, else its family's
+                 or [d for d in declared if "*" in d[0] and fnmatch.fnmatchcase(key, d[0])])
+        measured = [d for d in specs if len(d) < 3 or d[2] in flat]     # a baseline this run did not measure: none
+        for spec in measured or [(key, specs[0][1] if specs else None)]:
             row = {"figure": key, "value": value, "meaning": spec[1]}
-            if len(spec) > 2 and spec[2] in flat:            # a baseline this run did not measure: none
+            if len(spec) > 2:
                 base = flat[spec[2]]
                 row.update(baseline=spec[2], baseline_value=base, ratio=ratio(value, base))
             out.append(row)
