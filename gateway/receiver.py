@@ -157,42 +157,22 @@ class Peer:
         self.accepted = 0
 
 
-class FastReceiver:
+class FastReceiver(link.Receiver):
+    """protocol.link.Receiver's constructor and contract, argument for argument: every frame ends as one
+    count (accepted, or refused under one of REASONS); on_message(device_id, counter, msg_type, message)
+    and on_refused(device_id, reason, MessageError) are called exactly when and as the reference calls
+    them. feed() and counts come from the reference; the framing reader, the openers and the frame's
+    path are this module's."""
+
     def __init__(self, direction, key_for, on_message, my_addr=framing.ADDR_GATEWAY, accept_any_addr=False,
                  max_devices=64, window_for=None, on_refused=None):
-        """protocol.link.Receiver's constructor and contract, argument for argument: every frame ends
-        as one count (accepted, or refused under one of REASONS); on_message(device_id, counter,
-        msg_type, message) and on_refused(device_id, reason, MessageError) are called exactly when and
-        as the reference calls them."""
-        self.direction = direction
-        self.key_for = key_for
-        self.on_message = on_message
-        self.max_devices = max_devices
-        self.window_for = window_for
-        self.on_refused = on_refused
-        self.openers = {}
-        self._refused = {r: 0 for r in REASONS}
-        self.accepted = 0
+        super().__init__(direction, key_for, on_message, my_addr, accept_any_addr, max_devices, window_for,
+                         on_refused)
         self._reader = StreamReader(self._on_frame, my_addr, accept_any_addr)
 
-    def feed(self, data, length=-1):
-        """Bytes from a UART or RS-485 line, in chunks split anywhere."""
-        self._reader.feed(data, length)
-
-    @property
-    def counts(self):
-        """Refusals by reason, framing drops included."""
-        out = dict(self._refused)
-        for r, n in self._reader.dropped.items():
-            out[r] += n
-        return out
-
     def datagram(self, frame):
-        """One secure frame from UDP or ESP-NOW."""
-        if len(frame) > framing.MAX_FRAME:
-            self._refused["too_long"] += 1
-            return
-        self._on_frame(0, bytes(frame), len(frame))
+        """One secure frame from UDP or ESP-NOW (as bytes: the frame's path slices and joins it)."""
+        super().datagram(bytes(frame))
 
     def _opener(self, device_id):
         op = self.openers.get(device_id)
