@@ -111,3 +111,20 @@ def test_bench_protocol_prints_figures_beside_their_baselines():
     assert f["secure_frame_bytes"] <= 250 and f["readings_per_frame"] >= 80
     assert f["bytes_per_reading_all_in"] < f["senml_cbor_base_value_bytes_per_reading"]
     assert f["gateway_frames_per_s"] > 0 and f["gateway_baseline_cbor2_aesccm_frames_per_s"] > 0
+    for role in ("doser", "drain"):                 # every role's frames, beside SenML-CBOR and ThingsBoard JSON
+        assert f[f"{role}_readings_per_frame"] >= 2 and f[f"{role}_columns"] > 1
+        assert f[f"vm_{role}_us_per_report"] > 0 and f[f"vm_{role}_heap_bytes_per_report"] >= 0
+        assert f[f"{role}_bytes_per_reading_all_in"] < f[f"{role}_thingsboard_json_bytes_per_reading"]
+        assert f[f"{role}_bytes_per_reading_all_in"] < f[f"{role}_senml_cbor_bytes_per_reading"]
+
+
+def test_a_roles_wire_figure_is_a_full_frame_of_rows_that_follow_the_readings_rule():
+    from protocol import framing, roles, secure
+    from tools.bench import protocol as bench
+    for role in bench.ROLE_ROWS:
+        f = bench.role_wire(role)                 # decodes its frame with protocol.messages: the rule holds
+        n, columns = f[f"{role}_readings_per_frame"], f[f"{role}_columns"]
+        assert columns == len(roles.spec(role).FIELDS)
+        wire_bytes = f[f"{role}_bytes_per_reading_all_in"] * n
+        # a frame of n rows fits, one more row would not: the figure is a full frame's
+        assert secure.OVERHEAD < wire_bytes <= framing.MAX_WIRE

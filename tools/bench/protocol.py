@@ -53,6 +53,23 @@ FIGURES = (
     ("gateway_fast_serial_frames_per_s", "the fast receiver fed the same frames as UART bytes (COBS, one write each), "
      "against its datagram rate", "gateway_fast_frames_per_s"),
 )
+for _role in ("doser", "drain"):
+    FIGURES += (
+        (f"vm_{_role}_us_per_report", f"board CPU per {_role} report of 4 rows on the VM (its encode_readings_into, "
+         "sealed and framed), against the meter's of 10 readings", "vm_us_per_report_hot_path"),
+        (f"vm_{_role}_heap_bytes_per_report", f"heap bytes a {_role} report of 4 rows allocates (each row's columns "
+         "come unpacked from its flash record as a tuple)"),
+        (f"{_role}_readings_per_frame", f"15-minute {_role} readings (rows of every column) that fit one 250-byte "
+         "secure frame"),
+        (f"{_role}_columns", f"columns in a {_role} reading (its spec's FIELDS)"),
+        (f"{_role}_bytes_per_reading_all_in", f"our wire bytes per {_role} reading all-in (UART, COBS included), "
+         "against SenML-CBOR (a record a column)", f"{_role}_senml_cbor_bytes_per_reading"),
+        (f"{_role}_bytes_per_reading_all_in", "the same, against ThingsBoard's telemetry JSON",
+         f"{_role}_thingsboard_json_bytes_per_reading"),
+        (f"{_role}_senml_cbor_bytes_per_reading", f"SenML-CBOR per {_role} reading: a record (name, unit, value, "
+         "time) a column, base name and time once"),
+        (f"{_role}_thingsboard_json_bytes_per_reading", f"ThingsBoard gateway telemetry JSON per {_role} reading"),
+    )
 RATIOS = ("ratio_vs_senml_cbor", "ratio_vs_senml_cbor_base_value", "ratio_vs_thingsboard_json", "vm_hot_vs_general_ratio",
           "gateway_vs_baseline_ratio", "gateway_fast_vs_baseline_ratio", "gateway_fast_vs_reference_ratio")
 
@@ -76,6 +93,64 @@ def full_frame_readings():
     sender = link.Sender(KEY, DEVICE_ID, secure.UPLINK, secure.MemoryCounters(1))
     wire = sender.wire_into(M.READINGS, payload, len(payload))
     return n, secure.OVERHEAD + len(payload), wire
+
+
+# A typical 15-minute row of each role with columns (the meter's row is one number: household_deltas),
+# in its spec's FIELDS order and scale: a doser on a town main at ~10 L/s with the residual in band; a drain
+# on a dry day, level low and steady, battery full.
+def _doser_row(rnd):
+    strokes = rnd.randint(40, 60)
+    mean = rnd.randint(320, 480)
+    return [strokes, strokes * 50, rnd.randint(800, 1200), mean - rnd.randint(5, 40), mean,
+            mean + rnd.randint(5, 40), 900, 0, 0, 0, 4000]
+
+
+def _drain_row(rnd):
+    return [rnd.randint(140, 160), rnd.randint(0, 3), 0, rnd.randint(3650, 3700), 0, rnd.randint(0, 99), 0, 1200,
+            rnd.choice((0, 16))]
+
+
+ROLE_ROWS = {"doser": _doser_row, "drain": _drain_row}
+
+
+def role_wire(role_name, seed=5):
+    """A full frame of the role's readings, beside SenML-CBOR (one record a column a reading: name, unit,
+    value, time; base name and time) and ThingsBoard's telemetry JSON for the same readings: per-reading
+    bytes (a dict of figures named <role>_...)."""
+    from protocol import roles
+    spec = roles.spec(role_name)
+    code, fields, rnd = roles.ROLES.index(role_name), spec.FIELDS, random.Random(seed)
+    register = 1234567 if getattr(spec, "REGISTER", False) else None          # a doser's strokes register
+    unit = M.units(getattr(spec, "UNIT", fields[0][1]), 0)
+
+    def payload(rows):
+        return cbor.encode(M.readings(1234, 99999, 86400, INTERVAL_S, code, unit, rows, register))
+    rows = [ROLE_ROWS[role_name](rnd)]
+    while secure.OVERHEAD + len(payload(rows + [ROLE_ROWS[role_name](rnd)])) <= framing.MAX_FRAME:
+        rows.append(ROLE_ROWS[role_name](rnd))
+    body = payload(rows)
+    assert M.decode(M.READINGS, body)[6] == rows        # the rows are ones a board sends (MessageError if not)
+    sender = link.Sender(KEY, DEVICE_ID, secure.UPLINK, secure.MemoryCounters(1))
+    wire = sender.wire_into(M.READINGS, body, len(body))
+    n = len(rows)
+    records, tb = [], []
+    for i, row in enumerate(rows):
+        values = {}
+        for (name, unit, scale, missing), raw in zip(fields, row):
+            if raw == missing:
+                continue
+            v = raw if scale == 0 else round(raw * 10 ** scale, -scale)
+            values[name] = v
+            rec = {0: name, 1: unit, 2: v, 6: i * INTERVAL_S}
+            if not records:
+                rec.update({-2: "urn:dev:mac:0024befffe804ff1:", -3: T0_WALL})
+            records.append(rec)
+        tb.append({"ts": (T0_WALL + i * INTERVAL_S) * 1000, "values": values})
+    senml, tb_json = len(cbor2.dumps(records)), len(json.dumps(tb, separators=(",", ":")))
+    return {f"{role_name}_readings_per_frame": n, f"{role_name}_columns": len(fields),
+            f"{role_name}_bytes_per_reading_all_in": round(wire / n, 2),
+            f"{role_name}_senml_cbor_bytes_per_reading": round(senml / n, 2),
+            f"{role_name}_thingsboard_json_bytes_per_reading": round(tb_json / n, 2)}
 
 
 def senml_cbor(deltas, with_base_value):
@@ -106,7 +181,8 @@ import gc, time
 from protocol import cbor, link, secure
 from protocol import messages as M
 from protocol.examples import KEY, DEVICE_ID
-from protocol.roles import meter as meter_spec
+import struct
+from protocol.roles import meter as meter_spec, doser as doser_spec, drain as drain_spec
 N = %d
 deltas = bytearray([0, 3, 0, 12, 41, 7, 0, 0, 25, 2])
 buf = bytearray(120)
@@ -117,7 +193,25 @@ def hot():
 def general():
     p = cbor.encode(M.readings(7, 120, 900, 900, 0, M.units("L", 0, 1000), list(deltas), 123456))
     return s.wire_into(2, p, len(p))
-for name, fn in (("general", general), ("hot", hot)):
+ROWS = 4                        # a doser's or drain's report: 4 rows of every column (its flash records)
+raw_doser = bytearray(doser_spec.EXTRA_BYTES * ROWS)
+raw_drain = bytearray(drain_spec.EXTRA_BYTES * ROWS)
+for i in range(ROWS):
+    struct.pack_into(doser_spec.EXTRA_FORMAT, raw_doser, i * doser_spec.EXTRA_BYTES, 2200 + i, 1000, 420, 450, 480,
+                     900, 0, 0, 0, 4000)
+    struct.pack_into(drain_spec.EXTRA_FORMAT, raw_drain, i * drain_spec.EXTRA_BYTES, 1, 0, 3680, 0, 40, 0, 1200, 16)
+strokes = [48, 50, 47, 52]
+levels = [150, 151, 149, 150]
+dbuf = bytearray(250)
+def doser_hot():
+    n = doser_spec.encode_readings_into(dbuf, 0, 7, 120, 900, 900, 123456, strokes, raw_doser, 0,
+                                        doser_spec.EXTRA_BYTES, ROWS)
+    return s.wire_into(2, dbuf, n)
+def drain_hot():
+    n = drain_spec.encode_readings_into(dbuf, 0, 7, 120, 900, 900, levels, raw_drain, 0, drain_spec.EXTRA_BYTES,
+                                        ROWS)
+    return s.wire_into(2, dbuf, n)
+for name, fn in (("general", general), ("hot", hot), ("doser_hot", doser_hot), ("drain_hot", drain_hot)):
     fn()
     gc.collect()
     gc.disable()               # heap bytes per report: 5 reports with the GC off (20 of the general
@@ -219,6 +313,9 @@ def measure(args):
     senml, senml_bv, tb = senml_cbor(deltas, False), senml_cbor(deltas, True), thingsboard_json(deltas)
     cpu = board_cpu(args.reports, vm)
     ours_fps, base_fps, fast_fps, fast_serial_fps = gateway_rate(args.frames)
+    roles_wire = {}
+    for role_name in ROLE_ROWS:
+        roles_wire.update(role_wire(role_name))
     return {
         "vm": vm, "readings_per_frame": n, "secure_frame_bytes": frame_len, "uart_wire_bytes": wire_len,
         "bytes_per_reading_all_in": round(wire_len / n, 2),
@@ -233,6 +330,8 @@ def measure(args):
         "vm_hot_vs_general_ratio": round(cpu["hot"][0] / cpu["general"][0], 3),
         "vm_heap_bytes_per_report_hot_path": round(cpu["hot"][1], 1),
         "vm_heap_bytes_per_report_general_path": round(cpu["general"][1], 1),
+        **{f"vm_{role}_us_per_report": round(cpu[f"{role}_hot"][0], 1) for role in ("doser", "drain")},
+        **{f"vm_{role}_heap_bytes_per_report": round(cpu[f"{role}_hot"][1], 1) for role in ("doser", "drain")},
         "gateway_frames_per_s": round(ours_fps),
         "gateway_baseline_cbor2_aesccm_frames_per_s": round(base_fps),
         "gateway_vs_baseline_ratio": round(ours_fps / base_fps, 3),
@@ -240,4 +339,5 @@ def measure(args):
         "gateway_fast_serial_frames_per_s": round(fast_serial_fps),
         "gateway_fast_vs_baseline_ratio": round(fast_fps / base_fps, 3),
         "gateway_fast_vs_reference_ratio": round(fast_fps / ours_fps, 2),
+        **roles_wire,
     }
