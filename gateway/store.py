@@ -203,14 +203,12 @@ class Store:
     def pending(self, limit=500, after_id=0, priority=None):
         """Entries not yet PUBACKed with id > after_id: alarms first, then in arrival order; given a priority
         (0 alarms, 1 the rest), only those, in arrival order (an index range: cheap when there are none)."""
-        if priority is None:
-            return self.db.execute(
-                "SELECT id, device_id, boot_id, seq, kind, board_t_s, wall_t, time_source, payload FROM entries"
-                " WHERE forwarded_at IS NULL AND id > ? ORDER BY priority, id LIMIT ?", (after_id, limit)).fetchall()
+        one = priority is not None
         return self.db.execute(
             "SELECT id, device_id, boot_id, seq, kind, board_t_s, wall_t, time_source, payload FROM entries"
-            " WHERE forwarded_at IS NULL AND priority = ? AND id > ? ORDER BY id LIMIT ?",
-            (priority, after_id, limit)).fetchall()
+            " WHERE forwarded_at IS NULL" + (" AND priority = ?" if one else "") + " AND id > ?"
+            " ORDER BY " + ("id" if one else "priority, id") + " LIMIT ?",
+            ((priority,) if one else ()) + (after_id, limit)).fetchall()
 
     def mark_forwarded(self, ids, now=None):
         now = time.time() if now is None else now
