@@ -34,6 +34,7 @@ TICKS_PERIOD = const(1 << 30)
 _GPIO_COUNT = const(49)
 _HOST_WORD_BYTES = 8 if sys.maxsize > 0xFFFFFFFF else 4
 _STEP_BOARD_US = const(1 << 29)    # board microseconds the clock advances by at most at a time (a small int)
+_LOOK_MS = const(10)               # host ms between looks at the world pipe at most (background())
 _TRIGGER_US = const(10)            # the sonar's trigger pulse
 
 
@@ -490,14 +491,23 @@ class Hal:
     async def background(self):
         """Runs the virtual board's 'hardware': world records, pin IRQs and hard timers.
 
-        On the ESP32 hardware does this; here one task steps it every host
-        millisecond. A timer callback runs late when the VM is busy, and that
-        lateness (in board time) is kept as late_max_us, the jitter a test reads.
+        On the ESP32 hardware does this; here one task steps it when the next
+        thing is due: a timer, the world record read and held, or at most
+        _LOOK_MS host milliseconds after the last look at the world pipe (the
+        bench writes each record LOOKAHEAD_HOST_S = 50 ms ahead of its time, so
+        a record is always held before it is due), and never sooner than 1 ms.
+        An idle board wakes ~100 times a host second instead of 1,000: what lets
+        a town of them run on a small machine. A timer callback runs late when
+        the VM is busy, and that lateness (in board time) is kept as
+        late_max_us, the jitter a test reads. Allocates nothing.
         """
         import asyncio
+        per_ms = self.speed * 1000             # board µs in a host ms
+        rec = self._rec
         while True:
             self.pump()
             now = self.virtual_us()
+            wait_ms = _LOOK_MS
             for t in self._timers:
                 while _wdiff(now, t.next_us) >= 0:
                     late = _wdiff(now, t.next_us)
@@ -509,4 +519,11 @@ class Hal:
                     t.callback(t)                  # timer's does; its lateness is in late_us
                     self._override = -1
                     t.next_us = _wadd(t.next_us, t.period_us)
-            await asyncio.sleep_ms(1)
+                due_ms = _wdiff(t.next_us, now) // per_ms
+                if due_ms < wait_ms:
+                    wait_ms = due_ms
+            if self._held:
+                due_ms = _wdiff(rec[8] | (rec[9] << 8) | (rec[10] << 16) | (rec[11] << 24), now) // per_ms
+                if due_ms < wait_ms:
+                    wait_ms = due_ms
+            await asyncio.sleep_ms(wait_ms if wait_ms > 1 else 1)

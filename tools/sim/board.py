@@ -77,7 +77,12 @@ FLUSHED_AFTER = {None: b"\x03", "friendly": b"\x01", "raw": b"\x02\x04"}
 LOOKAHEAD_HOST_S = 0.05
 BARE_LF = re.compile(rb"(?<!\r)\n")
 WATCHDOG_MIN_HOST_S = 1.0
-SELECT_S = 0.002             # the loop's longest wait: a board's wake is never later than this
+# The loop's longest wait when nothing is due sooner (a timed wake is waited for to the moment:
+# _select_timeout_s). The world's records go out when they come within LOOKAHEAD_HOST_S, so each is
+# written at least LOOKAHEAD_HOST_S - SELECT_S ahead of its time, and the VM, which looks at its pipe at
+# least every 10 ms (firmware/hal_virtual.py _LOOK_MS), holds it before it is due. 10 ms, not 2: an idle
+# board's bench woke 500 times a second, a fifth of a site's CPU.
+SELECT_S = 0.01
 _PR_SET_PDEATHSIG = 1
 
 
