@@ -178,6 +178,7 @@ class Injector(threading.Thread):
         self.cuts = {}                  # device hex -> power cuts made
         self.errors = []
         self.gateway_rss_peak_kb = 0
+        self.load_peak = 0.0            # the host's 1-minute load average, highest seen
         self.consoles = {}
         self.stop_event = threading.Event()
 
@@ -225,6 +226,11 @@ class Injector(threading.Thread):
         return self.site.stopping.wait(s) or self.stop_event.is_set()
 
     def _sample_rss(self):
+        try:
+            with open("/proc/loadavg") as f:
+                self.load_peak = max(self.load_peak, float(f.read().split()[0]))
+        except (OSError, ValueError):
+            pass
         gw = self.site.gateway
         try:
             with open(f"/proc/{gw.proc.pid}/status") as f:
@@ -592,6 +598,7 @@ def ledger_checks(db_path, report, cuts, sections):
         if made is not None and len(readings) < made:
             out["problems"].append(f"{made - len(readings)} of the {made} readings the gateway committed never "
                                    f"reached the ledger")
+        out["missing"] = sum(n for _b, _first, n in holes.get(hexid, ()))
         if hexid in holes:
             out["problems"].append("entries never delivered: " + "; ".join(
                 f"boot {b}: {n} from seq {first}" for b, first, n in holes[hexid]))
@@ -621,14 +628,38 @@ def ledger_checks(db_path, report, cuts, sections):
         if world is not None:
             limits = report.get("limits", {}).get(hexid) or {}
             gap = world.get("min_stroke_gap_s")
-            out.update(unsafe_starts=world.get("unsafe_starts"), min_stroke_gap_s=gap)
+            too_fast = gap is not None and limits.get("max_spm") and gap < 60 / limits["max_spm"] * 0.999
+            out.update(unsafe_starts=world.get("unsafe_starts"), min_stroke_gap_s=gap,
+                       limit_violations=(world.get("unsafe_starts") or 0) + (1 if too_fast else 0))
             if world.get("unsafe_starts"):
                 out["problems"].append(f"the pump was driven on first after {world['unsafe_starts']} resets")
-            if gap is not None and limits.get("max_spm") and gap < 60 / limits["max_spm"] * 0.999:
+            if too_fast:
                 out["problems"].append(f"strokes {gap} s apart: faster than max_spm {limits['max_spm']}")
         problems += [f"{hexid}: {p}" for p in out["problems"]]
     store.close()
     return {"devices": devices, "conflicts": conflicts, "invalid": invalid, "problems": problems}
+
+
+def role_figures(devices):
+    """The issue's figures per role from ledger_checks' devices: boards, resets survived (power cuts and
+    watchdog resets), readings and alarms at the ledger, readings lost within and beyond the stated bound,
+    entries never delivered (an acknowledged reading or a raised alarm lost), pump-limit violations."""
+    out = {}
+    for d in devices.values():
+        r = out.setdefault(d["role"], {"boards": 0, "resets_survived": 0, "readings": 0, "alarms": 0,
+                                       "lost_within_bound": 0, "lost_beyond_bound": 0, "entries_missing": 0,
+                                       "limit_violations": 0})
+        lost = max(0, d.get("lost", 0))
+        beyond = max(0, lost - d.get("bound", lost))
+        r["boards"] += 1
+        r["resets_survived"] += d["cuts"]
+        r["readings"] += d["readings"]
+        r["alarms"] += d["alarms"]
+        r["lost_within_bound"] += lost - beyond
+        r["lost_beyond_bound"] += beyond
+        r["entries_missing"] += d.get("missing", 0)
+        r["limit_violations"] += d.get("limit_violations") or 0
+    return out
 
 
 def _truth_key(role):
@@ -702,6 +733,8 @@ def run(args):
         "attacks": {**attacks, "bursts": injector.attacks, "uart_floods": injector.uart_floods},
         "heap": heap["roles"], "watchdog_resets": injector.watchdog_resets, "bad_commands": injector.bad_commands,
         "link_configs": injector.link_configs,
+        "roles": role_figures(verdict["devices"]),
+        "machine": {"cores": os.cpu_count(), "load_peak": injector.load_peak},  # over its cores: figures in doubt
         "resets": resets, "timeline": injector.timeline,
         "clock": {**clock, "steps": injector.clock_steps},
         **verdict, "ok": not verdict["problems"],
@@ -800,6 +833,16 @@ def summary(report):
                      f"of the host's after the step was undone), off otherwise {c['off']}; boots stepped, true, then "
                      f"stepped again {len(c['flip_flop'])}, wall time going back within a boot {c['went_back']}, "
                      f"boots without a certain true origin {len(c['uncertain'])}")
+    for role, r in (report.get("roles") or {}).items():
+        lines.append(f"  {role}: {r['boards']} boards, {r['resets_survived']} power cuts and watchdog resets survived, "
+                     f"{r['readings']} readings and {r['alarms']} alarms at the ledger; lost within the stated bound "
+                     f"{r['lost_within_bound']}, beyond it {r['lost_beyond_bound']}; entries never delivered "
+                     f"{r['entries_missing']}; pump-limit violations {r['limit_violations']}")
+    m = report.get("machine")
+    if m:
+        lines.append(f"  machine: {m['cores']} cores, 1-minute load average up to {m['load_peak']:g}" +
+                     (" (more than its cores: boards ran late; lower --speed or --boards)"
+                      if m["load_peak"] > (m["cores"] or 1) * 1.5 else ""))
     for hexid, d in report["devices"].items():
         extra = (f", register {d['register']} of {d['truth']} ({d['lost']} lost, bound {d['bound']})"
                  if "truth" in d else "")
