@@ -219,18 +219,9 @@ class FastReceiver(link.Receiver):
             try:
                 message = M.decode(msg_type, payload)
             except M.MessageError as e:
-                self._refused[e.reason] += 1
-                if self.on_refused is not None:
-                    self.on_refused(device_id, e.reason, e)
+                self._refuse_message(device_id, e)
                 return
-        try:
-            refused = self.on_message(device_id, counter, msg_type, message)
-        except Exception:                   # the handler's bug: counted, the link goes on
-            refused = "handler_error"
-        if refused:
-            self._refused[refused] += 1
-        else:
-            self.accepted += 1
+        self._deliver(device_id, counter, msg_type, message)
 
 
 def _refuse_tag(_decoder):

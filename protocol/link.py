@@ -87,10 +87,20 @@ class Receiver:
         try:
             message = M.decode(msg_type, bytes(self._plain[:plen]))
         except M.MessageError as e:
-            self._refused[e.reason] += 1
-            if self.on_refused is not None:
-                self.on_refused(device_id, e.reason, e)
+            self._refuse_message(device_id, e)
             return
+        self._deliver(device_id, counter, msg_type, message)
+
+    def _refuse_message(self, device_id, e):
+        """An opened frame whose message broke the profile (a MessageError): counted under its reason,
+        and told to on_refused (the gateway logs it once per device and reason)."""
+        self._refused[e.reason] += 1
+        if self.on_refused is not None:
+            self.on_refused(device_id, e.reason, e)
+
+    def _deliver(self, device_id, counter, msg_type, message):
+        """Hand a decoded message to on_message and count what it said: accepted, or refused under the
+        reason it returned; an exception it raised is its own bug, counted as handler_error."""
         try:
             refused = self.on_message(device_id, counter, msg_type, message)
         except Exception:                   # the handler's bug: counted, the link goes on
