@@ -16,7 +16,7 @@
 # - Everything that writes flash runs in the asyncio task service(): log
 #   appends, checkpoints, alarms. A cut loses at most the pulses since the last
 #   checkpoint (every checkpoint_pulses or checkpoint_s of flow, and after every
-#   reading appended).
+#   reading appended); a reboot the firmware asked for checkpoints first (shutdown()).
 # - Records hold pulses; units and the commissioning register are applied
 #   when a batch is encoded, so the cumulative total is exact integer arithmetic.
 # - After a cut, the open interval of the boot that died is carried into the
@@ -255,6 +255,11 @@ class Meter:
 
     def register_units(self, reg_pulses):
         return self.register_base + reg_pulses * self.mult
+
+    def shutdown(self):
+        """A planned stop (the reboot command, a new config): the register checkpointed first, so a reboot
+        the firmware asked for loses no counted pulse (a power cut loses at most checkpoint_pulses)."""
+        self.checkpoint()
 
     def status(self):
         self._fold()
