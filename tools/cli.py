@@ -94,6 +94,9 @@ def build_parser():
                      help="unix socket for the bench's JSON control commands")
     run.add_argument("--unique-id", type=types.unique_id, metavar="HEX",
                      help="the board's 6-byte unique id (default: random)")
+    run.add_argument("--off", action="store_true",
+                     help="start with the power off: the control socket's power_on switches it on (so a "
+                          "console opened first sees the first boot)")
     from tools.sim import vm as vms
     vms.add_argument(run)
     run.set_defaults(func=cmd_board_run)
@@ -162,7 +165,7 @@ def cmd_board_run(args):
         raise UsageError("--flash", f"{args.flash}: {exc.strerror or exc}", "free space or give another path") from None
     bench = SimBoard(board, args.role, args.flash, speed=args.speed, start_ticks_ms=args.start_ticks_ms,
                   world_overrides=overrides, seed=args.seed, control_path=args.control, unique_id=args.unique_id,
-                  vm=args.vm)
+                  vm=args.vm, powered=not args.off)
     if created:
         bench.log("flash_created", flash=bench.flash_path, bytes=board.vfs_size_bytes)
 

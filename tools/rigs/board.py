@@ -60,9 +60,10 @@ class Rig:
         self.role = role
         self.flash = commissioned_flash(tmp_path, role, section, extra, limits=limits)
         self.board = BoardProcess(BOARD, role, self.flash, speed=speed, world=world,
-                                  start_ticks_ms=start_ticks_ms, seed=seed, vm=vm)
+                                  start_ticks_ms=start_ticks_ms, seed=seed, vm=vm, powered=False)
         self.vm = self.board.vm
-        self.console = ConsoleReader(self.board.console_port)
+        self.console = ConsoleReader(self.board.console_port)     # open before the first boot prints
+        self.board.power_on()
         self.gateway = Gateway(self.board.uart_port, tmp_path / "gateway.db")
 
     def board_exec(self, code, timeout=30):

@@ -133,7 +133,10 @@ class Sleep:
 
 class SimBoard:
     def __init__(self, board, role, flash_path, *, speed=1, start_ticks_ms=0, world_overrides=None,
-                 seed=0, control_path=None, unique_id=None, log=None, vm=None):
+                 seed=0, control_path=None, unique_id=None, log=None, vm=None, powered=True):
+        """powered=False: the board stays off until the control socket's power_on (a test opens the
+        console first: opening a serial port flushes what waits on it, the first boot's banner too)."""
+        self.powered = powered
         self.board, self.role, self.flash_path = board, role, str(Path(flash_path).resolve())
         self.vm_name = vms.resolve(vm)                  # unix32 or unix64 (self.vm is the VM's process)
         self.vm_exe = vms.micropython_exe(vm)
@@ -578,10 +581,15 @@ class SimBoard:
         if cmd == "set":
             ok = self.world.set_param(request.get("model"), request.get("param"), request.get("value"))
             return {"ok": ok} if ok else {"ok": False, "error": "no such model parameter"}
+        if cmd == "power_on":         # a board started off (--off) is switched on
+            if self.vm is not None or self.asleep is not None:
+                return {"ok": False, "error": "the board is on already"}
+            self.power_on("power_on")
+            return {"ok": True}
         if cmd == "stop":
             self.running = False
             return {"ok": True}
-        return {"ok": False, "error": f"unknown command {cmd!r}: use status, truth, power_cut, line_noise, set or stop"}
+        return {"ok": False, "error": f"unknown command {cmd!r}: use status, truth, power_cut, power_on, line_noise, set or stop"}
 
     def status(self):
         return {"board": self.board.name, "role": self.role, "uart": self.uart_path, "console": self.console_path,
@@ -597,7 +605,8 @@ class SimBoard:
     def run(self):
         self.sel.register(self.console_master, selectors.EVENT_READ, self._on_console)
         self._open_control()
-        self.power_on("power_on")
+        if self.powered:
+            self.power_on("power_on")
         self.log("board_ready", uart=self.uart_path, console=self.console_path, control=self.control_path,
                  flash=self.flash_path, heap=self.board.heapsize_option(self.vm_name), speed=self.speed,
                  vm=self.vm_name,

@@ -21,8 +21,10 @@ READY_TIMEOUT_S = 20
 
 class BoardProcess:
 
-    def __init__(self, board_name, role, flash_path, speed=1, start_ticks_ms=0, world=(), seed=0, vm=None):
-        """vm: "unix32" or "unix64" (tools/sim/vm.py); None: the child's $PRAPA_VM, else the default."""
+    def __init__(self, board_name, role, flash_path, speed=1, start_ticks_ms=0, world=(), seed=0, vm=None,
+                 powered=True):
+        """vm: "unix32" or "unix64" (tools/sim/vm.py); None: the child's $PRAPA_VM, else the default.
+        powered=False: the board waits, off, for power_on() (open its console first)."""
         self._dir = tempfile.mkdtemp(prefix="prapa-vb-")
         self.control_path = os.path.join(self._dir, "ctl.sock")
         cmd = [sys.executable, "-m", "tools.cli", "board", "run", "--board", board_name, "--role", role,
@@ -32,6 +34,8 @@ class BoardProcess:
             cmd += ["--world", w]
         if vm:
             cmd += ["--vm", vm]
+        if not powered:
+            cmd += ["--off"]
         self.name = f"virtual board {board_name} ({role})"
         try:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -89,6 +93,10 @@ class BoardProcess:
     def truth(self, t_us):
         """The world's truth at an earlier instant of its clock (status()["world"]["t_us"] is now)."""
         return self.control({"cmd": "truth", "t_us": int(t_us)})["world"]
+
+    def power_on(self):
+        """Switch on a board started with powered=False."""
+        self.control({"cmd": "power_on"})
 
     def power_cut(self):
         """Cut and restore power; return the world's truth at the instant of the cut."""
