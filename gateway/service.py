@@ -67,6 +67,8 @@ from protocol import messages as M
 log = logging.getLogger("prapa.gateway")
 DISK_CHECK_S = 5.0
 STATUS_EVERY_S = 1.0
+STATUS_READ_HOLD_S = 60.0     # the status page's device list is built while it was read within this long
+STATUS_FRESH_WAIT_S = 2.0     # a reader after a pause waits this long at most for a fresh one
 CLOCK_STEP_HOST_S = 2.0          # the wall clock moved this much more or less than the host's monotonic one
                                  # (x simulate_speed): a step (NTP, an operator): boards are synced at once
 HEARD_RESEND_S = 2.0             # an unanswered request goes again when the board is heard this long after it
@@ -323,7 +325,7 @@ class Service:
         self.forwarder = Forwarder(self.store, forwarder_config(cfg), failback_s=cfg.forward.failback_s)
         self.forwarder.on_command = self._command_arrived
         self._inbox = collections.deque()     # work handed from the forwarder's thread to the loop's
-        self._loop = None
+        self._loop, self._loop_thread = None, None
         self.http = HttpServer(cfg.http.host, cfg.http.port, self.metrics, self.status)
         self.notifier = Notifier()
         self.serial_links = []
@@ -332,6 +334,9 @@ class Service:
         self.acks_withheld = False
         self.series = collections.defaultdict(lambda: collections.deque(maxlen=SERIES_POINTS))
         self._snapshot = {"site": cfg.gateway.site, "devices": [], "backlog": 0, "alarms": []}
+        self._snapshot_at = None              # time.monotonic() the snapshot was built
+        self._status_read_at = time.monotonic()   # as if read at the start: the first minute builds it
+        self._snapshot_built = threading.Event()
         self._rejected_seen = {}
         for reason in link.REASONS:                    # every reason shows, at 0 until it happens
             self.metrics.rejections.labels(reason=reason)
@@ -602,7 +607,12 @@ class Service:
         registered = self.registry.list()
         placed = self._placed(registered)
         self._guarded("rain_sharing_failed", self._share_rain, now, placed)
-        self._snapshot = self._build_status(now, registered, placed)
+        if time.monotonic() - self._status_read_at < STATUS_READ_HOLD_S:
+            self._snapshot = self._build_status(now, registered, placed)
+            self._snapshot_at = time.monotonic()
+            self._snapshot_built.set()
+        else:                           # nobody reads the page: its device list is not built (~90 ms at
+            self._update_catchments(now, placed)     # 5,000 devices, which held the loop's acks)
         self._guarded("catchments_publish_failed", self._publish_catchments, now)
         for d in heard:
             self.registry.mark_seen(d.device_id, d.last_seen, d.firmware)
@@ -671,6 +681,10 @@ class Service:
         return {name: {"suspects": ranked.get(name, []), **rain.get(name, dry)}
                 for name in sorted(set(ranked) | set(rain))}
 
+    def _update_catchments(self, now, placed):
+        ranked = self._guarded("ranking_failed", self._catchment_status, now, placed)
+        self._catchments = self._catchments if ranked is None else ranked      # a bug keeps the last lists
+
     def _publish_catchments(self, now):
         """Each catchment's list, retained on prapa/v1/<site>/catchment/<name>/suspects: at once when a
         device moves, comes, goes or changes state or the rain starts or stops, at most every
@@ -725,8 +739,7 @@ class Service:
         if self.acks_withheld:
             alarms.append({"device": "gateway", "code": "disk_nearly_full", "active": True, "t": now})
         f = self.forwarder.stats()
-        ranked = self._guarded("ranking_failed", self._catchment_status, now, placed)
-        self._catchments = self._catchments if ranked is None else ranked      # a bug keeps the last lists
+        self._update_catchments(now, placed)
         return {"site": self.cfg.gateway.site, "now": now, "devices": devices, "backlog": f["backlog"],
                 "catchments": self._catchments,
                 "suspect_legend": ranking.legend(sorted({p["role"] for p in placed if p["role"]})),
@@ -737,12 +750,21 @@ class Service:
                          [{"link": name, "type": "udp"} for name in self.udp_links]}
 
     def status(self):
+        """The status page's snapshot. The status loop builds it only while somebody reads it (within
+        STATUS_READ_HOLD_S): a reader after a pause, on another thread than the running loop's (the HTTP
+        server's), waits up to STATUS_FRESH_WAIT_S for the next tick to build a fresh one."""
+        self._status_read_at = time.monotonic()
+        stale = self._snapshot_at is None or time.monotonic() - self._snapshot_at > 2 * STATUS_EVERY_S
+        loop = self._loop
+        if stale and loop is not None and loop.is_running() and threading.current_thread() is not self._loop_thread:
+            self._snapshot_built.clear()
+            self._snapshot_built.wait(STATUS_FRESH_WAIT_S)
         return self._snapshot
 
     # -- life cycle ------------------------------------------------------------------------------------
     async def run(self):
         loop = asyncio.get_running_loop()
-        self._loop = loop
+        self._loop, self._loop_thread = loop, threading.current_thread()
         self.stopping = threading.Event()
         done = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
