@@ -75,6 +75,22 @@ def put_int(buf, off, value):
     return put_head(buf, off, 1, -1 - value)
 
 
+def put_uints_le(buf, off, raw, pos, widths):
+    """Each little-endian unsigned column of raw from pos (their byte widths in `widths`, a bytes) as a
+    CBOR uint; return the new offset. A flash record's columns go onto the wire without being unpacked
+    into a tuple first (struct.unpack_from's allocates): nothing is allocated for values below 2**30,
+    where a 32-bit board's small ints end."""
+    for w in widths:
+        v = 0
+        i = pos + w - 1
+        while i >= pos:
+            v = (v << 8) | raw[i]
+            i -= 1
+        off = put_head(buf, off, 0, v)
+        pos += w
+    return off
+
+
 def put_bytes(buf, off, data):
     n = len(data)
     off = put_head(buf, off, 2, n)

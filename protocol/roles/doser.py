@@ -116,6 +116,7 @@ FIELDS = (
 # The flash record keeps strokes in its value and the register in reg; the other columns ride in
 # the record's role bytes, packed so.
 EXTRA_FORMAT = "<IIHHHIIIHH"
+EXTRA_WIDTHS = bytes(struct.calcsize("<" + c) for c in EXTRA_FORMAT[1:])    # column widths: cbor.put_uints_le
 EXTRA_BYTES = const(30)
 
 # -- the status page charts these columns, with the band and the ceiling drawn on the residual ---
@@ -217,7 +218,7 @@ def encode_readings_into(buf, off, boot_id, seq_first, t0_s, interval_s, registe
                          rec_bytes, n, wall_t0=-1, series=SERIES_INTERVAL, seq_step=1):
     """The same bytes as cbor.encode(messages.readings(...)) for n doser rows: values[i] the strokes
     of record i, raw[extra_off + i * rec_bytes:] its EXTRA_FORMAT columns. Keys ascend (deterministic)."""
-    put_head, put_int = cbor.put_head, cbor.put_int
+    put_head, put_int, put_uints_le = cbor.put_head, cbor.put_int, cbor.put_uints_le
     off = messages.put_readings_head(buf, off, boot_id, seq_first, t0_s, interval_s, ROLE_CODE, wall_t0, series,
                                      seq_step)
     off = put_head(buf, off, 0, 5)
@@ -234,6 +235,5 @@ def encode_readings_into(buf, off, boot_id, seq_first, t0_s, interval_s, registe
     for i in range(n):
         off = put_head(buf, off, 4, len(FIELDS))
         off = put_int(buf, off, values[i])
-        for v in struct.unpack_from(EXTRA_FORMAT, raw, extra_off + i * rec_bytes):
-            off = put_int(buf, off, v)
+        off = put_uints_le(buf, off, raw, extra_off + i * rec_bytes, EXTRA_WIDTHS)
     return messages.put_readings_tail(buf, off, register, wall_t0, series, seq_step)

@@ -189,3 +189,41 @@ print(verdict, st["total_pulses"] - START, st["total_pulses"] > (1 << 31), r.reg
     assert int(gained) == 1500 and past_2_31 == "True"
     assert int(reg_offset) == 0 and int(value) == 1490     # the interval closed at board second 300: 1490 pulses
 
+
+
+def test_a_doser_and_a_drain_report_of_every_column_allocates_nothing():
+    """A report's rows come off flash as raw record bytes; their columns go onto the wire one by one
+    (cbor.put_uints_le), not unpacked into a tuple per row (192 bytes a 4-row report did), and sealed
+    into the sender's buffers. Values past 2**30 (a 32-bit board's big ints) are the one exception."""
+    script = """
+import micropython, struct
+from protocol import link, secure
+from protocol.examples import KEY, DEVICE_ID
+from protocol.roles import doser, drain
+ROWS = 4
+rows = {doser: (2200, 1000, 420, 450, 480, 900, 0, 65535, 0, 4000), drain: (1, 0, 3680, 255, 40, 70000, 1200, 16)}
+raw = {}
+for spec, cols in rows.items():
+    raw[spec] = bytearray(spec.EXTRA_BYTES * ROWS)
+    for i in range(ROWS):
+        struct.pack_into(spec.EXTRA_FORMAT, raw[spec], i * spec.EXTRA_BYTES, *cols)
+values = [48, 50, 47, 52]
+buf = bytearray(250)
+s = link.Sender(KEY, DEVICE_ID, 0, secure.MemoryCounters(1))
+def report():
+    n = doser.encode_readings_into(buf, 0, 7, 120, 900, 900, 123456, values, raw[doser], 0, doser.EXTRA_BYTES, ROWS)
+    s.wire_into(2, buf, n)
+    m = drain.encode_readings_into(buf, 0, 7, 120, 900, 900, values, raw[drain], 0, drain.EXTRA_BYTES, ROWS)
+    s.wire_into(2, buf, m)
+report()
+micropython.heap_lock()
+try:
+    for _ in range(10):
+        report()
+    verdict = "NO_ALLOC"
+except MemoryError:
+    verdict = "ALLOCATED"
+micropython.heap_unlock()
+print(verdict)
+"""
+    assert vm.run(script, timeout=60).split()[-1] == "NO_ALLOC"

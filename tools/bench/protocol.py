@@ -57,8 +57,8 @@ for _role in ("doser", "drain"):
     FIGURES += (
         (f"vm_{_role}_us_per_report", f"board CPU per {_role} report of 4 rows on the VM (its encode_readings_into, "
          "sealed and framed), against the meter's of 10 readings", "vm_us_per_report_hot_path"),
-        (f"vm_{_role}_heap_bytes_per_report", f"heap bytes a {_role} report of 4 rows allocates (each row's columns "
-         "come unpacked from its flash record as a tuple)"),
+        (f"vm_{_role}_heap_bytes_per_report", f"heap bytes a {_role} report of 4 rows allocates (its columns go "
+         "from the flash record onto the wire one by one: cbor.put_uints_le)"),
         (f"{_role}_readings_per_frame", f"15-minute {_role} readings (rows of every column) that fit one 250-byte "
          "secure frame"),
         (f"{_role}_columns", f"columns in a {_role} reading (its spec's FIELDS)"),
