@@ -53,6 +53,19 @@ def test_alarms_go_first_and_only_forwarded_entries_are_pruned(tmp_path):
     assert [r[3] for r in st.since(1, 1, 0)] == [1, 2]
 
 
+def test_marking_forwarded_takes_exactly_the_ids_given_in_runs_or_alone(tmp_path):
+    """Runs of consecutive ids are marked a range at a time: the ids between two runs stay pending."""
+    st = Store(tmp_path / "g.db")
+    st.commit(entries(1, 1, range(0, 12)), now=1000)
+    ids = sorted(r[0] for r in st.pending())
+    marked = ids[0:3] + ids[4:5] + ids[6:10] + ids[9:10]          # three runs and one alone, a repeat
+    st.mark_forwarded(reversed(marked), now=1001)
+    assert sorted(r[0] for r in st.pending()) == [i for i in ids if i not in marked]
+    assert st.count(forwarded=True) == len(set(marked)) == 8
+    st.mark_forwarded([], now=1002)                                 # nothing: no statement, no error
+    assert st.count(forwarded=True) == 8
+
+
 def test_replay_windows_round_trip_with_the_top_bit_set(tmp_path):
     st = Store(tmp_path / "g.db")
     st.save_window(9, 0, 5000, (1 << 63) | 5)
