@@ -1,9 +1,11 @@
 # The virtual board's ROM state, shared by vboot.py, machine.py and hal_virtual.py
 # inside MicroPython (the unix port), and the one table of the pipe between the
 # world and the VM, which the host side (tools/sim/board.py) reads from here too.
-try:
+import sys
+
+if sys.implementation.name == "micropython":
     from micropython import const
-except ImportError:      # CPython: the host side of the pipe
+else:                    # CPython: the host side of the pipe (not the `micropython` package: a whole VM)
     def const(x):
         return x
 
