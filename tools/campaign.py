@@ -186,9 +186,13 @@ class Injector(threading.Thread):
         try:
             self._run()
         except Exception as exc:        # noqa: BLE001 - the report says what the injector could not do
-            import traceback
-            where = traceback.extract_tb(exc.__traceback__)[-1]
-            self.errors.append(f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})")
+            self._error(exc)
+
+    def _error(self, exc, during=None):
+        import traceback
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        self.errors.append((f"{during}: " if during else "") +
+                           f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})")
 
     def _run(self):
         site = self.site
@@ -204,7 +208,11 @@ class Injector(threading.Thread):
             if time.monotonic() - t0 > self.duration - self.quiet_s - 0.5:
                 break                                    # a slow fault ate the time: the rest is not done
             self._target, at_s = None, round(time.monotonic() - t0, 2)
-            getattr(self, "_" + kind)()
+            try:
+                getattr(self, "_" + kind)()
+            except Exception as exc:     # noqa: BLE001 - a fault that could not be made is a problem, and the
+                self._error(exc, f"{kind} at {at_s} s")    # run goes on: its end (every sensor idle) must come
+                continue
             self.done[kind] += 1
             self.timeline.append({"kind": kind, "at_s": at_s, "device": self._target})
         while time.monotonic() - t0 < self.duration - self.quiet_s:

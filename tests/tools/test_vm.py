@@ -293,3 +293,25 @@ def test_the_unix32_vm_carries_the_app_frozen(unix32, tmp_path):
     info = json.loads((Path(unix32).parent / "info.json").read_text())
     assert info["app_sha256"] == vm.app_digest() and "runtime.py" in info["frozen"]
 
+
+
+def test_pruning_old_builds_spares_one_a_process_runs(tmp_path):
+    """Only the newest few builds stay, but never one a process runs now: a campaign in another worktree
+    starts its VMs again at every power cut."""
+    import shutil
+    from tools.sim import vm as vms
+    builds = []
+    for i in range(6):
+        b = tmp_path / f"unix32-1.28.0-{i:016x}"
+        b.mkdir()
+        shutil.copy("/bin/sleep", b / "micropython")
+        os.utime(b, (1000 + i, 1000 + i))                 # 0 oldest ... 5 newest
+        builds.append(b)
+    running = subprocess.Popen([str(builds[0] / "micropython"), "30"])
+    try:
+        time.sleep(0.2)
+        vms._prune(tmp_path, keep=builds[5].name)
+    finally:
+        running.kill()
+        running.wait()
+    assert [b.exists() for b in builds] == [True, False, True, True, True, True]

@@ -252,11 +252,26 @@ def cache_key(source=None):
 
 
 def _prune(root, keep):
-    """Drop older unix32 builds (earlier apps): the newest few stay for switching branches."""
+    """Drop older unix32 builds (earlier apps): the newest few stay for switching branches, and so does
+    any build a process runs now (a campaign from another worktree restarts its VMs at every power cut:
+    a build pruned under it left its boards dead)."""
     builds = sorted((p for p in root.glob("unix32-*") if p.is_dir() and p.name != keep),
                     key=lambda p: p.stat().st_mtime, reverse=True)
+    running = _running_executables()
     for old in builds[3:]:
-        shutil.rmtree(old, ignore_errors=True)
+        if str(old / "micropython") not in running:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _running_executables():
+    """The executables of this machine's processes that we may see (/proc/*/exe)."""
+    out = set()
+    for exe in Path("/proc").glob("[0-9]*/exe"):
+        try:
+            out.add(os.readlink(exe))
+        except OSError:
+            pass
+    return out
 
 
 def unix32_exe(source=None, cache_dir=None):
