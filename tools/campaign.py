@@ -231,14 +231,17 @@ class Injector(threading.Thread):
 
     def _idle_wait(self, s):
         self._sample_rss()
+        self._sample_load()
         return self.site.stopping.wait(s) or self.stop_event.is_set()
 
-    def _sample_rss(self):
+    def _sample_load(self):
         try:
             with open("/proc/loadavg") as f:
                 self.load_peak = max(self.load_peak, float(f.read().split()[0]))
         except (OSError, ValueError):
             pass
+
+    def _sample_rss(self):
         gw = self.site.gateway
         try:
             with open(f"/proc/{gw.proc.pid}/status") as f:
